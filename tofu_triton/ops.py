@@ -1,0 +1,243 @@
+"""Public ops: input checks, backend dispatch, ``torch.library`` custom ops, autograd.
+
+Dispatch: ``backend="auto"`` sends CUDA tensors to the Triton kernels and CPU
+tensors to ``reference.py``; ``"triton"`` forces the kernels (on CPU only under
+``TRITON_INTERPRET=1``); ``"reference"`` forces the reference.
+
+The Triton path runs inside custom ops (``tofu_triton::match``,
+``tofu_triton::merge``, ``tofu_triton::merge_backward``), so
+``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque node per op
+whose output shapes depend only on ``N``, ``r`` and ``protected``. They are
+built on ``torch.library.custom_op`` rather than ``triton_op``: SPEC §4 records
+that ``triton_op`` does not trace under the CPU interpreter. The reference is
+plain torch code and needs no op around it.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .reference import MODES, Match, effective_r, split_sizes
+
+BACKENDS = ("auto", "triton", "reference")
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
+
+
+def _kernels():
+    # Imported lazily: importing triton kernels is only needed on that path,
+    # and TRITON_INTERPRET must be read when they are first imported.
+    from .kernels import tofu
+
+    return tofu
+
+
+def _use_triton(t: Tensor, backend: str) -> bool:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "reference":
+        return False
+    if t.device.type == "cuda":
+        return True
+    if backend == "triton":
+        if t.device.type == "cpu" and _kernels().interpreting():
+            return True
+        raise RuntimeError(
+            f"backend='triton' needs CUDA tensors (got {t.device.type}); on the CPU "
+            "set TRITON_INTERPRET=1 before importing tofu_triton to run the kernels "
+            "in Triton's interpreter, or use backend='reference'"
+        )
+    return False  # auto on a non-CUDA device
+
+
+def _check_float(name: str, t: Tensor, use_triton: bool) -> None:
+    allowed = TRITON_DTYPES if use_triton else REFERENCE_DTYPES
+    if t.dtype not in allowed:
+        names = ", ".join(str(d).replace("torch.", "") for d in allowed)
+        raise TypeError(f"{name} must have dtype {names}; got {t.dtype}")
+
+
+def _check_3d(name: str, t: Tensor) -> None:
+    if not isinstance(t, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dim() != 3:
+        raise ValueError(f"{name} must have shape [B, N, C] (3 dims); got {tuple(t.shape)}")
+
+
+def _check_int(name: str, v, low: int = 0) -> None:
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < low:
+        raise ValueError(f"{name} must be >= {low}, got {v}")
+
+
+def _check_size(size: Optional[Tensor], x: Tensor) -> None:
+    if size is None:
+        return
+    if not isinstance(size, Tensor):
+        raise TypeError(f"size must be a torch.Tensor or None, got {type(size).__name__}")
+    if tuple(size.shape) != (x.shape[0], x.shape[1], 1):
+        raise ValueError(f"size must have shape [B, N, 1] = {(x.shape[0], x.shape[1], 1)}; got {tuple(size.shape)}")
+    if size.device != x.device:
+        raise ValueError(f"size is on {size.device} but x is on {x.device}")
+    if size.dtype != torch.float32:
+        raise TypeError(f"size must be float32, got {size.dtype}")
+
+
+# --------------------------------------------------------------------------- custom ops
+# Only the Triton path goes through these ops. The reference backend calls
+# reference.py directly: it is plain torch code, so autograd and
+# torch.compile see through it without help.
+
+
+@torch.library.custom_op("tofu_triton::match", mutates_args=())
+def _match_op(metric: Tensor, r: int, protected: int) -> List[Tensor]:
+    return list(_kernels().match(metric, r, protected))
+
+
+@_match_op.register_fake
+def _(metric, r, protected):
+    batch, n, _ = metric.shape
+    na, nb = split_sizes(n, protected)
+    new = lambda *shape: metric.new_empty(shape, dtype=torch.int64)  # noqa: E731
+    return [new(batch, na - r), new(batch, r), new(batch, r), new(batch, nb + 1), new(batch, r)]
+
+
+@torch.library.custom_op("tofu_triton::merge", mutates_args=())
+def _merge_op(
+    x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor,
+    protected: int, mode: str,
+) -> Tuple[Tensor, Tensor]:
+    return _kernels().merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode)
+
+
+@_merge_op.register_fake
+def _(x, size, unm_idx, dst_start, dst_src, protected, mode):
+    batch, n, c = x.shape
+    n_out = n - dst_src.shape[1]
+    return x.new_empty(batch, n_out, c), x.new_empty(batch, n_out, 1, dtype=torch.float32)
+
+
+@torch.library.custom_op("tofu_triton::merge_backward", mutates_args=())
+def _merge_backward_op(
+    grad_out: Tensor, x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor,
+    dst_src: Tensor, protected: int, mode: str,
+) -> Tensor:
+    return _kernels().merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected, mode)
+
+
+@_merge_backward_op.register_fake
+def _(grad_out, x, size, unm_idx, dst_start, dst_src, protected, mode):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _merge_setup_context(ctx, inputs, output):
+    x, size, unm_idx, dst_start, dst_src, protected, mode = inputs
+    ctx.save_for_backward(x, size, unm_idx, dst_start, dst_src)
+    ctx.protected, ctx.mode = protected, mode
+
+
+def _merge_backward(ctx, grad_out, grad_size_out):
+    x, size, unm_idx, dst_start, dst_src = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _merge_backward_op(grad_out, x, size, unm_idx, dst_start, dst_src, ctx.protected, ctx.mode)
+    return grad_x, None, None, None, None, None, None
+
+
+_merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
+
+
+# --------------------------------------------------------------------------- public API
+
+
+def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "auto") -> Match:
+    """Which ``r`` tokens of set A merge into which tokens of set B (SPEC §1).
+
+    metric: [B, N, D] float32/float16/bfloat16 (float64 on the reference
+    backend), any strides. ``r`` larger than Nb = floor((N - protected) / 2)
+    is clamped to Nb; the returned Match has ``r`` = the clamped value.
+    No gradient flows into ``metric``.
+    """
+    _check_3d("metric", metric)
+    _check_int("r", r)
+    _check_int("protected", protected)
+    n = metric.shape[1]
+    if protected > n:
+        raise ValueError(f"protected must be <= N = {n}, got {protected}")
+    use_triton = _use_triton(metric, backend)
+    _check_float("metric", metric, use_triton)
+    r = effective_r(n, r, protected)
+    metric = metric.detach()
+    if r == 0:
+        # No kernels for an empty match; shapes as if they had run.
+        na, nb = split_sizes(n, protected)
+        batch = metric.shape[0]
+        idx = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=metric.device)  # noqa: E731
+        unm = torch.arange(na, device=metric.device).expand(batch, na).contiguous()
+        return Match(unm, idx(batch, 0), idx(batch, 0), idx(batch, nb + 1), idx(batch, 0), protected)
+    if not use_triton:
+        return reference.bipartite_match(metric, r, protected)
+    return Match(*_match_op(metric, r, protected), protected)
+
+
+def merge_tokens(
+    x: Tensor, match: Match, size: Optional[Tensor] = None, mode: str = "mean", backend: str = "auto"
+) -> Tuple[Tensor, Tensor]:
+    """Apply a :class:`Match` to ``x`` (SPEC §1, "Combining").
+
+    x: [B, N, C] float, any strides; size: [B, N, 1] float32 or None (ones).
+    Returns (x_out [B, N - r, C] in x's dtype, size_out [B, N - r, 1] float32).
+    With ``match.r == 0`` returns ``x`` itself and ``size`` (or ones).
+    """
+    _check_3d("x", x)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    if not isinstance(match, Match):
+        raise TypeError(f"match must be a tofu_triton.Match, got {type(match).__name__}")
+    use_triton = _use_triton(x, backend)
+    _check_float("x", x, use_triton)
+    _check_size(size, x)
+    if match.unm_idx.device != x.device:
+        raise ValueError(f"match is on {match.unm_idx.device} but x is on {x.device}")
+    na, nb = split_sizes(x.shape[1], match.protected)
+    if match.unm_idx.shape[0] != x.shape[0] or match.unm_idx.shape[1] + match.r != na or match.dst_start.shape[1] != nb + 1:
+        raise ValueError(
+            f"match was made for a different shape: it has B={match.unm_idx.shape[0]}, "
+            f"Na={match.unm_idx.shape[1] + match.r}, Nb={match.dst_start.shape[1] - 1}; "
+            f"x has B={x.shape[0]}, Na={na}, Nb={nb}"
+        )
+    if match.r == 0:
+        if size is None:
+            size = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
+        return x, size
+    if not use_triton:
+        return reference.merge_tokens(x, match, size, mode)
+    return _merge_op(x, size, match.unm_idx, match.dst_start, match.dst_src, match.protected, mode)
+
+
+def token_fusion(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    size: Optional[Tensor] = None,
+    mode: str = "mlerp",
+    protected: int = 1,
+    backend: str = "auto",
+) -> Tuple[Tensor, Tensor]:
+    """One ToFu step: match on ``metric`` [B, N, D], merge ``x`` [B, N, C].
+
+    Returns (x_out [B, N - r', C], size_out [B, N - r', 1] float32) with
+    r' = min(r, Nb). See :func:`bipartite_match` and :func:`merge_tokens`.
+    """
+    _check_3d("x", x)
+    _check_3d("metric", metric)
+    if metric.shape[:2] != x.shape[:2]:
+        raise ValueError(f"metric and x must share [B, N]; got {tuple(metric.shape[:2])} and {tuple(x.shape[:2])}")
+    if metric.device != x.device:
+        raise ValueError(f"metric is on {metric.device} but x is on {x.device}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    match = bipartite_match(metric, r, protected, backend)
+    return merge_tokens(x, match, size, mode, backend)

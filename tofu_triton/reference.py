@@ -1,0 +1,180 @@
+"""The definition of one Token Fusion step, in plain PyTorch (SPEC §1).
+
+Every fused kernel in ``tofu_triton.kernels`` is tested against these
+functions. They favour being obviously right over being fast: they build the
+full ``Na x Nb`` score matrix and use ``argsort``/``scatter`` like ToMe does.
+
+Token layout of one step, with ``p = protected`` prefix tokens::
+
+    x[:, :p]          prefix (class/register tokens), never touched
+    x[:, p::2]        set A (Na = ceil((N - p) / 2) tokens)
+    x[:, p + 1::2]    set B (Nb = floor((N - p) / 2) tokens)
+
+Output order (``N_out = N - r``): ``[prefix, unmerged A (ascending), B]``.
+
+Choices the SPEC leaves open, made here and followed by the kernels:
+
+* A NaN score counts as ``-inf``, in the row maximum and in the ranking, so a
+  NaN can never produce an invalid index. A row whose scores are all NaN or
+  ``-inf`` matches B token 0 (the smallest index attaining the maximum).
+* Within one destination, sources are combined in ascending A position
+  (``Match.dst_src``). For ``mlerp`` the gradient of the max-norm term goes
+  to the contributor that attains it (split evenly on an exact tie, which is
+  what ``scatter_reduce("amax")`` does).
+* Sizes are float32. The returned size is always a tensor (all ones where the
+  caller passed ``None`` and nothing was merged).
+* ``x`` in float64 is accepted here (for ``gradcheck``); it accumulates in
+  float64. Every other dtype accumulates in float32.
+"""
+from typing import NamedTuple, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+MODES = ("mean", "mlerp", "prune")
+EPS = 1e-12
+
+
+class Match(NamedTuple):
+    """Result of :func:`bipartite_match` for a batch (all index tensors int64).
+
+    Indices into set A / set B are positions within that set (``0..Na-1`` /
+    ``0..Nb-1``), not token positions; token ``p + 2*i`` is A position ``i``
+    and token ``p + 2*j + 1`` is B position ``j``.
+    """
+
+    unm_idx: Tensor  # [B, Na - r]  A positions that stay, ascending
+    src_idx: Tensor  # [B, r]       A positions merged away, best score first
+    dst_idx: Tensor  # [B, r]       B position that src_idx[:, k] merges into
+    dst_start: Tensor  # [B, Nb + 1] CSR offsets into dst_src, per B position
+    dst_src: Tensor  # [B, r]       sources grouped by destination, ascending A position
+    protected: int
+
+    @property
+    def r(self) -> int:
+        return self.src_idx.shape[1]
+
+
+def split_sizes(n: int, protected: int) -> Tuple[int, int]:
+    """(Na, Nb): the sizes of sets A and B for ``n`` tokens."""
+    rest = n - protected
+    return (rest + 1) // 2, rest // 2
+
+
+def effective_r(n: int, r: int, protected: int) -> int:
+    """``r`` clamped to what one step can remove: at most Nb tokens."""
+    return max(0, min(r, split_sizes(n, protected)[1]))
+
+
+def match_scores(metric: Tensor, protected: int) -> Tuple[Tensor, Tensor]:
+    """Best B partner of every A token.
+
+    metric: [B, N, D] any float dtype.
+    Returns node_max [B, Na] float32 (cosine similarity, NaN read as -inf) and
+    node_idx [B, Na] int64 (smallest B position attaining node_max).
+    """
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    a, b = m[:, protected::2], m[:, protected + 1 :: 2]
+    scores = a @ b.transpose(1, 2)  # [B, Na, Nb]: the matrix the fused path never builds
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
+    node_idx = scores.argmax(dim=-1)  # first maximum
+    node_max = scores.gather(-1, node_idx[..., None]).squeeze(-1)
+    return node_max, node_idx
+
+
+def select(node_max: Tensor, node_idx: Tensor, r: int, nb: int, protected: int) -> Match:
+    """Rank A tokens by ``node_max`` (descending, stable) and take the first ``r``.
+
+    node_max, node_idx: [B, Na] as returned by :func:`match_scores`; ``r`` must
+    already be clamped to ``[0, nb]``.
+    """
+    order = node_max.argsort(dim=-1, descending=True, stable=True)
+    src_idx = order[:, :r]
+    unm_idx = order[:, r:].sort(dim=-1).values
+    dst_idx = node_idx.gather(-1, src_idx)
+
+    # Group sources by destination (ascending A position inside a group) so a
+    # merge can read "the sources of B token j" as one contiguous slice.
+    na = node_max.shape[1]
+    by_dst = (dst_idx * na + src_idx).argsort(dim=-1)
+    dst_src = src_idx.gather(-1, by_dst)
+    counts = torch.zeros(dst_idx.shape[0], nb, dtype=torch.int64, device=dst_idx.device)
+    counts.scatter_add_(1, dst_idx, torch.ones_like(dst_idx))
+    dst_start = torch.cat([torch.zeros_like(counts[:, :1]), counts.cumsum(dim=-1)], dim=-1)
+    return Match(unm_idx, src_idx, dst_idx, dst_start, dst_src, protected)
+
+
+def bipartite_match(metric: Tensor, r: int, protected: int = 1) -> Match:
+    """Bipartite soft matching of ToMe: which ``r`` A tokens go into which B tokens.
+
+    metric: [B, N, D] float; ``r`` is clamped to Nb (an ``r`` of 0 gives an
+    empty match). Indices do not depend on anything but ``metric``.
+    """
+    n = metric.shape[1]
+    nb = split_sizes(n, protected)[1]
+    node_max, node_idx = match_scores(metric, protected)
+    return select(node_max, node_idx, effective_r(n, r, protected), nb, protected)
+
+
+def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """t: [B, M, C], idx: [B, K] -> [B, K, C]."""
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def merge_tokens(
+    x: Tensor, match: Match, size: Optional[Tensor] = None, mode: str = "mean"
+) -> Tuple[Tensor, Tensor]:
+    """Apply a match to ``x``.
+
+    x: [B, N, C] float; size: [B, N, 1] float32 or None (all ones).
+    Returns x_out [B, N - r, C] in x's dtype and size_out [B, N - r, 1] float32.
+    mode: "mean" (ToMe's size-weighted average), "mlerp" (ToFu: the average's
+    direction with the largest contributor norm) or "prune" (drop sources).
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    p = match.protected
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if size is None:
+        size = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
+    if match.r == 0:
+        return x, size
+
+    a, b = x[:, p::2], x[:, p + 1 :: 2]
+    size_a, size_b = size[:, p::2], size[:, p + 1 :: 2]
+    unm = _gather_rows(a, match.unm_idx)
+    size_unm = _gather_rows(size_a, match.unm_idx)
+
+    if mode == "prune":
+        b_out, size_b_out = b, size_b
+    else:
+        src = _gather_rows(a, match.src_idx).to(acc)
+        size_src = _gather_rows(size_a, match.src_idx)
+        dst = match.dst_idx[..., None]
+        size_b_out = size_b.scatter_add(1, dst, size_src)
+        total = (b.to(acc) * size_b).scatter_add(1, dst.expand_as(src), src * size_src)
+        merged = total / size_b_out
+        if mode == "mlerp":
+            norm_b = b.to(acc).norm(dim=-1, keepdim=True)
+            norm_max = norm_b.scatter_reduce(1, dst, src.norm(dim=-1, keepdim=True), "amax")
+            merged = merged / merged.norm(dim=-1, keepdim=True).clamp_min(EPS) * norm_max
+        # A B token that received nothing is copied bitwise, not rounded through acc.
+        has_src = (match.dst_start[:, 1:] > match.dst_start[:, :-1])[..., None]
+        b_out = torch.where(has_src, merged.to(x.dtype), b)
+
+    x_out = torch.cat([x[:, :p], unm, b_out], dim=1)
+    size_out = torch.cat([size[:, :p], size_unm, size_b_out], dim=1)
+    return x_out, size_out
+
+
+def token_fusion(
+    x: Tensor,
+    metric: Tensor,
+    r: int,
+    size: Optional[Tensor] = None,
+    mode: str = "mlerp",
+    protected: int = 1,
+) -> Tuple[Tensor, Tensor]:
+    """One whole step: match on ``metric``, then merge ``x`` (see merge_tokens)."""
+    return merge_tokens(x, bipartite_match(metric, r, protected), size, mode)
