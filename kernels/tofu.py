@@ -345,6 +345,17 @@ def _merge_backward_kernel(
 # --------------------------------------------------------------------------- launchers
 
 
+# Tests set this to fill every output with NaN (floats) or -1 (indices)
+# before a kernel runs, so an element a kernel forgets to write fails them.
+POISON_OUTPUTS = False
+
+
+def _empty(*shape, dtype, device) -> torch.Tensor:
+    if not POISON_OUTPUTS:
+        return torch.empty(*shape, dtype=dtype, device=device)
+    return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
+
+
 def _block_d(d: int) -> int:
     # tl.dot needs every dimension >= 16.
     return max(16, min(triton.next_power_of_2(d), MATCH_MAX_BLOCK_D))
@@ -368,8 +379,8 @@ def match(metric: torch.Tensor, r: int, protected: int):
     batch, n, d = metric.shape
     na, nb = (n - protected + 1) // 2, (n - protected) // 2
     dev = metric.device
-    node_max = torch.empty(batch, na, dtype=torch.float32, device=dev)
-    node_idx = torch.empty(batch, na, dtype=torch.int64, device=dev)
+    node_max = _empty(batch, na, dtype=torch.float32, device=dev)
+    node_idx = _empty(batch, na, dtype=torch.int64, device=dev)
     num_a_blocks = triton.cdiv(na, MATCH_BLOCK_A)
     # The interpreter has no bf16 arithmetic; fp32 products of bf16 are exact anyway.
     dot_fp32 = metric.dtype == torch.float32 or (interpreting() and metric.dtype == torch.bfloat16)
@@ -380,12 +391,12 @@ def match(metric: torch.Tensor, r: int, protected: int):
         BLOCK_A=MATCH_BLOCK_A, BLOCK_B=MATCH_BLOCK_B, BLOCK_D=_block_d(d),
         DOT_FP32=dot_fp32, SINGLE_D=d <= _block_d(d), num_warps=4,
     )
-    rank = torch.empty(batch, na, dtype=torch.int32, device=dev)
-    unm_idx = torch.empty(batch, na - r, dtype=torch.int64, device=dev)
-    src_idx = torch.empty(batch, r, dtype=torch.int64, device=dev)
-    dst_idx = torch.empty(batch, r, dtype=torch.int64, device=dev)
-    dst_start = torch.empty(batch, nb + 1, dtype=torch.int64, device=dev)
-    dst_src = torch.empty(batch, r, dtype=torch.int64, device=dev)
+    rank = _empty(batch, na, dtype=torch.int32, device=dev)
+    unm_idx = _empty(batch, na - r, dtype=torch.int64, device=dev)
+    src_idx = _empty(batch, r, dtype=torch.int64, device=dev)
+    dst_idx = _empty(batch, r, dtype=torch.int64, device=dev)
+    dst_start = _empty(batch, nb + 1, dtype=torch.int64, device=dev)
+    dst_src = _empty(batch, r, dtype=torch.int64, device=dev)
     _select_kernel[(batch,)](
         node_max, node_idx, rank, unm_idx, src_idx, dst_idx, dst_start, dst_src,
         na, nb, r, BLOCK=SELECT_BLOCK, num_warps=4,
@@ -401,8 +412,8 @@ def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: st
     batch, n, c = x.shape
     r = dst_src.shape[1]
     na, nb = unm_idx.shape[1] + r, dst_start.shape[1] - 1
-    out = torch.empty(batch, n - r, c, dtype=x.dtype, device=x.device)
-    size_out = torch.empty(batch, n - r, 1, dtype=torch.float32, device=x.device)
+    out = _empty(batch, n - r, c, dtype=x.dtype, device=x.device)
+    size_out = _empty(batch, n - r, 1, dtype=torch.float32, device=x.device)
     size_arg = size.contiguous() if size is not None else size_out  # unused when HAS_SIZE=False
     block_c = _block_c(c)
     _merge_kernel[(batch * (n - r),)](
@@ -420,7 +431,7 @@ def merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected: in
     batch, n, c = x.shape
     r = dst_src.shape[1]
     na, nb = unm_idx.shape[1] + r, dst_start.shape[1] - 1
-    grad_x = torch.empty(batch, n, c, dtype=x.dtype, device=x.device)
+    grad_x = _empty(batch, n, c, dtype=x.dtype, device=x.device)
     size_arg = size.contiguous() if size is not None else grad_x
     block_c = _block_c(c)
     _merge_backward_kernel[(batch * (n - r),)](
