@@ -46,3 +46,57 @@ def assert_close(actual: Tensor, expected: Tensor, dtype=None, name: str = "valu
     assert not actual.isnan().any(), f"{name}: NaN in output (an element was never written?)"
     err = rel_error(actual, expected)
     assert err <= RTOL[dtype], f"{name}: relative error {err:.3g} > {RTOL[dtype]:.3g} ({dtype})"
+
+
+def check_match_structure(match, n: int, r: int) -> None:
+    """Assert that a Match is a valid partition, whatever the scores were.
+
+    Every A position appears exactly once among unm/src, unm is ascending,
+    every destination is in range, and the CSR form lists exactly the
+    (source, destination) pairs of src_idx/dst_idx, grouped by destination.
+    """
+    from .reference import split_sizes
+
+    na, nb = split_sizes(n, match.protected)
+    batch = match.unm_idx.shape[0]
+    assert match.src_idx.shape == match.dst_idx.shape == match.dst_src.shape == (batch, r)
+    assert match.unm_idx.shape == (batch, na - r) and match.dst_start.shape == (batch, nb + 1)
+    everything = torch.cat([match.unm_idx, match.src_idx], dim=1).sort(dim=1).values
+    assert torch.equal(everything.cpu(), torch.arange(na).expand(batch, na)), "unm/src is not a permutation of A"
+    assert (match.unm_idx.diff(dim=1) > 0).all(), "unm_idx not ascending"
+    assert ((match.dst_idx >= 0) & (match.dst_idx < nb)).all(), "dst_idx out of range"
+    start = match.dst_start
+    assert (start[:, 0] == 0).all() and (start[:, -1] == r).all() and (start.diff(dim=1) >= 0).all()
+    for b in range(batch):
+        pairs = set(zip(match.src_idx[b].tolist(), match.dst_idx[b].tolist()))
+        csr = set()
+        for j in range(nb):
+            group = match.dst_src[b, start[b, j] : start[b, j + 1]].tolist()
+            assert group == sorted(group), "sources of one destination not ascending"
+            csr.update((i, j) for i in group)
+        assert csr == pairs, "CSR form disagrees with src_idx/dst_idx"
+
+
+def check_match_against_scores(match, metric: Tensor, tie: float) -> None:
+    """Assert that a Match is optimal up to near-ties of width ``tie``.
+
+    Used where a match differs from the reference's: each source's
+    destination must score within ``tie`` of that source's best, and no
+    unmerged token may beat a source by more than ``tie``.
+    """
+    from .reference import EPS
+
+    p = match.protected
+    m = metric.double()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    scores = m[:, p::2] @ m[:, p + 1 :: 2].transpose(1, 2)
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
+    best = scores.max(dim=-1).values
+    chosen = scores.gather(1, match.src_idx[..., None].expand(-1, -1, scores.shape[-1]))
+    chosen = chosen.gather(2, match.dst_idx[..., None]).squeeze(-1)
+    src_best = best.gather(1, match.src_idx)
+    assert (chosen >= src_best - tie).all(), "a source went to a destination that is not (near) its best"
+    if match.r and match.unm_idx.shape[1]:
+        worst_src = src_best.min(dim=1).values
+        best_unm = best.gather(1, match.unm_idx).max(dim=1).values
+        assert (best_unm <= worst_src + tie).all(), "an unmerged token scores clearly above a source"
