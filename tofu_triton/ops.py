@@ -170,14 +170,7 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "
     _check_float("metric", metric, use_triton)
     r = effective_r(n, r, protected)
     metric = metric.detach()
-    if r == 0:
-        # No kernels for an empty match; shapes as if they had run.
-        na, nb = split_sizes(n, protected)
-        batch = metric.shape[0]
-        idx = lambda *shape: torch.zeros(shape, dtype=torch.int64, device=metric.device)  # noqa: E731
-        unm = torch.arange(na, device=metric.device).expand(batch, na).contiguous()
-        return Match(unm, idx(batch, 0), idx(batch, 0), idx(batch, nb + 1), idx(batch, 0), protected)
-    if not use_triton:
+    if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.bipartite_match(metric, r, protected)
     return Match(*_match_op(metric, r, protected), protected)
 

@@ -99,9 +99,9 @@ def select(node_max: Tensor, node_idx: Tensor, r: int, nb: int, protected: int) 
     na = node_max.shape[1]
     by_dst = (dst_idx * na + src_idx).argsort(dim=-1)
     dst_src = src_idx.gather(-1, by_dst)
-    counts = torch.zeros(dst_idx.shape[0], nb, dtype=torch.int64, device=dst_idx.device)
-    counts.scatter_add_(1, dst_idx, torch.ones_like(dst_idx))
-    dst_start = torch.cat([torch.zeros_like(counts[:, :1]), counts.cumsum(dim=-1)], dim=-1)
+    dst_start = torch.zeros(dst_idx.shape[0], nb + 1, dtype=torch.int64, device=dst_idx.device)
+    dst_start[:, 1:].scatter_add_(1, dst_idx, torch.ones_like(dst_idx))  # counts
+    dst_start = dst_start.cumsum(dim=-1)
     return Match(unm_idx, src_idx, dst_idx, dst_start, dst_src, protected)
 
 
@@ -111,10 +111,14 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1) -> Match:
     metric: [B, N, D] float; ``r`` is clamped to Nb (an ``r`` of 0 gives an
     empty match). Indices do not depend on anything but ``metric``.
     """
-    n = metric.shape[1]
-    nb = split_sizes(n, protected)[1]
+    batch, n, _ = metric.shape
+    na, nb = split_sizes(n, protected)
+    r = effective_r(n, r, protected)
+    if r == 0:  # nothing to rank (and no score matrix at all when Nb = 0)
+        node_idx = torch.zeros(batch, na, dtype=torch.int64, device=metric.device)
+        return select(node_idx.float(), node_idx, 0, nb, protected)
     node_max, node_idx = match_scores(metric, protected)
-    return select(node_max, node_idx, effective_r(n, r, protected), nb, protected)
+    return select(node_max, node_idx, r, nb, protected)
 
 
 def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:

@@ -1,0 +1,166 @@
+"""The Triton kernels against the reference (on CPU through Triton's interpreter).
+
+Match and merge are compared separately: the match by its indices (exactly,
+or up to a near-tie), the merge by its values with the same match fed to both
+sides. Every kernel output is poisoned (NaN / -1) before the kernel runs.
+"""
+import itertools
+
+import pytest
+import torch
+
+import tofu_triton as tt
+from tofu_triton import reference as ref
+from tofu_triton.kernels import tofu as kernels
+from tofu_triton.testing import (
+    SCORE_TIE, assert_close, check_match_against_scores, check_match_structure, make_inputs,
+)
+
+from conftest import DEVICE, ON_GPU
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+@pytest.fixture(autouse=True)
+def poison_outputs(monkeypatch):
+    monkeypatch.setattr(kernels, "POISON_OUTPUTS", True)
+
+
+def _r_values(n, p):
+    nb = (n - p) // 2
+    return sorted({0, min(1, nb), nb})
+
+
+MATCH_CASES = [
+    (b, n, p, r)
+    for b, n, p in itertools.product([1, 3], [2, 3, 17, 64, 197], [0, 1, 5])
+    if p <= n
+    for r in _r_values(n, p)
+]
+
+
+def assert_match(km, rm, metric, n):
+    check_match_structure(km, n, rm.r)
+    if all(torch.equal(a.cpu(), b) for a, b in zip(km[:5], rm[:5])):
+        return
+    # Indices may differ only where two scores are within rounding of each other.
+    check_match_against_scores(km._replace(**{f: getattr(km, f).cpu() for f in km._fields[:5]}),
+                               metric.cpu(), SCORE_TIE[metric.dtype])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,n,p,r", MATCH_CASES)
+def test_match_matches_reference(b, n, p, r, dtype):
+    _, metric, _ = make_inputs(b, n, 4, d=24, dtype=dtype, seed=hash((b, n, p, r)) % 1000)
+    km = tt.bipartite_match(metric.to(DEVICE), r, p, backend="triton")
+    rm = ref.bipartite_match(metric, r, p)
+    assert km.r == rm.r
+    assert_match(km, rm, metric, n)
+
+
+# (B, N, C, protected): small C keeps the interpreter quick; the GPU run adds big shapes.
+MERGE_SHAPES = [(1, 2, 8, 0), (3, 3, 8, 1), (3, 17, 24, 1), (1, 17, 33, 5), (3, 64, 16, 0), (1, 197, 16, 1)]
+if ON_GPU:
+    MERGE_SHAPES += [(8, 197, 768, 1), (4, 577, 1024, 1), (2, 1025, 1280, 5), (1, 4096, 320, 0)]
+
+
+def _match_for(metric, r, p):
+    return ref.bipartite_match(metric.cpu(), r, p)
+
+
+def _to(match, device):
+    return match._replace(**{f: getattr(match, f).to(device) for f in match._fields[:5]})
+
+
+@pytest.mark.parametrize("with_size", [False, True])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("r_kind", ["one", "max"])
+@pytest.mark.parametrize("b,n,c,p", MERGE_SHAPES)
+def test_merge_forward_matches_reference(b, n, c, p, r_kind, dtype, with_size):
+    x, metric, size = make_inputs(b, n, c, d=16, dtype=dtype, seed=n + c, with_size=with_size)
+    nb = (n - p) // 2
+    r = 1 if r_kind == "one" else nb
+    match = _match_for(metric, r, p)
+    for mode in ref.MODES:
+        expected, expected_size = ref.merge_tokens(x, match, size, mode)
+        out, size_out = tt.merge_tokens(
+            x.to(DEVICE), _to(match, DEVICE), None if size is None else size.to(DEVICE), mode, backend="triton"
+        )
+        if match.r == 0:
+            assert out.data_ptr() == x.to(DEVICE).data_ptr() or torch.equal(out.cpu(), x)
+            continue
+        assert out.dtype == dtype
+        assert_close(out.cpu(), expected, name=f"{mode} x_out")
+        torch.testing.assert_close(size_out.cpu(), expected_size)
+        # Rows that are copied (prefix, unmerged, B rows with no source, all of prune) are bitwise.
+        copied = torch.ones(b, n - match.r, dtype=torch.bool)
+        if mode != "prune":
+            off = p + match.unm_idx.shape[1]
+            copied[:, off:] = match.dst_start.diff(dim=1) == 0
+        assert torch.equal(out.cpu()[copied], expected[copied])
+
+
+@pytest.mark.parametrize("with_size", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("b,n,c,p", MERGE_SHAPES[1:])
+def test_merge_backward_matches_reference(b, n, c, p, dtype, with_size):
+    x, metric, size = make_inputs(b, n, c, d=16, dtype=dtype, seed=2 * n + c, with_size=with_size)
+    x = x * (0.5 + torch.rand(b, n, 1)).to(dtype)  # varied norms: a clear max-norm contributor
+    match = _match_for(metric, n, p)  # r = Nb: many multi-source groups
+    grad_out = torch.randn(b, n - match.r, c).to(dtype)
+    for mode in ref.MODES:
+        xr = x.double().requires_grad_(True)
+        expected_out, _ = ref.merge_tokens(xr, match, None if size is None else size, mode)
+        (expected,) = torch.autograd.grad(expected_out, xr, grad_out.double())
+        xk = x.to(DEVICE).requires_grad_(True)
+        out, _ = tt.merge_tokens(xk, _to(match, DEVICE), None if size is None else size.to(DEVICE), mode,
+                                 backend="triton")
+        (grad,) = torch.autograd.grad(out, xk, grad_out.to(DEVICE))
+        assert grad.dtype == dtype
+        assert_close(grad.cpu().double(), expected, dtype=dtype, name=f"{mode} grad")
+        if mode == "prune":
+            src_rows = p + 2 * match.src_idx
+            assert (grad.cpu().gather(1, src_rows[..., None].expand(-1, -1, c)) == 0).all()
+
+
+def test_token_fusion_end_to_end_and_deterministic():
+    x, metric, size = make_inputs(3, 64, 32, d=16, dtype=torch.float16, seed=9)
+    x, metric, size = x.to(DEVICE), metric.to(DEVICE), size.to(DEVICE)
+    runs = [tt.token_fusion(x, metric, 20, size, mode="mlerp", protected=1, backend="triton") for _ in range(2)]
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+    matches = [tt.bipartite_match(metric, 20, 1, backend="triton") for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(matches[0][:5], matches[1][:5]))
+    expected, _ = ref.merge_tokens(x.cpu(), _match_for(metric, 20, 1), size.cpu(), "mlerp")
+    if all(torch.equal(a.cpu(), b) for a, b in zip(matches[0][:5], _match_for(metric, 20, 1)[:5])):
+        assert_close(runs[0][0].cpu(), expected)
+
+
+def test_non_contiguous_inputs():
+    base_x, base_m, size = make_inputs(2, 33, 40, d=32, seed=6)
+    x = base_x.transpose(1, 2).contiguous().transpose(1, 2)  # strides (N*C, 1, N)
+    metric = base_m[..., ::2]  # stride 2 in D
+    assert not x.is_contiguous() and not metric.is_contiguous()
+    km = tt.bipartite_match(metric.to(DEVICE), 10, 1, backend="triton")
+    rm = ref.bipartite_match(metric.contiguous(), 10, 1)
+    assert_match(km, rm, metric, 33)
+    for mode in ref.MODES:
+        out, _ = tt.merge_tokens(x.to(DEVICE), _to(rm, DEVICE), size.to(DEVICE), mode, backend="triton")
+        assert_close(out.cpu(), ref.merge_tokens(base_x, rm, size, mode)[0], name=mode)
+
+
+def test_nan_and_inf_inputs_give_valid_indices_and_propagate():
+    x, metric, _ = make_inputs(2, 41, 16, d=8, seed=8)
+    metric[0, 3] = float("nan")
+    metric[0, 10] = float("inf")
+    metric[1, :] = float("nan")  # a whole batch of NaN scores
+    x[0, 5] = float("nan")
+    km = tt.bipartite_match(metric.to(DEVICE), 12, 1, backend="triton")
+    rm = ref.bipartite_match(metric, 12, 1)
+    check_match_structure(km, 41, 12)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(km[:5], rm[:5]))
+    for mode in ref.MODES:
+        out, _ = tt.merge_tokens(x.to(DEVICE), km, None, mode, backend="triton")
+        expected, _ = ref.merge_tokens(x, rm, None, mode)
+        assert torch.equal(out.cpu().isnan(), expected.isnan())
+        finite = ~expected.isnan()
+        torch.testing.assert_close(out.cpu()[finite], expected[finite], rtol=1e-5, atol=1e-6)
