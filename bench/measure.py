@@ -1,0 +1,164 @@
+"""How ``bench/`` measures: device timing, copy bandwidth, launches, memory, bytes.
+
+Timing on CUDA is ``triton.testing.do_bench``: CUDA events around each call,
+the L2 cache flushed before each call, a warm-up first, and the median (with
+the 20th/80th percentiles) of the timed calls. Events bracket one call on the
+stream, so when a step is bound by the CPU launching its kernels (an eager
+step of ~20 small kernels at B=1), that launch time is in the number too, as
+it is for a user running eagerly. ``graph_median`` replays the same step from
+a CUDA graph, which removes launch overhead and leaves the device time.
+
+On the CPU there are no events: pytest-benchmark's own host timer is used,
+which is correct there because CPU ops are synchronous.
+
+The byte counts are the least any implementation must move (each input read
+once, each output written once; the Match indices in between are not
+counted), so "GB/s" and "% of copy bandwidth" are comparable across
+implementations and honest about how far from the memory roofline a step is.
+"""
+import time
+from typing import Callable, Dict, Optional
+
+import torch
+
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
+
+
+def bench_inputs(batch: int, n: int, c: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
+    """Random (x [B,N,C], metric [B,N,D], size [B,N,1] fp32 in [1, 4)).
+
+    The same distribution as ``tofu_triton.testing.make_inputs``, but drawn on
+    the device: drawing a B=256, N=4096 case on the CPU takes seconds.
+    """
+    g = torch.Generator(device=device).manual_seed(seed)
+    x = torch.randn(batch, n, c, device=device, generator=g).to(dtype)
+    metric = torch.randn(batch, n, d, device=device, generator=g).to(dtype)
+    size = 1 + 3 * torch.rand(batch, n, 1, device=device, generator=g)
+    return x, metric, size
+
+
+def step_bytes(batch: int, n: int, c: int, d: int, r: int, dtype: torch.dtype, mode: str,
+               backward: bool, protected: int = 1) -> int:
+    """Fewest bytes one step must move through device memory.
+
+    Forward: read the metric of the N - protected non-prefix tokens, read the
+    x rows and sizes that reach the output (all N for mean/mlerp; the N - r
+    kept ones for prune, whose sources are never read), write x_out and
+    size_out. Backward adds: read grad_out, write grad_x (all N rows), read
+    sizes, and for mlerp re-read the rows of merged groups (counted as 2r: r
+    sources and at most r destinations).
+    """
+    es = torch.empty((), dtype=dtype).element_size()
+    n_out = n - r
+    rows_read = n_out if mode == "prune" else n
+    fwd = (n - protected) * d * es + rows_read * (c * es + 4) + n_out * (c * es + 4)
+    total = fwd
+    if backward:
+        total += n_out * c * es + n * c * es + n * 4
+        if mode == "mlerp":
+            total += 2 * r * c * es
+    return batch * total
+
+
+def time_cuda(fn: Callable, grad_to_none=None, warmup_ms: int = 10, rep_ms: int = 50) -> Dict[str, float]:
+    """Median and 20/80th percentile of ``fn`` in ms (``do_bench`` semantics, see module doc)."""
+    from triton.testing import do_bench
+
+    p20, p50, p80 = do_bench(fn, warmup=warmup_ms, rep=rep_ms, grad_to_none=grad_to_none,
+                             quantiles=[0.2, 0.5, 0.8])
+    return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
+
+
+def time_cuda_graph(fn: Callable, warmup_ms: int = 10, rep_ms: int = 50) -> Optional[float]:
+    """Median ms of replaying ``fn`` from a CUDA graph; None if it cannot be captured."""
+    try:
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return time_cuda(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms)["median_ms"]
+    except Exception:  # a step that syncs or allocates on the host cannot be captured
+        torch.cuda.synchronize()
+        return None
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> Dict[str, float]:
+    """Bandwidth of one large ``Tensor.copy_`` in GB/s, counting bytes read + written.
+
+    On CUDA: a 1 GiB device-to-device copy timed like every step. On the CPU:
+    a 64 MiB copy, best of 10 host-timed runs (the CPU number only gives the
+    CPU table a scale; it is not a roofline anyone should quote).
+    """
+    if device == "cuda":
+        src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+        dst = torch.empty_like(src)
+        ms = time_cuda(lambda: dst.copy_(src), warmup_ms=25, rep_ms=200)["median_ms"]
+        del src, dst
+        torch.cuda.empty_cache()
+        return {"copy_gbps": 2 * nbytes / ms / 1e6, "copy_bytes": nbytes, "copy_ms": ms}
+    nbytes = 64 << 20
+    src = torch.rand(nbytes // 4)
+    dst = torch.empty_like(src)
+    best = float("inf")
+    for _ in range(10):
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        best = min(best, time.perf_counter() - t0)
+    return {"copy_gbps": 2 * nbytes / best / 1e9, "copy_bytes": nbytes, "copy_ms": best * 1e3}
+
+
+def count_launches(fn: Callable) -> Dict[str, Optional[int]]:
+    """Kernels one call of ``fn`` puts on the GPU, counted with torch.profiler.
+
+    ``launches`` counts kernels; ``memops`` counts memcpy/memset operations
+    (not kernels, but each is a separate operation on the stream). The call is
+    warmed up first so compilation and one-time allocations stay out.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    names = [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    memops = sum(1 for name in names if name.startswith(("Memcpy", "Memset")))
+    return {"launches": len(names) - memops, "memops": memops, "kernel_names": sorted(set(names))}
+
+
+def peak_memory(fn: Callable) -> int:
+    """Bytes allocated beyond what was live before one call of ``fn`` (peak)."""
+    torch.cuda.synchronize()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def environment() -> Dict[str, str]:
+    """Card, library versions and date, for every result file."""
+    import platform
+
+    import triton
+
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+    }
+    try:
+        import timm
+
+        info["timm"] = timm.__version__
+    except ImportError:
+        pass
+    return info
