@@ -1,0 +1,36 @@
+"""Patch model families for ToFu / ToMe in one call.
+
+    import timm, tofu_triton.patch
+    model = timm.create_model("vit_base_patch16_224", pretrained=True).eval()
+    tofu_triton.patch.timm(model, r=16, mode="tofu")
+    logits = model(images)
+    model.r = 8                      # change the schedule between calls
+    logits, source = tofu_triton.patch.trace(model, images)
+    tofu_triton.patch.unpatch(model)
+
+All timm glue is in :mod:`tofu_triton.patch.timm_vit`.
+"""
+from contextlib import contextmanager
+
+from .timm_vit import TokenInfo, forward_with_info, is_patched, plan, trace, unpatch
+from .timm_vit import CONFIG as _CONFIG
+from .timm_vit import patch as timm
+
+
+@contextmanager
+def patched(model, **kwargs):
+    """``with patched(model, r=8, mode="tome"):`` patch for the block, then restore
+    the model as it was (unpatched, or patched with its previous settings)."""
+    previous = {name: getattr(model, name) for name in _CONFIG} if is_patched(model) else None
+    timm(model, **kwargs)
+    try:
+        yield model
+    finally:
+        if previous is None:
+            unpatch(model)
+        else:
+            for name, value in previous.items():
+                setattr(model, name, value)
+
+
+__all__ = ["TokenInfo", "forward_with_info", "is_patched", "patched", "plan", "timm", "trace", "unpatch"]

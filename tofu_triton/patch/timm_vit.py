@@ -1,0 +1,346 @@
+"""ToFu / ToMe inside timm 1.0's ``VisionTransformer`` (and relatives sharing its blocks).
+
+Patching swaps the model's class for a subclass (created once per original
+class) whose ``forward`` runs the blocks through :func:`block_forward`
+instead of ``Block.forward``; parameters, hooks and ``state_dict`` are
+untouched, and :func:`unpatch` swaps the class back.
+
+What a patched block does (timm's pre-norm block, with one step added)::
+
+    x = x + drop_path1(ls1(attention(norm1(x), mask=log(size))))   # SDPA kept
+    x, size = token reduction step (r, mode of this layer)           # SPEC §1
+    x = x + drop_path2(ls2(mlp(norm2(x))))
+
+* The metric is the attention keys (after ``k_norm``) averaged over heads.
+* The first ``model.num_prefix_tokens`` tokens (class, register,
+  distillation) are protected.
+* Proportional attention adds ``log(size)`` as a float mask ``[B, 1, 1, N]``
+  only in layers where sizes can differ from 1, decided by
+  :func:`tofu_triton.schedule.plan_layers` from the schedule, not the data.
+* Pooling: ``avg`` (and the mean half of ``avgmax``) is weighted by size
+  over the non-prefix tokens; ``token`` reads token 0; ``max`` is a plain
+  max. Where sizes are all 1 by the schedule, timm's own pooling runs, so
+  an ``r = 0`` model computes exactly what the unpatched one does.
+
+Per-call state (sizes, source matrix, token counts) lives in local variables
+of one forward call and is returned from it (:func:`forward_with_info`);
+nothing is written to modules during a forward, so one patched model can run
+in several threads at once and ``torch.compile(fullgraph=True)`` sees no
+mutation and no data-dependent branch. Configuration lives on the model as
+plain attributes that may be changed between calls: ``model.r``,
+``model.tofu_mode``, ``model.tofu_prune_layers``, ``model.tofu_prop_attn``,
+``model.tofu_trace_source``, ``model.tofu_backend``.
+
+Not covered: ``forward_intermediates`` (runs the blocks unpatched),
+gradient checkpointing (ignored: blocks always run one by one), user
+``attn_mask`` / ``is_causal`` (refused), ``global_pool='map'``/``'prr'``
+(refused at patch time: attention pooling has no size weighting), and
+blocks other than timm's ``Block`` with ``Attention`` (refused).
+``model.forward_features`` returns the final tokens without their sizes, so
+``model.forward_head(model.forward_features(x))`` pools unweighted; use
+``model(x)`` or :func:`forward_with_info`.
+"""
+import sys
+from typing import Dict, List, NamedTuple, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from timm.models.vision_transformer import Attention, Block, VisionTransformer
+
+from .. import ops
+from ..reference import Match
+from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
+
+POOLS = ("", "token", "avg", "max", "avgmax")
+CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_trace_source", "tofu_backend")
+
+
+class TokenInfo(NamedTuple):
+    """Per-call results besides the logits.
+
+    size: [B, N_out, 1] float32, original patches per final token (prefix tokens 1).
+    source: [B, N_out, N_patches] float32 0/1 or None: which original patches
+        each final token holds (prefix rows are all 0; patches dropped by a
+        ``prune`` step belong to no token).
+    tokens: tokens entering each block, then the tokens leaving the last.
+    """
+
+    size: Tensor
+    source: Optional[Tensor]
+    tokens: List[int]
+
+
+# --------------------------------------------------------------------------- checks
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise TypeError unless ``model`` is a ViT this module can patch."""
+    if not isinstance(model, VisionTransformer):
+        raise TypeError(
+            "tofu_triton.patch.timm needs a timm VisionTransformer (ViT, DeiT, ViT with "
+            f"register tokens, ...); got {type(model).__module__}.{type(model).__name__}"
+        )
+    for i, blk in enumerate(model.blocks):
+        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+            raise TypeError(f"block {i} is a {type(blk).__name__}; only timm's Block (pre-norm) is supported")
+        if not isinstance(blk.attn, Attention) or type(blk.attn).forward is not Attention.forward:
+            raise TypeError(f"block {i} has a {type(blk.attn).__name__} attention; only timm's Attention is supported")
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
+        raise TypeError(
+            f"global_pool={model.global_pool!r} is not supported (attention pooling does not "
+            f"weight merged tokens by size); supported: {POOLS}"
+        )
+
+
+def _validate_config(model: nn.Module) -> None:
+    depth = len(model.blocks)
+    parse_r(model.r, depth)
+    parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
+    if model.tofu_backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {model.tofu_backend!r}")
+    for name in ("tofu_prop_attn", "tofu_trace_source"):
+        if not isinstance(getattr(model, name), bool):
+            raise TypeError(f"{name[5:]} must be a bool, got {type(getattr(model, name)).__name__}")
+
+
+# --------------------------------------------------------------------------- one block
+
+
+def proportional_mask(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """size [B, N, 1] float32 -> additive attention mask log(size) [B, 1, 1, N] in ``dtype``."""
+    return size.log()[:, None, None, :, 0].to(dtype)
+
+
+def attention_forward(attn: Attention, x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """timm's ``Attention.forward`` with an additive mask; also returns the keys.
+
+    x: [B, N, C]; mask: [B, 1, 1, N] or None. Returns (out [B, N, C_out],
+    k [B, heads, N, head_dim] after k_norm). Same ops in the same order as
+    timm's, so with ``mask=None`` the output is bitwise timm's.
+    """
+    B, N, _ = x.shape
+    gate = getattr(attn, "gate", None)
+    gate = gate(x).sigmoid() if gate is not None else None
+    attn_dim = getattr(attn, "attn_dim", attn.num_heads * attn.head_dim)
+    qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
+        )
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = out.transpose(1, 2).reshape(B, N, attn_dim)
+    out = attn.norm(out) if hasattr(attn, "norm") else out
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), k
+
+
+def merge_source(source: Tensor, match: Match, mode: str) -> Tensor:
+    """Carry a 0/1 source matrix [B, N, P] through one step (-> [B, N - r, P]).
+
+    Token order as merge_tokens: [prefix, unmerged A, B]. Through ``prune``
+    a B token keeps its own patches; through ``mean``/``mlerp`` it holds the
+    union of its own and its sources' patches.
+    """
+    if match.r == 0:
+        return source
+    p, width = match.protected, source.shape[-1]
+    a, b = source[:, p::2], source[:, p + 1 :: 2]
+    rows = lambda t, idx: t.gather(1, idx[..., None].expand(-1, -1, width))  # noqa: E731
+    if mode != "prune":
+        dst = match.dst_idx[..., None].expand(-1, -1, width)
+        b = b.scatter_reduce(1, dst, rows(a, match.src_idx), "amax")
+    return torch.cat([source[:, :p], rows(a, match.unm_idx), b], dim=1)
+
+
+def block_forward(
+    blk: Block, x: Tensor, size: Tensor, source: Optional[Tensor], step: LayerPlan,
+    protected: int, prop_attn: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    """One patched block: attention, the token-reduction step, MLP.
+
+    x: [B, N, C]; size: [B, N, 1] float32; source: [B, N, P] or None.
+    ``step`` (from plan_layers) fixes r, mode and whether the mask is used.
+    Returns the three for N - step.r tokens.
+    """
+    mask = proportional_mask(size, x.dtype) if prop_attn and step.sized else None
+    out, k = attention_forward(blk.attn, blk.norm1(x), mask)
+    x = x + blk.drop_path1(blk.ls1(out))
+    if step.r > 0:
+        match = ops.bipartite_match(k.mean(dim=1), step.r, protected, backend)
+        x, size = ops.merge_tokens(x, match, size, step.mode, backend)
+        if source is not None:
+            source = merge_source(source, match, step.mode)
+    x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+    return x, size, source
+
+
+# --------------------------------------------------------------------------- the model
+
+
+def _plan(model: VisionTransformer, n_tokens: int) -> List[LayerPlan]:
+    depth = len(model.blocks)
+    r = parse_r(model.r, depth)
+    modes = parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
+    return plan_layers(n_tokens, model.num_prefix_tokens, r, modes)
+
+
+def plan(model: VisionTransformer, n_tokens: Optional[int] = None) -> List[LayerPlan]:
+    """The per-layer plan a patched model follows for ``n_tokens`` input tokens
+    (prefix included; default: the model's own image size)."""
+    _require_patched(model)
+    if n_tokens is None:
+        n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
+    return _plan(model, n_tokens)
+
+
+def _pool(model: VisionTransformer, x: Tensor, size: Tensor, sized: bool) -> Tensor:
+    if not sized or model.global_pool in ("", "token", "max"):
+        return model.pool(x)  # timm's own: sizes are all 1 or do not matter
+    p = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    tokens, weight = x[:, p:], size[:, p:]
+    mean = ((tokens * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
+    if model.global_pool == "avg":
+        return mean
+    return 0.5 * (tokens.amax(dim=1) + mean)  # avgmax
+
+
+def _features(model: VisionTransformer, images: Tensor, trace_source: bool):
+    """Embedding, the patched blocks and the final norm: (x, size, source, plan)."""
+    x = model.patch_embed(images)
+    x = model._pos_embed(x)
+    x = model.patch_drop(x)
+    x = model.norm_pre(x)
+
+    batch, n_tokens, _ = x.shape
+    protected = model.num_prefix_tokens
+    steps = _plan(model, n_tokens)
+    size = torch.ones(batch, n_tokens, 1, dtype=torch.float32, device=x.device)
+    source = None
+    if trace_source:
+        n_patches = n_tokens - protected
+        eye = torch.eye(n_patches, dtype=torch.float32, device=x.device)
+        source = torch.cat([eye.new_zeros(protected, n_patches), eye]).expand(batch, -1, -1)
+    for blk, step in zip(model.blocks, steps):
+        x, size, source = block_forward(
+            blk, x, size, source, step, protected, model.tofu_prop_attn, model.tofu_backend
+        )
+    return model.norm(x), size, source, steps
+
+
+def forward_with_info(
+    model: VisionTransformer, images: Tensor, trace_source: Optional[bool] = None, pre_logits: bool = False
+) -> Tuple[Tensor, TokenInfo]:
+    """Run a patched model once: (logits, :class:`TokenInfo`).
+
+    images: [B, 3, H, W]. trace_source: record the source matrix (default:
+    the model's ``tofu_trace_source``). pre_logits: return the pooled
+    features instead of the logits. Reentrant: all state is local.
+    """
+    _require_patched(model)
+    if trace_source is None:
+        trace_source = model.tofu_trace_source
+    x, size, source, steps = _features(model, images, trace_source)
+    if type(model)._tofu_base.forward_head is VisionTransformer.forward_head:
+        out = model.head_drop(model.fc_norm(_pool(model, x, size, sized_after(steps))))
+        out = out if pre_logits else model.head(out)
+    else:  # e.g. DeiT's distilled head: reads prefix tokens only, sizes do not matter
+        out = model.forward_head(x, pre_logits=pre_logits)
+    return out, TokenInfo(size, source, token_counts(steps))
+
+
+def trace(model: VisionTransformer, images: Tensor) -> Tuple[Tensor, Tensor]:
+    """(logits, source [B, N_out, N_patches]) of one call of a patched model."""
+    logits, info = forward_with_info(model, images, trace_source=True)
+    return logits, info.source
+
+
+class _Patched:
+    """Methods of the patched subclass (mixed in before the original class)."""
+
+    def forward(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        _no_mask(attn_mask, is_causal)
+        return forward_with_info(self, x, trace_source=False)[0]
+
+    def forward_features(self, x: Tensor, attn_mask: Optional[Tensor] = None, is_causal: bool = False) -> Tensor:
+        """Final tokens [B, N_out, C] (their sizes are dropped; see module docstring)."""
+        _no_mask(attn_mask, is_causal)
+        return _features(self, x, trace_source=False)[0]
+
+
+def _no_mask(attn_mask, is_causal) -> None:
+    if attn_mask is not None or is_causal:
+        raise NotImplementedError("a ToFu-patched ViT does not take attn_mask/is_causal (tokens move between layers)")
+
+
+_CLASSES: Dict[type, type] = {}
+
+
+def _patched_class(base: type) -> type:
+    if base not in _CLASSES:
+        name = f"Tofu{base.__name__}"
+        cls = type(name, (_Patched, base), {"_tofu_base": base, "__module__": __name__})
+        cls.__qualname__ = name
+        # Registered as a module global so pickle can find the class by name.
+        setattr(sys.modules[__name__], name, cls)
+        _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(model, _Patched)
+
+
+def _require_patched(model) -> None:
+    if not is_patched(model):
+        raise TypeError(f"{type(model).__name__} is not patched; call tofu_triton.patch.timm(model) first")
+
+
+def patch(
+    model: VisionTransformer, r=16, mode="tofu", prune_layers: Optional[int] = None,
+    prop_attn: bool = True, trace_source: bool = False, backend: str = "auto",
+) -> VisionTransformer:
+    """Patch ``model`` in place for ToFu/ToMe and return it.
+
+    r: int, list or (r, inflect) (see :func:`tofu_triton.schedule.parse_r`).
+    mode: "tofu" | "tome" | "prune" | "mlerp" or a list of op modes, one per
+    layer (see :func:`tofu_triton.schedule.parse_modes`). prune_layers:
+    "tofu" prunes in this many first blocks (default depth // 2).
+    prop_attn: proportional attention. trace_source: default of
+    :func:`forward_with_info`'s ``trace_source``. backend: "auto" |
+    "triton" | "reference". Patching a patched model only updates these.
+    """
+    check_model(model)
+    previous = {name: getattr(model, name) for name in CONFIG} if is_patched(model) else None
+    model.r, model.tofu_mode, model.tofu_prune_layers = r, mode, prune_layers
+    model.tofu_prop_attn, model.tofu_trace_source, model.tofu_backend = prop_attn, trace_source, backend
+    try:
+        _validate_config(model)
+    except (TypeError, ValueError):
+        if previous is None:
+            for name in CONFIG:
+                delattr(model, name)
+        else:
+            for name, value in previous.items():
+                setattr(model, name, value)
+        raise
+    if not is_patched(model):
+        model.__class__ = _patched_class(type(model))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` in place (a model that is not patched is returned as is)."""
+    if is_patched(model):
+        model.__class__ = type(model)._tofu_base
+        for name in CONFIG:
+            model.__dict__.pop(name, None)
+    return model
