@@ -1,0 +1,400 @@
+"""End-to-end inference throughput of timm ViTs: unpatched vs ToMe-style vs ToFu-Triton.
+
+    python bench/throughput.py --quick                 # ViT-B, r=16, ~1.5 min on an H100
+    python bench/throughput.py                         # ViT-S/B/L x B 1..256 x r 8,16
+    python bench/throughput.py --models vit_b --batches 256 --r 16 --exec eager,graph,compile
+    python bench/throughput.py --cpu-smoke             # tiny model on the CPU: checks the script, times nothing useful
+
+Variants (each model random-init, ``timm.create_model(name, pretrained=False)``,
+weights and inputs in fp16 by default):
+
+* ``unpatched`` the timm model as it is;
+* ``tome``      ``tofu_triton.patch.timm(model, r, mode="tome", backend="reference")``:
+                ToMe's algorithm in unfused PyTorch (score matrix, argsort, scatter);
+* ``tofu``      ``tofu_triton.patch.timm(model, r, mode="tofu", backend="triton")``:
+                prune then mlerp, through the fused kernels.
+
+Execution: ``eager``; ``graph`` (the forward captured once in a CUDA graph and
+replayed: no launch overhead); ``compile`` (``torch.compile`` default mode;
+compile time is reported, not timed).
+
+Timing: a few warm-up calls, then three windows of back-to-back calls, each
+long enough to last ``--min-time-s``, bracketed by CUDA events; the median
+window gives ms per batch and images/s. Launch overhead is in the eager
+numbers, as it is for a user.
+
+Writes ``throughput.json``, ``throughput.md`` and ``throughput.png`` under
+``--out`` (default ``bench/results/``) with the card, date, versions and the
+exact command. Configurations run most important first and stop at
+``--budget-s``; what did not run is listed as skipped, never invented.
+"""
+import argparse
+import json
+import math
+import os
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from measure import environment  # noqa: E402
+
+MODELS = {
+    "vit_s": "vit_small_patch16_224",
+    "vit_b": "vit_base_patch16_224",
+    "vit_l": "vit_large_patch16_224",
+}
+VARIANTS = ("unpatched", "tome", "tofu")
+EXECS = ("eager", "graph", "compile")
+RESULTS = Path(__file__).resolve().parent / "results"
+# Issue 5's end-to-end targets, checked on ViT-B at r=16.
+TARGET_MODEL, TARGET_R = "vit_base_patch16_224", 16
+TARGET_VS_TOME, TARGET_VS_UNPATCHED = 1.15, 1.0
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="vit_s,vit_b,vit_l",
+                   help="comma list of vit_s, vit_b, vit_l or timm model names")
+    p.add_argument("--batches", default="1,8,64,256", help="comma list of batch sizes")
+    p.add_argument("--r", default="8,16", help="comma list of tokens removed per layer")
+    p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--exec", dest="execs", default="eager,graph", help="comma list of " + ", ".join(EXECS))
+    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--min-time-s", type=float, default=0.3, help="length of one timed window")
+    p.add_argument("--budget-s", type=float, default=None, help="stop starting new configurations after this")
+    p.add_argument("--quick", action="store_true",
+                   help="ViT-B, B in {1, 64, 256}, r=16, eager+graph, budget 90 s (unless given)")
+    p.add_argument("--cpu-smoke", action="store_true",
+                   help="tiny 4-block ViT at 64 px on the CPU, eager only: checks the script end to end")
+    p.add_argument("--out", default=None, help="directory for throughput.{json,md,png} (default bench/results)")
+    args = p.parse_args(argv)
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    if args.quick:
+        if "--models" not in given:
+            args.models = "vit_b"
+        if "--batches" not in given:
+            args.batches = "1,64,256"
+        if "--r" not in given:
+            args.r = "16"
+        if "--budget-s" not in given:
+            args.budget_s = 90.0
+    if args.cpu_smoke:
+        args.models, args.batches, args.r, args.execs, args.dtype = "smoke", "2", "2", "eager", "fp32"
+        args.min_time_s = min(args.min_time_s, 0.05)
+    args.models = [MODELS.get(m, m) for m in _split(args.models)]
+    args.batches = [int(b) for b in _split(args.batches)]
+    args.r = [int(r) for r in _split(args.r)]
+    args.variants = _split(args.variants)
+    args.execs = _split(args.execs)
+    for name, values, allowed in (("variant", args.variants, VARIANTS), ("exec", args.execs, EXECS)):
+        bad = [v for v in values if v not in allowed]
+        if bad:
+            p.error(f"unknown {name} {bad}; choose from {allowed}")
+    return args
+
+
+def _split(text: str) -> List[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def create_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
+    import timm
+
+    if name == "smoke":  # 4 blocks, 16 patches + class token: seconds on a CPU
+        model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=64, depth=4)
+    else:
+        model = timm.create_model(name, pretrained=False)
+    return model.to(device=device, dtype=dtype).eval()
+
+
+def configure(model, variant: str, r: int, device: str) -> Optional[str]:
+    """Patch (or unpatch) ``model`` in place for ``variant``; a reason string if it cannot run."""
+    if variant == "unpatched":
+        try:
+            import tofu_triton.patch as patch
+        except ImportError:
+            return None
+        if patch.is_patched(model):
+            patch.unpatch(model)
+        return None
+    try:
+        import tofu_triton.patch as patch
+    except ImportError as e:
+        return f"tofu_triton.patch is not importable ({e})"
+    if variant == "tome":
+        patch.timm(model, r=r, mode="tome", backend="reference")
+    else:
+        # The fused kernels need CUDA; the CPU smoke run goes through the
+        # reference instead so the rest of the script is still exercised.
+        patch.timm(model, r=r, mode="tofu", backend="triton" if device == "cuda" else "auto")
+    return None
+
+
+class Timer:
+    """ms per call of ``fn`` over a window of ``iters`` back-to-back calls."""
+
+    def __init__(self, device: str):
+        self.device = device
+
+    def window(self, fn, iters: int) -> float:
+        if self.device == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for _ in range(iters):
+                fn()
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            fn()
+        return (time.perf_counter() - t0) * 1e3 / iters
+
+    def median_ms(self, fn, min_time_s: float) -> float:
+        for _ in range(3):
+            fn()
+        estimate = self.window(fn, 2)
+        iters = max(2, math.ceil(min_time_s * 1e3 / max(estimate, 1e-3)))
+        return sorted(self.window(fn, iters) for _ in range(3))[1]
+
+
+def build_runner(model, images: torch.Tensor, how: str, device: str):
+    """A no-argument callable that runs one forward the way ``how`` says."""
+    if how == "eager":
+        return lambda: model(images)
+    if how == "graph":
+        if device != "cuda":
+            raise RuntimeError("CUDA graphs need CUDA")
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                model(images)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            model(images)
+        return graph.replay
+    torch._dynamo.reset()  # patching swapped the class; start from a clean cache
+    compiled = torch.compile(model)
+    return lambda: compiled(images)
+
+
+def run_config(model, cfg: Dict, images: torch.Tensor, args, timer: Timer, device: str) -> Dict:
+    row = dict(cfg)
+    reason = configure(model, cfg["variant"], cfg["r"], device)
+    if reason:
+        row["status"] = f"skipped: {reason}"
+        return row
+    try:
+        t0 = time.perf_counter()
+        fn = build_runner(model, images, cfg["exec"], device)
+        fn()
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        row["setup_s"] = round(time.perf_counter() - t0, 2)
+        ms = timer.median_ms(fn, args.min_time_s)
+        row.update(status="ok", ms_per_batch=ms, images_per_s=cfg["batch"] * 1e3 / ms)
+        if device == "cuda":
+            row["peak_mem_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        with torch.inference_mode():
+            row["tokens_out"] = _final_tokens(model, images[:1]) if cfg["variant"] != "unpatched" else None
+    except Exception as e:  # one failing configuration must not lose the others
+        row["status"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+    finally:
+        fn = None
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.empty_cache()
+    return row
+
+
+def _final_tokens(model, image) -> Optional[int]:
+    """Tokens left after the last block (from the patch's plan), if it says."""
+    try:
+        import tofu_triton.patch as patch
+
+        steps = patch.plan(model)
+        last = steps[-1]
+        for name in ("n_out", "tokens_out", "n_after"):
+            if hasattr(last, name):
+                return int(getattr(last, name))
+    except Exception:
+        pass
+    return None
+
+
+def configurations(args) -> List[Dict]:
+    """Every (model, batch, r, variant, exec), most important first: ViT-B at
+    the largest batch and r=16 leads, so a short budget still answers the
+    targets."""
+    def rank_model(m):
+        return 0 if m == TARGET_MODEL else 1
+
+    cfgs = []
+    for model in sorted(args.models, key=rank_model):
+        for batch in sorted(args.batches, reverse=True):
+            for r in sorted(args.r, key=lambda r: (r != TARGET_R, r)):
+                for how in args.execs:
+                    for variant in args.variants:
+                        if variant == "unpatched" and r != sorted(args.r, key=lambda r: (r != TARGET_R, r))[0]:
+                            continue  # r does not change an unpatched model: time it once
+                        cfgs.append(dict(model=model, batch=batch, r=r if variant != "unpatched" else 0,
+                                         variant=variant, exec=how))
+    return cfgs
+
+
+def add_speedups(rows: List[Dict]) -> None:
+    by_key = {}
+    for row in rows:
+        if row.get("status") == "ok":
+            by_key[(row["model"], row["batch"], row["exec"], row["variant"], row["r"])] = row["images_per_s"]
+    for row in rows:
+        if row.get("status") != "ok":
+            continue
+        base = by_key.get((row["model"], row["batch"], row["exec"], "unpatched", 0))
+        tome = by_key.get((row["model"], row["batch"], row["exec"], "tome", row["r"]))
+        row["vs_unpatched"] = row["images_per_s"] / base if base else None
+        row["vs_tome"] = row["images_per_s"] / tome if tome and row["variant"] != "tome" else None
+
+
+def check_targets(rows: List[Dict]) -> List[Dict]:
+    """Issue 5: ViT-B r=16 ToFu >= 1.15x ToMe-style and >= 1.0x unpatched, per batch and exec."""
+    out = []
+    for row in rows:
+        if row["model"] != TARGET_MODEL or row["variant"] != "tofu" or row["r"] != TARGET_R:
+            continue
+        if row.get("status") != "ok":
+            out.append(dict(batch=row["batch"], exec=row["exec"], verdict="not measured", detail=row.get("status")))
+            continue
+        vs_tome, vs_base = row.get("vs_tome"), row.get("vs_unpatched")
+        ok = vs_tome is not None and vs_base is not None and vs_tome >= TARGET_VS_TOME and vs_base >= TARGET_VS_UNPATCHED
+        verdict = "not measured" if vs_tome is None or vs_base is None else ("PASS" if ok else "FAIL")
+        out.append(dict(batch=row["batch"], exec=row["exec"], verdict=verdict, vs_tome=vs_tome, vs_unpatched=vs_base))
+    return out
+
+
+def _fmt(v, spec=".2f") -> str:
+    return "" if v is None else format(v, spec)
+
+
+def write_markdown(path: Path, report: Dict) -> None:
+    env = report["environment"]
+    lines = [
+        "# End-to-end throughput",
+        "",
+        f"- card: {env['device']}",
+        f"- date: {env['date']}",
+        f"- torch {env['torch']}, triton {env['triton']}, timm {env.get('timm', '?')}, dtype {report['dtype']}",
+        f"- command: `{report['command']}`",
+        "- random-init weights; images/s = batch / median ms per forward (CUDA events, see bench/throughput.py)",
+        "",
+        "| model | B | r | variant | exec | ms/batch | images/s | vs unpatched | vs ToMe-style | status |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in report["rows"]:
+        lines.append(
+            f"| {row['model']} | {row['batch']} | {row['r']} | {row['variant']} | {row['exec']} | "
+            f"{_fmt(row.get('ms_per_batch'), '.3f')} | {_fmt(row.get('images_per_s'), '.1f')} | "
+            f"{_fmt(row.get('vs_unpatched'))} | {_fmt(row.get('vs_tome'))} | {row.get('status', '')} |"
+        )
+    lines += ["", f"## Targets ({TARGET_MODEL}, r={TARGET_R}: ToFu >= {TARGET_VS_TOME}x ToMe-style, "
+              f">= {TARGET_VS_UNPATCHED}x unpatched)", ""]
+    if not report["targets"]:
+        lines.append("- not measured in this run")
+    for t in report["targets"]:
+        lines.append(f"- B={t['batch']} {t['exec']}: **{t['verdict']}** "
+                     f"(vs ToMe-style {_fmt(t.get('vs_tome'))}x, vs unpatched {_fmt(t.get('vs_unpatched'))}x)"
+                     + (f" {t['detail']}" if t.get("detail") else ""))
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def write_plot(path: Path, report: Dict) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in report["rows"] if r.get("status") == "ok"]
+    models = sorted({r["model"] for r in report["rows"]})
+    fig, axes = plt.subplots(1, max(1, len(models)), figsize=(5 * max(1, len(models)), 4), squeeze=False)
+    for ax, model in zip(axes[0], models):
+        lines = sorted({(r["variant"], r["exec"], r["r"]) for r in rows if r["model"] == model})
+        for variant, how, r in lines:
+            pts = sorted((x["batch"], x["images_per_s"]) for x in rows
+                         if (x["model"], x["variant"], x["exec"], x["r"]) == (model, variant, how, r))
+            label = f"{variant} {how}" + (f" r={r}" if variant != "unpatched" else "")
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=label,
+                    linestyle="-" if how == "eager" else "--")
+        ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("batch")
+        ax.set_ylabel("images/s")
+        if lines:
+            ax.legend(fontsize=6)
+        else:
+            ax.text(0.5, 0.5, "nothing measured", ha="center", transform=ax.transAxes)
+    fig.suptitle(f"{report['environment']['device']}, {report['dtype']}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    device = "cpu" if args.cpu_smoke else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        print("throughput.py measures GPU throughput and found no CUDA device; nothing was timed.\n"
+              "Run it on a GPU machine, or use --cpu-smoke to check the script end to end on the CPU.",
+              file=sys.stderr)
+        return 2
+    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = "throughput_cpu_smoke" if args.cpu_smoke and not args.out else "throughput"
+    command = "python bench/throughput.py " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:]))
+
+    started = time.monotonic()
+    timer = Timer(device)
+    rows: List[Dict] = []
+    cfgs = configurations(args)
+    model, model_name = None, None
+    for cfg in cfgs:
+        if args.budget_s is not None and time.monotonic() - started > args.budget_s:
+            rows.append(dict(cfg, status=f"skipped: budget of {args.budget_s:.0f} s spent"))
+            continue
+        if cfg["model"] != model_name:
+            model = None
+            if device == "cuda":
+                torch.cuda.empty_cache()
+            model, model_name = create_model(cfg["model"], device, dtype), cfg["model"]
+        side = 64 if cfg["model"] == "smoke" else 224
+        images = torch.randn(cfg["batch"], 3, side, side, device=device, dtype=dtype)
+        with torch.inference_mode():
+            row = run_config(model, cfg, images, args, timer, device)
+        rows.append(row)
+        print(f"{row['model']:24s} B={row['batch']:<4d} r={row['r']:<3d} {row['variant']:9s} {row['exec']:7s} "
+              f"{_fmt(row.get('images_per_s'), '10.1f')} img/s  {row['status']}", flush=True)
+
+    add_speedups(rows)
+    report = dict(environment=environment(), command=command, dtype=args.dtype, device_kind=device,
+                  elapsed_s=round(time.monotonic() - started, 1), rows=rows, targets=check_targets(rows))
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    write_markdown(out / f"{stem}.md", report)
+    write_plot(out / f"{stem}.png", report)
+    for t in report["targets"]:
+        print(f"target ViT-B r=16 B={t['batch']} {t['exec']}: {t['verdict']}")
+    print(f"wrote {out / stem}.{{json,md,png}} in {report['elapsed_s']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
