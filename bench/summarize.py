@@ -1,0 +1,208 @@
+"""Turn ``pytest bench/`` results into ``microbench.md`` + ``microbench.png`` and check the targets.
+
+    python bench/summarize.py --jsonl bench/results/microbench.jsonl
+    python bench/summarize.py --benchmark-json bench/results/benchmark.json \
+        --throughput bench/results/throughput.json --out bench/results
+
+Reads the per-case records written by ``--tofu-jsonl`` (the last session in
+the file) or, failing that, the ``extra_info`` of a pytest-benchmark JSON.
+Times are device medians (see ``bench/measure.py``), never pytest-benchmark's
+host timings. Prints a compact verdict on issue 5's targets last; a target
+with no measurement says "not measured", never passes.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+RESULTS = Path(__file__).resolve().parent / "results"
+IMPL_ORDER = {"triton": 0, "reference": 1, "tome": 2}
+# Issue 5's microbenchmark targets (H100, fp16, one fused forward step).
+TARGET_SHAPE = dict(n=197, c=768, dtype="fp16", backward=False)
+TARGET_COPY_FRAC = 0.80
+TARGET_VS_TOME = {256: 5.0, 1: 10.0}
+TARGET_LAUNCHES = 3
+
+
+def load_records(jsonl: Optional[str], benchmark_json: Optional[str]) -> Tuple[Dict, List[Dict]]:
+    """(session info, case records) from whichever file has them."""
+    if jsonl and Path(jsonl).exists():
+        session, cases = {}, []
+        for line in Path(jsonl).read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            if rec.get("kind") == "session":
+                session, cases = rec, []  # keep only the last session in the file
+            else:
+                cases.append(rec)
+        if cases:
+            return session, cases
+    if benchmark_json and Path(benchmark_json).exists():
+        data = json.loads(Path(benchmark_json).read_text(encoding="utf-8"))
+        tofu = data.get("machine_info", {}).get("tofu", {})
+        session = dict(tofu, **(tofu.get("copy") or {}))
+        session["command"] = "pytest bench/ (from " + Path(benchmark_json).name + ")"
+        cases = [dict(b["extra_info"], test=b["name"]) for b in data.get("benchmarks", []) if b.get("extra_info")]
+        return session, cases
+    return {}, []
+
+
+def case_key(rec: Dict) -> Tuple:
+    return (rec["backward"], rec["dtype"], rec["mode"], rec["n"], rec["c"], rec["batch"])
+
+
+def add_speedups(cases: List[Dict]) -> None:
+    tome = {case_key(r): r.get("median_ms") for r in cases if r["impl"] == "tome"}
+    for rec in cases:
+        base = tome.get(case_key(rec))
+        mine = rec.get("median_ms")
+        rec["vs_tome"] = base / mine if base and mine and rec["impl"] != "tome" else None
+
+
+def check_targets(cases: List[Dict]) -> List[Tuple[str, str, str]]:
+    """(target, verdict, detail) for each of issue 5's microbenchmark targets."""
+    out = []
+
+    def fused(batch, mode):
+        for r in cases:
+            if (r["impl"] == "triton" and r["batch"] == batch and r["mode"] == mode and r.get("median_ms")
+                    and all(r[k] == v for k, v in TARGET_SHAPE.items())):
+                return r
+        return None
+
+    for mode in ("mean", "mlerp", "prune"):
+        r = fused(256, mode)
+        name = f"{mode}: fused step B=256 N=197 C=768 fp16 >= {TARGET_COPY_FRAC:.0%} of copy bandwidth"
+        if r is None or r.get("copy_frac") is None:
+            out.append((name, "not measured", ""))
+        else:
+            out.append((name, "PASS" if r["copy_frac"] >= TARGET_COPY_FRAC else "FAIL",
+                        f"{r['copy_frac']:.0%} ({r['gbps']:.0f} of {r['copy_gbps']:.0f} GB/s, {r['median_ms'] * 1e3:.1f} us)"))
+        for batch, want in TARGET_VS_TOME.items():
+            r = fused(batch, mode)
+            name = f"{mode}: fused step B={batch} N=197 C=768 fp16 >= {want:g}x ToMe-style"
+            if r is None or r.get("vs_tome") is None:
+                out.append((name, "not measured", ""))
+            else:
+                out.append((name, "PASS" if r["vs_tome"] >= want else "FAIL", f"{r['vs_tome']:.1f}x"))
+    counted = [r for r in cases if r["impl"] == "triton" and not r["backward"] and r.get("launches") is not None]
+    name = f"fused forward step <= {TARGET_LAUNCHES} kernel launches"
+    if not counted:
+        out.append((name, "not measured", ""))
+    else:
+        worst = max(r["launches"] for r in counted)
+        out.append((name, "PASS" if worst <= TARGET_LAUNCHES else "FAIL", f"max {worst} over {len(counted)} cases"))
+    return out
+
+
+def _fmt(v, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def markdown(session: Dict, cases: List[Dict], targets, throughput: Optional[Dict]) -> str:
+    lines = ["# Microbenchmarks: one token-reduction step", ""]
+    if session:
+        lines += [
+            f"- card: {session.get('device', '?')}",
+            f"- date: {session.get('date', '?')}",
+            f"- torch {session.get('torch', '?')}, triton {session.get('triton', '?')}, scope {session.get('scope', '?')}",
+            f"- copy bandwidth (one {(session.get('copy_bytes') or 0) / 2**20:.0f} MiB `copy_`, read + write): "
+            f"{_fmt(session.get('copy_gbps'), '.0f')} GB/s",
+            f"- command: `{session.get('command', '?')}`",
+        ]
+    timer = sorted({c.get("timer", "?") for c in cases})
+    lines += [f"- timer: {', '.join(timer)}",
+              "- GB/s counts the fewest bytes a step must move (bench/measure.py `step_bytes`); "
+              "launches are kernels per step (torch.profiler, B = 1 and 256 only); "
+              "x ToMe = ToMe-style median / this median", "", "## Targets (issue 5)", ""]
+    lines += [f"- {verdict}: {name}" + (f" -- {detail}" if detail else "") for name, verdict, detail in targets]
+    if throughput:
+        for t in throughput.get("targets", []):
+            lines.append(f"- {t['verdict']}: end-to-end ViT-B r=16 B={t['batch']} {t['exec']}: ToFu >= 1.15x "
+                         f"ToMe-style and >= 1.0x unpatched -- {_fmt(t.get('vs_tome'), '.2f')}x / "
+                         f"{_fmt(t.get('vs_unpatched'), '.2f')}x")
+    lines += ["", "## Cases", "",
+              "| pass | dtype | mode | N | C | B | impl | median ms | graph ms | GB/s | % copy BW | launches | peak MiB | x ToMe |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(cases, key=lambda r: (case_key(r), IMPL_ORDER.get(r["impl"], 9))):
+        peak = r.get("peak_bytes")
+        lines.append(
+            f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['dtype']} | {r['mode']} | {r['n']} | {r['c']} | "
+            f"{r['batch']} | {r['impl']} | {_fmt(r.get('median_ms'), '.4f')} | {_fmt(r.get('graph_median_ms'), '.4f')} | "
+            f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('copy_frac') and 100 * r['copy_frac'], '.1f')} | "
+            f"{_fmt(r.get('launches'), 'd')} | {_fmt(peak and peak / 2**20, '.1f')} | {_fmt(r.get('vs_tome'), '.2f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, session: Dict, cases: List[Dict]) -> None:
+    """Time vs B (top) and % of copy bandwidth vs B (bottom), fp16 forward mean, one column per N."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dtype = "fp16" if any(r["dtype"] == "fp16" for r in cases) else cases[0]["dtype"]
+    sel = [r for r in cases if r["dtype"] == dtype and r["mode"] == "mean" and not r["backward"] and r.get("median_ms")]
+    shapes = sorted({(r["n"], r["c"]) for r in sel}) or [(0, 0)]
+    fig, axes = plt.subplots(2, len(shapes), figsize=(4 * len(shapes), 6.5), squeeze=False)
+    for col, (n, c) in enumerate(shapes):
+        for impl in sorted({r["impl"] for r in sel}, key=lambda i: IMPL_ORDER.get(i, 9)):
+            pts = sorted((r["batch"], r["median_ms"], r.get("copy_frac")) for r in sel
+                         if r["impl"] == impl and r["n"] == n and r["c"] == c)
+            axes[0][col].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+            axes[1][col].plot([p[0] for p in pts], [100 * (p[2] or 0) for p in pts], marker="o", label=impl)
+        axes[0][col].set_title(f"N={n}, C={c}", fontsize=9)
+        axes[0][col].set_yscale("log")
+        axes[0][col].set_ylabel("median ms")
+        axes[1][col].set_ylabel("% of copy bandwidth")
+        for ax in (axes[0][col], axes[1][col]):
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("batch")
+            ax.legend(fontsize=7)
+    fig.suptitle(f"one step, {dtype} forward, mean -- {session.get('device', '?')}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--jsonl", default=str(RESULTS / "microbench.jsonl"))
+    p.add_argument("--benchmark-json", default=None)
+    p.add_argument("--throughput", default=None, help="throughput.json from bench/throughput.py, for its targets")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    session, cases = load_records(args.jsonl, args.benchmark_json)
+    throughput = None
+    if args.throughput and Path(args.throughput).exists():
+        throughput = json.loads(Path(args.throughput).read_text(encoding="utf-8"))
+    if not cases:
+        print(f"summarize: no measured cases in {args.jsonl} or {args.benchmark_json}", file=sys.stderr)
+        if throughput is None:
+            return 1
+    add_speedups(cases)
+    targets = check_targets(cases)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "microbench.md").write_text(markdown(session, cases, targets, throughput), encoding="utf-8")
+    if cases:
+        plot(out / "microbench.png", session, cases)
+
+    print(f"== summary: {session.get('device', '?')}, torch {session.get('torch', '?')}, "
+          f"triton {session.get('triton', '?')}, copy {_fmt(session.get('copy_gbps'), '.0f')} GB/s, "
+          f"{len(cases)} cases")
+    for name, verdict, detail in targets:
+        print(f"{verdict:>12s}  {name}" + (f"  [{detail}]" if detail else ""))
+    for t in (throughput or {}).get("targets", []):
+        print(f"{t['verdict']:>12s}  e2e ViT-B r=16 B={t['batch']} {t['exec']}: "
+              f"x{_fmt(t.get('vs_tome'), '.2f')} vs ToMe-style, x{_fmt(t.get('vs_unpatched'), '.2f')} vs unpatched")
+    print(f"wrote {out / 'microbench.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
