@@ -58,8 +58,9 @@ def copy_bw(request, device):
     """Measured copy bandwidth (GB/s, read + write), once per session."""
     info = copy_bandwidth(device)
     request.config.tofu_copy = info
-    _write_jsonl(request.config, dict(kind="session", scope=request.config.tofu_scope,
-                                      command="python -m pytest " + " ".join(request.config.invocation_params.args), **environment(), **info))
+    command = "python -m pytest " + " ".join(request.config.invocation_params.args)
+    _write_jsonl(request.config, dict(kind="session", scope=request.config.tofu_scope, command=command,
+                                      **environment(), **info))
     return info["copy_gbps"]
 
 

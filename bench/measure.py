@@ -153,7 +153,8 @@ def environment() -> Dict[str, str]:
         "torch": torch.__version__,
         "triton": triton.__version__,
         "python": platform.python_version(),
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name() if torch.cuda.is_available()
+                   else f"CPU ({platform.processor() or platform.machine()})"),
     }
     try:
         import timm

@@ -79,7 +79,8 @@ def check_targets(cases: List[Dict]) -> List[Tuple[str, str, str]]:
             out.append((name, "not measured", ""))
         else:
             out.append((name, "PASS" if r["copy_frac"] >= TARGET_COPY_FRAC else "FAIL",
-                        f"{r['copy_frac']:.0%} ({r['gbps']:.0f} of {r['copy_gbps']:.0f} GB/s, {r['median_ms'] * 1e3:.1f} us)"))
+                        f"{r['copy_frac']:.0%} ({r['gbps']:.0f} of {r['copy_gbps']:.0f} GB/s, "
+                        f"{r['median_ms'] * 1e3:.1f} us)"))
         for batch, want in TARGET_VS_TOME.items():
             r = fused(batch, mode)
             name = f"{mode}: fused step B={batch} N=197 C=768 fp16 >= {want:g}x ToMe-style"
@@ -107,7 +108,8 @@ def markdown(session: Dict, cases: List[Dict], targets, throughput: Optional[Dic
         lines += [
             f"- card: {session.get('device', '?')}",
             f"- date: {session.get('date', '?')}",
-            f"- torch {session.get('torch', '?')}, triton {session.get('triton', '?')}, scope {session.get('scope', '?')}",
+            f"- torch {session.get('torch', '?')}, triton {session.get('triton', '?')}, "
+            f"scope {session.get('scope', '?')}",
             f"- copy bandwidth (one {(session.get('copy_bytes') or 0) / 2**20:.0f} MiB `copy_`, read + write): "
             f"{_fmt(session.get('copy_gbps'), '.0f')} GB/s",
             f"- command: `{session.get('command', '?')}`",
@@ -124,13 +126,15 @@ def markdown(session: Dict, cases: List[Dict], targets, throughput: Optional[Dic
                          f"ToMe-style and >= 1.0x unpatched -- {_fmt(t.get('vs_tome'), '.2f')}x / "
                          f"{_fmt(t.get('vs_unpatched'), '.2f')}x")
     lines += ["", "## Cases", "",
-              "| pass | dtype | mode | N | C | B | impl | median ms | graph ms | GB/s | % copy BW | launches | peak MiB | x ToMe |",
+              "| pass | dtype | mode | N | C | B | impl | median ms | graph ms | GB/s | % copy BW "
+              "| launches | peak MiB | x ToMe |",
               "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(cases, key=lambda r: (case_key(r), IMPL_ORDER.get(r["impl"], 9))):
         peak = r.get("peak_bytes")
         lines.append(
             f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['dtype']} | {r['mode']} | {r['n']} | {r['c']} | "
-            f"{r['batch']} | {r['impl']} | {_fmt(r.get('median_ms'), '.4f')} | {_fmt(r.get('graph_median_ms'), '.4f')} | "
+            f"{r['batch']} | {r['impl']} | {_fmt(r.get('median_ms'), '.4f')} | "
+            f"{_fmt(r.get('graph_median_ms'), '.4f')} | "
             f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('copy_frac') and 100 * r['copy_frac'], '.1f')} | "
             f"{_fmt(r.get('launches'), 'd')} | {_fmt(peak and peak / 2**20, '.1f')} | {_fmt(r.get('vs_tome'), '.2f')} |"
         )
