@@ -32,9 +32,10 @@ EPS = tl.constexpr(1e-12)  # as reference.EPS
 
 # Block sizes shipped for each kernel; tests compile every one of them for
 # sm_80 and sm_90 ahead of time.
-MATCH_BLOCK_A = 64
-MATCH_BLOCK_B = 64
-MATCH_MAX_BLOCK_D = 128
+# (BLOCK_A, BLOCK_B, largest BLOCK_D) of the match kernel. The fp32 path does
+# an exact (non-TF32) dot on CUDA cores, which needs far more registers per
+# tile: these are the largest tiles that compile without spills on sm_80/90.
+MATCH_BLOCKS = {True: (32, 32, 16), False: (64, 32, 64)}  # keyed by DOT_FP32
 SELECT_BLOCK = 64
 MERGE_MAX_BLOCK_C = 16384
 
@@ -356,9 +357,10 @@ def _empty(*shape, dtype, device) -> torch.Tensor:
     return torch.full(shape, float("nan") if dtype.is_floating_point else -1, dtype=dtype, device=device)
 
 
-def _block_d(d: int) -> int:
-    # tl.dot needs every dimension >= 16.
-    return max(16, min(triton.next_power_of_2(d), MATCH_MAX_BLOCK_D))
+def _match_blocks(d: int, dot_fp32: bool):
+    """(BLOCK_A, BLOCK_B, BLOCK_D) for head dim ``d``; tl.dot needs each >= 16."""
+    block_a, block_b, max_block_d = MATCH_BLOCKS[dot_fp32]
+    return block_a, block_b, max(16, min(triton.next_power_of_2(d), max_block_d))
 
 
 def _block_c(c: int) -> int:
@@ -381,15 +383,16 @@ def match(metric: torch.Tensor, r: int, protected: int):
     dev = metric.device
     node_max = _empty(batch, na, dtype=torch.float32, device=dev)
     node_idx = _empty(batch, na, dtype=torch.int64, device=dev)
-    num_a_blocks = triton.cdiv(na, MATCH_BLOCK_A)
     # The interpreter has no bf16 arithmetic; fp32 products of bf16 are exact anyway.
     dot_fp32 = metric.dtype == torch.float32 or (interpreting() and metric.dtype == torch.bfloat16)
+    block_a, block_b, block_d = _match_blocks(d, dot_fp32)
+    num_a_blocks = triton.cdiv(na, block_a)
     _match_kernel[(batch * num_a_blocks,)](
         metric, node_max, node_idx,
         metric.stride(0), metric.stride(1), metric.stride(2),
         na, nb, d, protected, num_a_blocks,
-        BLOCK_A=MATCH_BLOCK_A, BLOCK_B=MATCH_BLOCK_B, BLOCK_D=_block_d(d),
-        DOT_FP32=dot_fp32, SINGLE_D=d <= _block_d(d), num_warps=4,
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d,
+        DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, num_warps=4,
     )
     rank = _empty(batch, na, dtype=torch.int32, device=dev)
     unm_idx = _empty(batch, na - r, dtype=torch.int64, device=dev)

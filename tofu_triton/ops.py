@@ -136,6 +136,7 @@ def _merge_setup_context(ctx, inputs, output):
     x, size, unm_idx, dst_start, dst_src, protected, mode = inputs
     ctx.save_for_backward(x, size, unm_idx, dst_start, dst_src)
     ctx.protected, ctx.mode = protected, mode
+    ctx.mark_non_differentiable(output[1])  # sizes are counts, not differentiable
 
 
 def _merge_backward(ctx, grad_out, grad_size_out):

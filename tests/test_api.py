@@ -1,0 +1,139 @@
+"""Public API: argument checks, backend dispatch, autograd wiring, torch.compile."""
+import re
+
+import pytest
+import torch
+
+import tofu_triton as tt
+from tofu_triton import reference as ref
+from tofu_triton.testing import assert_close, make_inputs
+
+from conftest import DEVICE
+
+
+@pytest.fixture
+def inputs():
+    return make_inputs(2, 17, 8, d=4, seed=0)
+
+
+@pytest.mark.parametrize(
+    "call, error, words",
+    [
+        (lambda x, m, s: tt.token_fusion(x[0], m, 2), ValueError, "x must have shape"),
+        (lambda x, m, s: tt.token_fusion(x, m[0], 2), ValueError, "metric must have shape"),
+        (lambda x, m, s: tt.token_fusion(x, m[:1], 2), ValueError, "share [B, N]"),
+        (lambda x, m, s: tt.token_fusion(x, m[:, :5], 2), ValueError, "share [B, N]"),
+        (lambda x, m, s: tt.token_fusion(x.long(), m, 2), TypeError, "x must have dtype"),
+        (lambda x, m, s: tt.token_fusion(x, m.int(), 2), TypeError, "metric must have dtype"),
+        (lambda x, m, s: tt.token_fusion(x, m, -1), ValueError, "r must be >= 0"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2.5), TypeError, "r must be an int"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, protected=18), ValueError, "protected must be <="),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, protected=-1), ValueError, "protected must be >= 0"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, mode="avg"), ValueError, "mode must be one of"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, backend="cuda"), ValueError, "backend must be one of"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, size=s[:, :3]), ValueError, "size must have shape"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, size=s.double()), TypeError, "size must be float32"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, size=s.to("meta")), ValueError, "size is on"),
+        (lambda x, m, s: tt.token_fusion(x, m.to("meta"), 2), ValueError, "metric is on"),
+        (lambda x, m, s: tt.merge_tokens(x, (1, 2), s), TypeError, "match must be"),
+        (lambda x, m, s: tt.merge_tokens(x[:, :9], tt.bipartite_match(m, 2), s[:, :9]), ValueError,
+         "different shape"),
+        (lambda x, m, s: tt.merge_tokens(x[:1], tt.bipartite_match(m, 2), s[:1]), ValueError, "different shape"),
+    ],
+)
+def test_bad_input_raises_naming_the_argument(inputs, call, error, words):
+    with pytest.raises(error, match=re.escape(words)):
+        call(*inputs)
+
+
+def test_triton_rejects_float64_but_reference_takes_it(inputs):
+    x, metric, size = inputs
+    with pytest.raises(TypeError, match="metric must have dtype"):
+        tt.token_fusion(x.double().to(DEVICE), metric.double().to(DEVICE), 2, backend="triton")
+    out, _ = tt.token_fusion(x.double(), metric.double(), 2, backend="reference")
+    assert out.dtype == torch.float64
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(inputs, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    x, metric, _ = inputs
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        tt.token_fusion(x, metric, 2, backend="triton")
+
+
+def test_auto_dispatch_follows_the_device(inputs, monkeypatch):
+    calls = []
+    from tofu_triton.kernels import tofu as kernels
+
+    monkeypatch.setattr(kernels, "match", lambda *a: calls.append("match") or (_ for _ in ()).throw(KeyError))
+    x, metric, _ = inputs
+    tt.token_fusion(x, metric, 3)  # CPU + auto: the reference, no kernel
+    assert calls == []
+    with pytest.raises(KeyError):
+        tt.token_fusion(x, metric, 3, backend="triton")
+    assert calls == ["match"]
+
+
+def test_r_is_clamped_to_nb_and_zero_returns_inputs(inputs):
+    x, metric, size = inputs
+    out, size_out = tt.token_fusion(x, metric, 1000, size, protected=1)
+    assert out.shape == (2, 17 - 8, 8)  # Nb = floor(16 / 2)
+    out, size_out = tt.token_fusion(x, metric, 0, size, backend="triton")
+    assert out is x and size_out is size
+    out, size_out = tt.token_fusion(x, metric, 0, None)
+    assert out is x and torch.equal(size_out, torch.ones(2, 17, 1))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradients_flow_to_x_only(backend):
+    x, metric, size = make_inputs(2, 17, 8, d=4, seed=1)
+    x.requires_grad_(True)
+    metric.requires_grad_(True)
+    out, size_out = tt.token_fusion(x, metric, 5, size, mode="mlerp", backend=backend)
+    assert not size_out.requires_grad
+    out.square().sum().backward()
+    assert metric.grad is None
+    xr = x.detach().clone().requires_grad_(True)
+    expected, _ = ref.token_fusion(xr, metric.detach(), 5, size, mode="mlerp")
+    expected.square().sum().backward()
+    assert_close(x.grad, xr.grad)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_gradcheck_through_the_public_op(backend):
+    x, metric, size = make_inputs(1, 9, 3, d=4, seed=2)
+    x = x.double().requires_grad_(True)
+    match = tt.bipartite_match(metric, 3, backend=backend)
+    if backend == "triton":
+        # The kernels take fp32 at most: check the op's backward against finite
+        # differences of its own forward in fp32, with tolerances to match.
+        xf = x.detach().float().requires_grad_(True)
+        assert torch.autograd.gradcheck(
+            lambda t: tt.merge_tokens(t, match, size, "mlerp", backend=backend)[0], (xf,),
+            eps=1e-2, atol=1e-2, rtol=1e-2,
+        )
+    else:
+        assert torch.autograd.gradcheck(lambda t: tt.merge_tokens(t, match, size, "mlerp", backend=backend)[0], (x,))
+
+
+@pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_torch_compile_fullgraph(backend, compiler):
+    x, metric, size = make_inputs(2, 21, 8, d=4, seed=3)
+
+    def step(x, metric, size):
+        y, s = tt.token_fusion(x, metric, 4, size, mode="mlerp", backend=backend)
+        y, s = tt.token_fusion(y, y, 3, s, mode="mean", backend=backend)
+        return y * 2, s
+
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend=compiler)
+    x1 = x.clone().requires_grad_(True)
+    x2 = x.clone().requires_grad_(True)
+    out, s = compiled(x1, metric, size)
+    expected, s_expected = step(x2, metric, size)
+    torch.testing.assert_close(out, expected)
+    torch.testing.assert_close(s, s_expected)
+    out.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
