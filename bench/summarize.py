@@ -54,11 +54,12 @@ def case_key(rec: Dict) -> Tuple:
 
 
 def add_speedups(cases: List[Dict]) -> None:
-    tome = {case_key(r): r.get("median_ms") for r in cases if r["impl"] == "tome"}
-    for rec in cases:
-        base = tome.get(case_key(rec))
-        mine = rec.get("median_ms")
-        rec["vs_tome"] = base / mine if base and mine and rec["impl"] != "tome" else None
+    """``vs_tome`` from device medians, ``vs_tome_loop`` from eager loop times (GPU only)."""
+    for field, out in (("median_ms", "vs_tome"), ("loop_ms", "vs_tome_loop")):
+        tome = {case_key(r): r.get(field) for r in cases if r["impl"] == "tome"}
+        for rec in cases:
+            base, mine = tome.get(case_key(rec)), rec.get(field)
+            rec[out] = base / mine if base and mine and rec["impl"] != "tome" else None
 
 
 def check_targets(cases: List[Dict]) -> List[Tuple[str, str, str]]:
@@ -83,11 +84,15 @@ def check_targets(cases: List[Dict]) -> List[Tuple[str, str, str]]:
                         f"{r['median_ms'] * 1e3:.1f} us)"))
         for batch, want in TARGET_VS_TOME.items():
             r = fused(batch, mode)
-            name = f"{mode}: fused step B={batch} N=197 C=768 fp16 >= {want:g}x ToMe-style"
-            if r is None or r.get("vs_tome") is None:
+            # Both the device time and the eager (launch-inclusive) time must
+            # meet it: at B=1 the two can disagree, and either alone flatters.
+            name = f"{mode}: fused step B={batch} N=197 C=768 fp16 >= {want:g}x ToMe-style (device and eager)"
+            if r is None or r.get("vs_tome") is None or r.get("vs_tome_loop") is None:
                 out.append((name, "not measured", ""))
             else:
-                out.append((name, "PASS" if r["vs_tome"] >= want else "FAIL", f"{r['vs_tome']:.1f}x"))
+                worst = min(r["vs_tome"], r["vs_tome_loop"])
+                out.append((name, "PASS" if worst >= want else "FAIL",
+                            f"{r['vs_tome']:.1f}x device, {r['vs_tome_loop']:.1f}x eager"))
     counted = [r for r in cases if r["impl"] == "triton" and not r["backward"] and r.get("launches") is not None]
     name = f"fused forward step <= {TARGET_LAUNCHES} kernel launches"
     if not counted:
@@ -118,7 +123,9 @@ def markdown(session: Dict, cases: List[Dict], targets, throughput: Optional[Dic
     lines += [f"- timer: {', '.join(timer)}",
               "- GB/s counts the fewest bytes a step must move (bench/measure.py `step_bytes`); "
               "launches are kernels per step (torch.profiler, B = 1 and 256 only); "
-              "x ToMe = ToMe-style median / this median", "", "## Targets (issue 5)", ""]
+              "median ms = do_bench (about device time, L2 flushed); eager loop ms = back-to-back calls "
+              "(launch overhead included); x ToMe = ToMe-style time / this time, same case", "",
+              "## Targets (issue 5)", ""]
     lines += [f"- {verdict}: {name}" + (f" -- {detail}" if detail else "") for name, verdict, detail in targets]
     if throughput:
         for t in throughput.get("targets", []):
@@ -126,17 +133,18 @@ def markdown(session: Dict, cases: List[Dict], targets, throughput: Optional[Dic
                          f"ToMe-style and >= 1.0x unpatched -- {_fmt(t.get('vs_tome'), '.2f')}x / "
                          f"{_fmt(t.get('vs_unpatched'), '.2f')}x")
     lines += ["", "## Cases", "",
-              "| pass | dtype | mode | N | C | B | impl | median ms | graph ms | GB/s | % copy BW "
-              "| launches | peak MiB | x ToMe |",
-              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+              "| pass | dtype | mode | N | C | B | impl | median ms | eager loop ms | graph ms | GB/s | % copy BW "
+              "| launches | peak MiB | x ToMe | x ToMe eager |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in sorted(cases, key=lambda r: (case_key(r), IMPL_ORDER.get(r["impl"], 9))):
         peak = r.get("peak_bytes")
         lines.append(
             f"| {'fwd+bwd' if r['backward'] else 'fwd'} | {r['dtype']} | {r['mode']} | {r['n']} | {r['c']} | "
-            f"{r['batch']} | {r['impl']} | {_fmt(r.get('median_ms'), '.4f')} | "
+            f"{r['batch']} | {r['impl']} | {_fmt(r.get('median_ms'), '.4f')} | {_fmt(r.get('loop_ms'), '.4f')} | "
             f"{_fmt(r.get('graph_median_ms'), '.4f')} | "
             f"{_fmt(r.get('gbps'), '.1f')} | {_fmt(r.get('copy_frac') and 100 * r['copy_frac'], '.1f')} | "
-            f"{_fmt(r.get('launches'), 'd')} | {_fmt(peak and peak / 2**20, '.1f')} | {_fmt(r.get('vs_tome'), '.2f')} |"
+            f"{_fmt(r.get('launches'), 'd')} | {_fmt(peak and peak / 2**20, '.1f')} | "
+            f"{_fmt(r.get('vs_tome'), '.2f')} | {_fmt(r.get('vs_tome_loop'), '.2f')} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -15,8 +15,9 @@ mean/mlerp/prune, forward or forward+backward. ``--tofu-scope`` picks a
 subset (see ``cases``).
 
 What gets recorded per case (``benchmark.extra_info``, and --tofu-jsonl):
-``median_ms`` (CUDA events via do_bench on GPU, see ``measure.py``; host
-timer on CPU), ``gbps`` (``step_bytes`` / median), ``copy_frac`` (of the
+``median_ms`` (CUDA events via do_bench on GPU, about the device time, see
+``measure.py``; host timer on CPU), ``loop_ms`` (GPU: steady-state eager
+time per call, launch overhead included), ``gbps`` (``step_bytes`` / median), ``copy_frac`` (of the
 session's measured copy bandwidth), ``launches`` per step (torch.profiler, at B = 1 and 256),
 ``peak_bytes`` (beyond the live inputs), ``graph_median_ms`` (forward at
 B <= 8, replayed from a CUDA graph). pytest-benchmark's own table is host
@@ -31,8 +32,8 @@ import pytest
 import torch
 
 import tofu_triton
-from measure import (DTYPE_NAMES, DTYPES, bench_inputs, count_launches, peak_memory, step_bytes,
-                     time_cuda, time_cuda_graph)
+from measure import (DTYPES, bench_inputs, count_launches, peak_memory, step_bytes, time_cuda,
+                     time_cuda_graph, time_cuda_loop)
 from tofu_triton import reference
 from tome_baseline import tome_step
 
@@ -152,6 +153,7 @@ def test_step(case, device, copy_bw, within_budget, record_case, benchmark):
     elif device == "cuda":
         info["timer"] = "cuda events (triton do_bench: L2 flushed, median)"
         info.update(time_cuda(run, grad_to_none=[x] if case.backward else None))
+        info["loop_ms"] = time_cuda_loop(run)
         if not case.backward and case.batch <= 8:
             info["graph_median_ms"] = time_cuda_graph(run)
         key = (case.impl, case.n, case.batch, case.mode, case.backward)
