@@ -151,7 +151,11 @@ def markdown(session: Dict, cases: List[Dict], targets, throughput: Optional[Dic
 
 def plot(path: Path, session: Dict, cases: List[Dict]) -> None:
     """Time vs B (top) and % of copy bandwidth vs B (bottom), fp16 forward mean, one column per N."""
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra ("demo"); the table still gets written
+        print("matplotlib is not installed: no microbench plot", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -316,7 +316,11 @@ def write_markdown(path: Path, report: Dict) -> None:
 
 
 def write_plot(path: Path, report: Dict) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # an optional extra ("demo"); the JSON and table still get written
+        print("matplotlib is not installed: no throughput plot", file=sys.stderr)
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
