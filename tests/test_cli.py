@@ -1,0 +1,70 @@
+"""The demo CLI (``python -m tofu_triton demo``) and the merge pictures it draws."""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tofu_triton.__main__ import main, synthetic_images
+from tofu_triton.visualize import merge_picture, save_merge_picture
+
+
+def test_demo_prints_the_table_and_saves_pictures(tmp_path, capsys):
+    assert main(["demo", "--model", "tiny", "--device", "cpu", "--batch", "2", "--iters", "1",
+                 "--r", "4", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "images/s" in out and "top-1 agree" in out and "cos logits" in out
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert "65 in every layer" in lines["unpatched"]
+    # 64 patches + class token, r=4 in each of 6 layers.
+    assert lines["ToMe"].endswith("65→61→57→53→49→45→41")
+    assert lines["ToFu"].endswith("65→61→57→53→49→45→41")
+    for mode in ("tome", "tofu"):
+        with open(tmp_path / f"merge_{mode}.png", "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_demo_runs_as_a_module(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    done = subprocess.run(
+        [sys.executable, "-m", "tofu_triton", "demo", "--model", "tiny", "--device", "cpu", "--batch", "1",
+         "--iters", "1", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=120, env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "ToFu (tofu)" in done.stdout and (tmp_path / "merge_tofu.png").exists()
+
+
+@pytest.mark.parametrize("argv", [[], ["demo", "--r", "-1"], ["demo", "--device", "tpu"], ["demo", "--batch", "0"]])
+def test_demo_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+
+
+def test_synthetic_images_are_deterministic_images():
+    a, b = synthetic_images(3, 32, seed=5), synthetic_images(3, 32, seed=5)
+    assert a.shape == (3, 3, 32, 32) and torch.equal(a, b)
+    assert a.min() >= 0 and a.max() <= 1 and a.std() > 0.05
+
+
+def test_merge_picture_paints_tokens_in_their_mean_colour(tmp_path):
+    # 2x2 patches of 2x2 pixels. Token 0 holds patches 0 and 3, token 1 holds patch 1,
+    # patch 2 was pruned (no token).
+    image = torch.zeros(3, 4, 4)
+    image[0, :2, :2] = 1.0  # patch 0: red
+    image[2, 2:, 2:] = 1.0  # patch 3: blue
+    image[1, :2, 2:] = 1.0  # patch 1: green
+    source = torch.tensor([[0.0, 0, 0, 0], [1, 0, 0, 1], [0, 1, 0, 0]])  # a prefix row, then tokens
+    pic = merge_picture(image, source, (2, 2))
+    assert pic.shape == (4, 4, 3)
+    assert pic[1, 0].tolist() == pytest.approx([0.5, 0.0, 0.5])  # inside patch 0, away from edges
+    assert pic[3, 3].tolist() == pytest.approx([0.5, 0.0, 0.5])
+    assert pic[0, 3].tolist() == pytest.approx([0.0, 1.0, 0.0])
+    assert pic[3, 0].max() < 0.5  # pruned: dimmed
+    assert pic[0, 2].tolist() == [1.0, 1.0, 1.0]  # edge between token 0 and token 1
+    path = save_merge_picture(str(tmp_path / "m.png"), image, source, (2, 2), "t")
+    assert os.path.getsize(path) > 0
+    with pytest.raises(ValueError, match="grid"):
+        merge_picture(image, source, (3, 3))
