@@ -1,10 +1,20 @@
 """tofu-triton: fused Triton kernels for Token Fusion (ToFu) and ToMe in Vision Transformers.
 
 ``reference.py`` defines the op; ``ops.py`` dispatches CUDA tensors to the
-kernels in ``tofu_triton.kernels`` and CPU tensors to the reference.
+kernels in ``tofu_triton.kernels`` and CPU tensors to the reference;
+``tofu_triton.patch`` patches whole models (imported on first use, since it
+imports timm).
 """
+import importlib
+
 from .ops import BACKENDS, bipartite_match, merge_tokens, token_fusion
 from .reference import MODES, Match
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "MODES", "Match", "bipartite_match", "merge_tokens", "token_fusion", "__version__"]
+__all__ = ["BACKENDS", "MODES", "Match", "bipartite_match", "merge_tokens", "patch", "token_fusion", "__version__"]
+
+
+def __getattr__(name):
+    if name == "patch":
+        return importlib.import_module(".patch", __name__)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
