@@ -37,7 +37,8 @@ EPS = tl.constexpr(1e-12)  # as reference.EPS
 # tile: these are the largest tiles that compile without spills on sm_80/90.
 MATCH_BLOCKS = {True: (32, 32, 16), False: (64, 32, 64)}  # keyed by DOT_FP32
 SELECT_BLOCK = 64
-MERGE_MAX_BLOCK_C = 16384
+# A merge program holds a whole row (C channels) in registers.
+MERGE_MAX_C = 4096
 
 
 def interpreting() -> bool:
@@ -364,11 +365,15 @@ def _match_blocks(d: int, dot_fp32: bool):
 
 
 def _block_c(c: int) -> int:
+    if c > MERGE_MAX_C:
+        raise ValueError(f"the Triton merge supports C <= {MERGE_MAX_C} channels, got C = {c}")
     return triton.next_power_of_2(c)
 
 
 def _merge_num_warps(block_c: int) -> int:
-    return max(1, min(8, block_c // 256))
+    # About 8 fp32 values per thread per row-sized tensor keeps mlerp's
+    # backward (five such tensors live) free of spills.
+    return max(1, min(16, block_c // 256))
 
 
 def match(metric: torch.Tensor, r: int, protected: int):

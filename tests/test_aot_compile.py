@@ -27,7 +27,7 @@ ARCHS = [80, 90]
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 # Hidden sizes we ship for (ViT-S/B/L/H widths, and SD latents), and head dims.
-WIDTHS = [384, 768, 1280]  # 1024 shares 768's block size
+WIDTHS = [384, 768, 1280, 4096]  # 1024 shares 768's block size; 4096 = MERGE_MAX_C
 HEAD_DIMS = [32, 64, 128, 256]
 
 

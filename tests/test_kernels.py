@@ -164,3 +164,22 @@ def test_nan_and_inf_inputs_give_valid_indices_and_propagate():
         assert torch.equal(out.cpu().isnan(), expected.isnan())
         finite = ~expected.isnan()
         torch.testing.assert_close(out.cpu()[finite], expected[finite], rtol=1e-5, atol=1e-6)
+
+
+def test_long_sequences_n4096():
+    # Stable Diffusion latents: N = 4096 (Na = Nb = 2048), the largest N we promise.
+    x, metric, size = make_inputs(1, 4096, 8, d=16, dtype=torch.float16, seed=12)
+    km = tt.bipartite_match(metric.to(DEVICE), 1536, 0, backend="triton")
+    rm = ref.bipartite_match(metric, 1536, 0)
+    assert_match(km, rm, metric, 4096)
+    out, size_out = tt.merge_tokens(x.to(DEVICE), _to(rm, DEVICE), size.to(DEVICE), "mlerp", backend="triton")
+    expected, expected_size = ref.merge_tokens(x, rm, size, "mlerp")
+    assert_close(out.cpu(), expected)
+    torch.testing.assert_close(size_out.cpu(), expected_size)
+
+
+def test_too_wide_rows_are_refused():
+    x, metric, _ = make_inputs(1, 5, kernels.MERGE_MAX_C + 1, d=4, seed=13)
+    match = tt.bipartite_match(metric, 1, backend="triton")
+    with pytest.raises(ValueError, match="C <= 4096"):
+        tt.merge_tokens(x, match, backend="triton")
