@@ -8,13 +8,13 @@ setup(
     description="Fused Triton kernels for Token Fusion (ToFu/ToMe) in Vision Transformers",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
-    packages=["tofu_triton", "tofu_triton.kernels"],
+    packages=["tofu_triton", "tofu_triton.patch", "tofu_triton.kernels"],
     package_dir={"tofu_triton": "tofu_triton", "tofu_triton.kernels": "kernels"},
     python_requires=">=3.9",
     # torch 2.11 / triton 3.6 is what the lent GPU machines carry; keep them in range.
     install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0"],
     extras_require={
-        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy"],
+        "test": ["pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib"],
         "demo": ["matplotlib", "scikit-learn"],
     },
     entry_points={"console_scripts": ["tofu-triton=tofu_triton.__main__:main"]},
