@@ -194,9 +194,17 @@ def _select_kernel(
 
 
 @triton.jit
-def _output_row_source(unm_idx_ptr, dst_start_ptr, o, P, NA, R):
-    """Which input row feeds output row ``o``, and the CSR range of its sources
-    (empty for prefix and unmerged rows). Branch-free: masked scalar loads."""
+def _locate_output_row(unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, NB, R):
+    """For program ``pid`` (one output row of one batch): the batch, the output
+    row ``o``, the input row that feeds it, and the range of its sources in
+    this batch's ``dst_src`` (empty for prefix and unmerged rows).
+    Branch-free: masked scalar loads."""
+    n_out = N - R
+    batch = pid // n_out
+    o = pid % n_out
+    unm_idx_ptr += batch * (NA - R)
+    dst_start_ptr += batch * (NB + 1)
+    dst_src_ptr += batch * R
     n_unm = NA - R
     is_unm = (o >= P) & (o < P + n_unm)
     is_b = o >= P + n_unm
@@ -205,7 +213,7 @@ def _output_row_source(unm_idx_ptr, dst_start_ptr, o, P, NA, R):
     k_start = tl.load(dst_start_ptr + j, mask=is_b, other=0)
     k_end = tl.load(dst_start_ptr + j + 1, mask=is_b, other=0)
     row = tl.where(o < P, o, tl.where(is_b, P + 2 * j + 1, P + 2 * a_pos))
-    return row, k_start, k_end
+    return batch, o, row, k_start, k_end, dst_src_ptr
 
 
 @triton.jit
@@ -224,18 +232,12 @@ def _merge_kernel(
     MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    n_out = N - R
-    batch = pid // n_out
-    o = pid % n_out
-    unm_idx_ptr += batch * (NA - R)
-    dst_start_ptr += batch * (NB + 1)
-    dst_src_ptr += batch * R
+    batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
+        unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, NB, R)
     x_ptr += batch * stride_xb
     size_ptr += batch * N
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
-
-    row, k_start, k_end = _output_row_source(unm_idx_ptr, dst_start_ptr, o, P, NA, R)
     v = tl.load(x_ptr + row * stride_xn + offs_c * stride_xc, mask=mask_c)
     s = _load_size(size_ptr, row, HAS_SIZE)
     out_row = out_ptr + pid * C + offs_c
@@ -271,20 +273,14 @@ def _merge_backward_kernel(
     MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
-    n_out = N - R
-    batch = pid // n_out
-    o = pid % n_out
-    unm_idx_ptr += batch * (NA - R)
-    dst_start_ptr += batch * (NB + 1)
-    dst_src_ptr += batch * R
+    batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
+        unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, NB, R)
     x_ptr += batch * stride_xb
     size_ptr += batch * N
     grad_x_ptr += batch * N * C
     offs_c = tl.arange(0, BLOCK_C)
     mask_c = offs_c < C
     dtype = grad_x_ptr.dtype.element_ty
-
-    row, k_start, k_end = _output_row_source(unm_idx_ptr, dst_start_ptr, o, P, NA, R)
     g = tl.load(grad_out_ptr + batch * stride_gb + o * stride_gn + offs_c * stride_gc, mask=mask_c)
     if (MODE == 2) | (k_end == k_start):
         tl.store(grad_x_ptr + row * C + offs_c, g.to(dtype), mask=mask_c)

@@ -202,11 +202,7 @@ def merge_tokens(
             f"Na={match.unm_idx.shape[1] + match.r}, Nb={match.dst_start.shape[1] - 1}; "
             f"x has B={x.shape[0]}, Na={na}, Nb={nb}"
         )
-    if match.r == 0:
-        if size is None:
-            size = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
-        return x, size
-    if not use_triton:
+    if match.r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.merge_tokens(x, match, size, mode)
     return _merge_op(x, size, match.unm_idx, match.dst_start, match.dst_src, match.protected, mode)
 
