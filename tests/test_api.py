@@ -68,40 +68,47 @@ def test_auto_dispatch_follows_the_device(inputs, monkeypatch):
     monkeypatch.setattr(kernels, "match", lambda *a: calls.append("match") or (_ for _ in ()).throw(KeyError))
     x, metric, _ = inputs
     tt.token_fusion(x, metric, 3)  # CPU + auto: the reference, no kernel
+    tt.token_fusion(x.to(DEVICE), metric.to(DEVICE), 3, backend="reference")
     assert calls == []
     with pytest.raises(KeyError):
-        tt.token_fusion(x, metric, 3, backend="triton")
+        tt.token_fusion(x.to(DEVICE), metric.to(DEVICE), 3, backend="triton")
     assert calls == ["match"]
+    if DEVICE == "cuda":
+        with pytest.raises(KeyError):
+            tt.token_fusion(x.to(DEVICE), metric.to(DEVICE), 3)  # CUDA + auto: the kernels
+        assert calls == ["match", "match"]
 
 
 def test_r_is_clamped_to_nb_and_zero_returns_inputs(inputs):
     x, metric, size = inputs
     out, size_out = tt.token_fusion(x, metric, 1000, size, protected=1)
     assert out.shape == (2, 17 - 8, 8)  # Nb = floor(16 / 2)
-    out, size_out = tt.token_fusion(x, metric, 0, size, backend="triton")
+    x, size = x.to(DEVICE), size.to(DEVICE)
+    out, size_out = tt.token_fusion(x, metric.to(DEVICE), 0, size, backend="triton")
     assert out is x and size_out is size
+    x, size = x.cpu(), size.cpu()
     out, size_out = tt.token_fusion(x, metric, 0, None)
     assert out is x and torch.equal(size_out, torch.ones(2, 17, 1))
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gradients_flow_to_x_only(backend):
-    x, metric, size = make_inputs(2, 17, 8, d=4, seed=1)
+    x, metric, size = make_inputs(2, 17, 8, d=4, seed=1, device=DEVICE)
     x.requires_grad_(True)
     metric.requires_grad_(True)
     out, size_out = tt.token_fusion(x, metric, 5, size, mode="mlerp", backend=backend)
     assert not size_out.requires_grad
     out.square().sum().backward()
     assert metric.grad is None
-    xr = x.detach().clone().requires_grad_(True)
-    expected, _ = ref.token_fusion(xr, metric.detach(), 5, size, mode="mlerp")
+    xr = x.detach().cpu().requires_grad_(True)
+    expected, _ = ref.token_fusion(xr, metric.detach().cpu(), 5, size.cpu(), mode="mlerp")
     expected.square().sum().backward()
-    assert_close(x.grad, xr.grad)
+    assert_close(x.grad.cpu(), xr.grad)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_gradcheck_through_the_public_op(backend):
-    x, metric, size = make_inputs(1, 9, 3, d=4, seed=2)
+    x, metric, size = make_inputs(1, 9, 3, d=4, seed=2, device=DEVICE if backend == "triton" else "cpu")
     x = x.double().requires_grad_(True)
     match = tt.bipartite_match(metric, 3, backend=backend)
     if backend == "triton":
@@ -119,7 +126,7 @@ def test_gradcheck_through_the_public_op(backend):
 @pytest.mark.parametrize("compiler", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 def test_torch_compile_fullgraph(backend, compiler):
-    x, metric, size = make_inputs(2, 21, 8, d=4, seed=3)
+    x, metric, size = make_inputs(2, 21, 8, d=4, seed=3, device=DEVICE if backend == "triton" else "cpu")
 
     def step(x, metric, size):
         y, s = tt.token_fusion(x, metric, 4, size, mode="mlerp", backend=backend)

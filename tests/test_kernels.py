@@ -179,7 +179,7 @@ def test_long_sequences_n4096():
 
 
 def test_too_wide_rows_are_refused():
-    x, metric, _ = make_inputs(1, 5, kernels.MERGE_MAX_C + 1, d=4, seed=13)
+    x, metric, _ = make_inputs(1, 5, kernels.MERGE_MAX_C + 1, d=4, seed=13, device=DEVICE)
     match = tt.bipartite_match(metric, 1, backend="triton")
     with pytest.raises(ValueError, match="C <= 4096"):
         tt.merge_tokens(x, match, backend="triton")
