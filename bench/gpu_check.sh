@@ -73,7 +73,10 @@ fi
 
 if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
   # Whatever the tests leave, the benchmarks still get at least ~3.5 minutes.
-  stage tests "$(min 150 $(($(remaining) - 220)))" "$PY" -m pytest tests/ -x -q -p no:cacheprovider
+  # The ahead-of-time compile check is the same on any machine and CI runs it;
+  # here it would only spend the budget.
+  stage tests "$(min 150 $(($(remaining) - 220)))" "$PY" -m pytest tests/ -q -p no:cacheprovider --maxfail=10 \
+    --ignore=tests/test_aot_compile.py
 fi
 
 # Leave 100 s for throughput + summary; pytest itself stops starting cases 30 s
