@@ -8,7 +8,15 @@
     logits, source = tofu_triton.patch.trace(model, images)
     tofu_triton.patch.unpatch(model)
 
-All timm glue is in :mod:`tofu_triton.patch.timm_vit`.
+All timm glue is in :mod:`tofu_triton.patch.timm_vit`. Hugging Face
+encoders (``BertModel``, ``ViTModel``, ``ViTForImageClassification``)::
+
+    tofu_triton.patch.transformers(bert, r=4, mode="tofu")
+    out = bert(**batch)                     # + out.token_size, out.token_mask
+    emb = tofu_triton.patch.hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+
+That glue is in :mod:`tofu_triton.patch.hf`, imported (with transformers)
+only on the first call of :func:`transformers`.
 """
 from contextlib import contextmanager
 
@@ -33,4 +41,14 @@ def patched(model, **kwargs):
                 setattr(model, name, value)
 
 
-__all__ = ["TokenInfo", "forward_with_info", "is_patched", "patched", "plan", "timm", "trace", "unpatch"]
+def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, backend="auto"):
+    """Patch a Hugging Face encoder in place (see :mod:`tofu_triton.patch.hf`); returns it.
+
+    Imports ``transformers`` lazily, on this first call.
+    """
+    from . import hf
+
+    return hf.patch(model, r=r, mode=mode, prune_layers=prune_layers, prop_attn=prop_attn, backend=backend)
+
+
+__all__ = ["TokenInfo", "forward_with_info", "is_patched", "patched", "plan", "timm", "trace", "transformers", "unpatch"]

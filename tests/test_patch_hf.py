@@ -1,0 +1,272 @@
+"""tofu_triton.patch.transformers on tiny random-init Hugging Face models (CPU, no downloads)."""
+import copy
+import subprocess
+import sys
+import threading
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
+from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
+from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
+
+import tofu_triton.patch as tp  # noqa: E402
+from tofu_triton.patch import hf  # noqa: E402
+
+IMPLS = ["sdpa", "eager"]
+MODES = ["tome", "mlerp", "prune", "tofu"]
+
+
+def bert(impl="sdpa", seed=0, layers=4):
+    cfg = BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=layers, num_attention_heads=2,
+                     intermediate_size=64, max_position_embeddings=64, attn_implementation=impl)
+    torch.manual_seed(seed)
+    return BertModel(cfg).eval()
+
+
+def vit_config(impl="sdpa"):
+    return ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                     intermediate_size=64, num_labels=10, attn_implementation=impl)
+
+
+def vit(impl="sdpa", cls=ViTModel, seed=0):
+    torch.manual_seed(seed)
+    return cls(vit_config(impl)).eval()
+
+
+def ids_and_mask(lengths=(20, 12, 15), n=20, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, 100, (len(lengths), n), generator=g)
+    mask = torch.zeros_like(ids)
+    for i, length in enumerate(lengths):
+        mask[i, :length] = 1
+        ids[i, length:] = 0  # [PAD]
+    return ids, mask
+
+
+def images(batch=3, seed=2):
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+# --------------------------------------------------------------------------- BERT
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bert_r0_equals_unpatched(impl):
+    model = bert(impl)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)
+        ref_nomask = model(input_ids=ids)
+        tp.transformers(model, r=0)
+        assert type(model).__name__ == "TofuBertModel"
+        out = model(input_ids=ids, attention_mask=mask)
+        out_nomask = model(input_ids=ids)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_nomask.last_hidden_state, ref_nomask.last_hidden_state)
+    assert torch.equal(out.token_mask, mask)
+    assert out.tokens == [20] * 5
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_bert_token_counts_and_sizes(impl, mode):
+    model = tp.transformers(bert(impl), r=3, mode=mode)
+    ids, _ = ids_and_mask(lengths=(20, 20, 20))
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    assert out.tokens == [20, 17, 14, 11, 8]
+    assert out.last_hidden_state.shape == (3, 8, 32)
+    assert [p.n_out for p in hf.plan(model, 20)] == [17, 14, 11, 8]
+    total = out.token_size.sum(dim=1).squeeze(-1)
+    if mode == "prune":
+        assert torch.equal(out.token_size, torch.ones_like(out.token_size))
+    elif mode in ("tome", "mlerp"):
+        assert torch.equal(total, torch.full((3,), 20.0))  # merging conserves tokens
+    assert torch.isfinite(out.last_hidden_state).all()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_bert_padded_equals_alone_when_r_not_clamped(impl, mode):
+    # r=2 over 4 layers never clamps for length >= 12, so each sentence must get
+    # the same real tokens, sizes and embedding in the padded batch as alone.
+    model = tp.transformers(bert(impl), r=2, mode=mode)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        pooled = hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+        for i, length in enumerate(mask.sum(1).tolist()):
+            alone = model(input_ids=ids[i:i + 1, :length])
+            n = alone.last_hidden_state.shape[1]
+            assert n == length - 8
+            assert out.token_mask[i].sum() == n and out.token_mask[i, :n].all()  # real first, padding last
+            torch.testing.assert_close(out.last_hidden_state[i, :n], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+            assert torch.equal(out.token_size[i, :n], alone.token_size[0])
+            assert (out.token_size[i, n:] == 0).all()
+            torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
+            expected = hf.mean_pool(alone.last_hidden_state, alone.token_size)
+            torch.testing.assert_close(pooled[i], expected[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("r", [2, 5, 9])
+def test_bert_padding_never_changes_real_tokens(mode, r):
+    # Even when r clamps (r=5, 9 remove padding and more real tokens than a lone
+    # run would), what padding contains must not matter at all: bitwise.
+    model = tp.transformers(bert(), r=r, mode=mode)
+    ids, mask = ids_and_mask()
+    other = ids.clone()
+    other[mask == 0] = torch.randint(5, 100, (int((mask == 0).sum()),), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        a = model(input_ids=ids, attention_mask=mask)
+        b = model(input_ids=other, attention_mask=mask)
+    valid = a.token_mask.bool()
+    assert torch.equal(a.token_mask, b.token_mask)
+    assert torch.equal(a.last_hidden_state[valid], b.last_hidden_state[valid])
+    assert torch.equal(a.token_size, b.token_size)
+    assert torch.equal(a.pooler_output, b.pooler_output)
+    # sizes of real tokens never absorb padding: they sum to at most the real length
+    real = (a.token_size[..., 0] * valid).sum(1)
+    assert (real <= mask.sum(1).float()).all()
+    if mode in ("tome", "mlerp"):
+        # no prune step: every real token is still accounted for in some real token's size
+        assert torch.equal(real, mask.sum(1).float())
+
+
+def test_bert_r0_padded_equals_alone():
+    model = tp.transformers(bert(), r=0)
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        pooled = hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+        for i, length in enumerate(mask.sum(1).tolist()):
+            alone = model(input_ids=ids[i:i + 1, :length])
+            torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
+
+
+def test_mean_pool_matches_sentence_transformers_formula():
+    h = torch.randn(2, 5, 4)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    st = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
+    torch.testing.assert_close(hf.mean_pool(h, None, mask), st)
+    size = torch.tensor([[3.0, 1, 2, 0, 0], [1, 1, 1, 1, 1]])[..., None]
+    w = size[..., 0]
+    torch.testing.assert_close(hf.mean_pool(h, size, mask), (h * w[..., None]).sum(1) / w.sum(1, keepdim=True))
+
+
+def test_bert_refusals_and_unpatch():
+    model = bert()
+    ids, _ = ids_and_mask(lengths=(20, 20, 20))
+    with torch.no_grad():
+        ref = model(input_ids=ids).last_hidden_state
+    tp.transformers(model, r=2)
+    with pytest.raises(NotImplementedError, match="output_attentions"):
+        model(input_ids=ids, output_attentions=True)
+    with pytest.raises(NotImplementedError, match="attention_mask"):
+        model(input_ids=ids, attention_mask=torch.ones(3, 1, 20, 20))
+    with pytest.raises(ValueError):
+        tp.transformers(model, r=2, mode="bogus")
+    assert model.tofu_mode == "tofu"  # failed re-patch keeps the previous settings
+    model.config._attn_implementation = "flash_attention_2"
+    with pytest.raises(NotImplementedError, match="flash_attention_2"):
+        model(input_ids=ids)
+    model.config._attn_implementation = "sdpa"
+    hf.unpatch(model)
+    assert type(model) is BertModel and not hasattr(model, "r")
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).last_hidden_state, ref)
+    decoder = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                   intermediate_size=16, is_decoder=True))
+    with pytest.raises(TypeError, match="encoders only"):
+        tp.transformers(decoder)
+
+
+def test_bert_reentrant_threads():
+    model = tp.transformers(bert(), r=3, mode="tofu")
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
+    results, errors = [], []
+
+    def run():
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results.append(model(input_ids=ids, attention_mask=mask).last_hidden_state)
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and len(results) == 12
+    assert all(torch.equal(r, expected) for r in results)
+
+
+# --------------------------------------------------------------------------- ViT
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_vit_r0_equals_unpatched(impl):
+    model, x = vit(impl), images()
+    with torch.no_grad():
+        ref = model(pixel_values=x)
+        tp.transformers(model, r=0)
+        out = model(pixel_values=x)
+    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+    assert torch.equal(out.pooler_output, ref.pooler_output)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("mode", MODES)
+def test_vit_classifier_token_counts(impl, mode):
+    model, x = vit(impl, ViTForImageClassification), images()
+    with torch.no_grad():
+        ref = model(pixel_values=x).logits
+        assert tp.transformers(model, r=0) is model
+        assert torch.equal(model(pixel_values=x).logits, ref)
+        model.vit.r, model.vit.tofu_mode = 3, mode
+        out = model.vit(pixel_values=x)
+        logits = model(pixel_values=x).logits
+    assert out.tokens == [17, 14, 11, 8, 5]
+    assert out.last_hidden_state.shape == (3, 5, 32)
+    assert logits.shape == (3, 10) and torch.isfinite(logits).all()
+    assert not torch.equal(logits, ref)
+    if mode in ("tome", "mlerp"):
+        assert torch.equal(out.token_size.sum(1), torch.full((3, 1), 17.0))
+    # proportional attention only changes the result once sizes differ from 1
+    model.vit.tofu_prop_attn = False
+    with torch.no_grad():
+        no_prop = model(pixel_values=x).logits
+    assert torch.equal(no_prop, logits) == (mode == "prune")
+
+
+def test_vit_matches_reference_backend_and_copy():
+    model, x = vit(), images()
+    tp.transformers(model, r=4, mode="tofu", backend="reference")
+    clone = copy.deepcopy(model)
+    clone.tofu_backend = "auto"
+    with torch.no_grad():
+        assert torch.equal(model(pixel_values=x).last_hidden_state, clone(pixel_values=x).last_hidden_state)
+
+
+def test_unsupported_family_refused():
+    clip = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
+                                            num_attention_heads=2, intermediate_size=32))
+    with pytest.raises(TypeError, match="supports BertModel"):
+        tp.transformers(clip)
+    with pytest.raises(TypeError):
+        tp.transformers(torch.nn.Linear(2, 2))
+
+
+def test_transformers_not_imported_eagerly():
+    code = ("import sys, tofu_triton, tofu_triton.patch; "
+            "assert 'transformers' not in sys.modules, 'imported'; "
+            "assert callable(tofu_triton.patch.transformers)")
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -1,0 +1,404 @@
+"""ToFu / ToMe inside Hugging Face ``transformers`` encoders (``BertModel``, ``ViTModel``).
+
+Supported (checked against transformers 5.x; the layer code is read from its
+submodules, so a release that renames them is refused, not silently run):
+
+* ``BertModel`` (encoder only: what sentence-transformers loads, e.g.
+  all-MiniLM-L6-v2), protected prefix: ``[CLS]``.
+* ``ViTModel`` and ``ViTForImageClassification`` (its inner ``.vit`` is
+  patched; the classifier reads ``[CLS]``), protected prefix: ``[CLS]``.
+
+Anything else (CLIP, DINOv2, BERT decoders / cross-attention, ...) raises
+TypeError at patch time.
+
+Patching swaps the base model's class for a cached subclass whose
+``forward`` runs the embeddings, then the layers through this module's own
+layer function, which calls the layer's submodules (projections, output
+dense/LayerNorm, MLP) and the attention function transformers selected
+(``config._attn_implementation``: ``"sdpa"`` or ``"eager"``; others are
+refused at call time, since they cannot take a float mask). A patched layer::
+
+    attention with an additive float mask  (padding keys: -inf-like; log(size) when sized)
+    token reduction step (SPEC §1), metric = keys averaged over heads
+    the rest of the layer (BERT: intermediate/output; ViT: LayerNorm + MLP)
+
+BERT is post-norm, so the step sits after ``attention.output`` (dense +
+residual + LayerNorm) and before ``intermediate``; ViT is pre-norm, the step
+sits after the attention residual, as in timm.
+
+Padding (BERT): a padded token has size 0. Consequences, all exact by
+construction and tested:
+
+* it never receives attention (its key gets ``finfo.min`` in the mask);
+* its metric is the zero vector while real tokens get ``[k/|k|, 1]``, so
+  scores real-real are ``(1 + cos)/2 >= 0`` (same order as plain cosine),
+  and anything with a pad scores 0: a real A token never picks a padded B
+  token while a real B exists, and padded A tokens rank below every real A
+  token, so they are only removed once no real A token is left to merge;
+* before each step padded rows are zeroed, so when a padded token is
+  merged into a real one it adds nothing to the mean (size 0) nor to the
+  mlerp max-norm (norm 0): padding never changes a real token;
+* after each step tokens are stably partitioned so real tokens come first
+  in the order an unpadded run would have them, padding last.
+
+Hence the guarantee: a sentence in a right-padded batch gets the same real
+tokens, sizes and embeddings (to float rounding of masked attention) as the
+same sentence run alone, **provided every layer removes the same number of
+tokens in both runs**, i.e. the requested ``r`` of each layer is not
+clamped for the shorter (unpadded) sequence (SPEC §1: at most half its
+non-prefix tokens). When it is clamped, the padded run removes more real
+tokens than the lone run (never mixing in padding). ``mean_pool`` with the
+returned sizes and mask ignores padding. ``r = 0`` runs no step at all and
+equals the unpatched model to float tolerance (the float mask instead of
+transformers' bool mask may change the last bits).
+
+Outputs: the usual ``last_hidden_state`` (``[B, N_out, C]``) and
+``pooler_output`` (``[CLS]``, untouched by merging), plus ``token_size``
+(``[B, N_out, 1]`` float32, original tokens per output token, 0 = padding)
+and ``token_mask`` (``[B, N_out]``, 1 for real tokens): pass both to
+:func:`mean_pool` for sentence-transformers-style mean pooling.
+
+Per-call state (sizes, validity, token counts) lives in local variables of
+one forward; configuration lives on the patched base model as plain
+attributes changeable between calls: ``r``, ``tofu_mode``,
+``tofu_prune_layers``, ``tofu_prop_attn``, ``tofu_backend``.
+
+Not supported (refused): ``output_attentions`` / ``output_hidden_states``
+(token counts change across layers), caches, ``encoder_hidden_states``,
+4-D attention masks, ViT ``attention_mask``, ``bool_masked_pos`` with
+r > 0 is allowed (mask tokens are ordinary tokens). Gradient checkpointing
+is ignored. ``interpolate_pos_encoding`` works.
+"""
+import sys
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.bert import modeling_bert
+from transformers.models.bert.modeling_bert import BertLayer, BertModel, BertSelfAttention
+from transformers.models.vit import modeling_vit
+from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
+
+from .. import ops
+from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, token_counts
+
+CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+SUPPORTED = ("BertModel", "ViTModel", "ViTForImageClassification")
+
+
+@dataclass
+class TofuModelOutput(BaseModelOutputWithPooling):
+    """``BaseModelOutputWithPooling`` plus the per-call token state.
+
+    token_size: [B, N_out, 1] float32, original tokens per output token (0 = padding).
+    token_mask: [B, N_out] int64, 1 for real tokens, 0 for padding.
+    tokens: tokens entering each layer, then leaving the last (a plain list).
+    """
+
+    token_size: Optional[torch.FloatTensor] = None
+    token_mask: Optional[torch.LongTensor] = None
+    tokens: Optional[List[int]] = None
+
+
+def mean_pool(hidden: Tensor, size: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """Size-weighted mean over tokens: ``sum(w * h) / sum(w)``, ``w = size * mask``.
+
+    hidden: [B, N, C]; size: [B, N, 1] or [B, N] (None = ones); mask: [B, N]
+    0/1 (None = ones). With ``size=None`` this is sentence-transformers'
+    mean pooling (``clamp(sum(mask), 1e-9)`` in the denominator). Returns
+    [B, C] in ``hidden``'s dtype, accumulated in fp32.
+    """
+    weight = torch.ones(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+    if size is not None:
+        weight = weight * (size[..., 0] if size.dim() == 3 else size).float()
+    if mask is not None:
+        weight = weight * mask.float()
+    weight = weight[..., None]
+    pooled = (hidden.float() * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
+    return pooled.to(hidden.dtype)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def _attend(module: nn.Module, config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+            dropout: float, scaling: float, eager) -> Tensor:
+    impl = config._attn_implementation
+    if impl not in ATTN_IMPLEMENTATIONS:
+        raise NotImplementedError(
+            f"attn_implementation={impl!r} is not supported by tofu_triton.patch.transformers "
+            f"(it needs an additive float mask); use one of {ATTN_IMPLEMENTATIONS}"
+        )
+    fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
+    out, _ = fn(module, q, k, v, mask, dropout=dropout, scaling=scaling)
+    return out  # [B, N, heads, head_dim]
+
+
+def _key_mask(size: Tensor, padded: bool, sized: bool, prop_attn: bool, dtype: torch.dtype) -> Optional[Tensor]:
+    """Additive mask [B, 1, 1, N]: finfo.min on padding keys, log(size) when proportional."""
+    use_sizes = prop_attn and sized
+    if not padded and not use_sizes:
+        return None
+    s = size[..., 0]
+    mask = s.log() if use_sizes else torch.zeros_like(s)
+    if padded:
+        mask = mask.masked_fill(s <= 0, torch.finfo(dtype).min)
+    return mask[:, None, None, :].to(dtype)
+
+
+def _metric(k: Tensor, size: Tensor, padded: bool) -> Tensor:
+    metric = k.mean(dim=1)  # [B, N, head_dim]
+    if not padded:
+        return metric
+    unit = F.normalize(metric.float(), dim=-1)
+    valid = (size > 0).float()
+    return (torch.cat([unit, torch.ones_like(unit[..., :1])], dim=-1) * valid).to(metric.dtype)
+
+
+def _gather(t: Tensor, idx: Tensor) -> Tensor:
+    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
+
+
+def _pads_last(x: Tensor, size: Tensor) -> Tuple[Tensor, Tensor]:
+    """Stable partition of tokens: real (size > 0) first, in order; padding last."""
+    order = torch.sort((size[..., 0] <= 0).to(torch.int32), dim=1, stable=True).indices
+    return _gather(x, order), _gather(size, order)
+
+
+def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, padded: bool, backend: str):
+    if step.r == 0:
+        return x, size
+    if padded:
+        x = x * (size > 0).to(x.dtype)  # a padded token adds nothing to a merge
+    match = ops.bipartite_match(_metric(k, size, padded), step.r, 1, backend)
+    x, size = ops.merge_tokens(x, match, size, step.mode, backend)
+    if padded:
+        x, size = _pads_last(x, size)
+    return x, size
+
+
+def _heads(x: Tensor, proj: nn.Module, head_dim: int) -> Tensor:
+    B, N, _ = x.shape
+    return proj(x).view(B, N, -1, head_dim).transpose(1, 2)
+
+
+def bert_layer_forward(layer: BertLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
+                       prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """One patched ``BertLayer`` (post-norm): attention, step, feed-forward."""
+    sa = layer.attention.self
+    B, N, _ = x.shape
+    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    q, k, v = (_heads(x, p, sa.attention_head_size) for p in (sa.query, sa.key, sa.value))
+    out = _attend(sa, sa.config, q, k, v, mask, sa.dropout.p if sa.training else 0.0, sa.scaling,
+                  modeling_bert.eager_attention_forward)
+    x = layer.attention.output(out.reshape(B, N, -1).contiguous(), x)
+    x, size = _reduce(x, k, size, step, padded, backend)
+    return layer.feed_forward_chunk(x), size
+
+
+def vit_layer_forward(layer: ViTLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
+                      prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """One patched ``ViTLayer`` (pre-norm): attention residual, step, MLP residual."""
+    attn = layer.attention
+    B, N, _ = x.shape
+    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    h = layer.layernorm_before(x)
+    q, k, v = (_heads(h, p, attn.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = _attend(attn, attn.config, q, k, v, mask, attn.attention_dropout if attn.training else 0.0,
+                  attn.scaling, modeling_vit.eager_attention_forward)
+    out = attn.o_proj(out.reshape(B, N, -1).contiguous())
+    x = layer.dropout(out) + x
+    x, size = _reduce(x, k, size, step, padded, backend)
+    x = layer.dropout(layer.mlp(layer.layernorm_after(x))) + x
+    return x, size
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
+    depth = len(_layers(model))
+    r = parse_r(model.r, depth)
+    modes = parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
+    return plan_layers(n_tokens, 1, r, modes)
+
+
+def plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
+    """The per-layer plan a patched model follows for ``n_tokens`` input tokens ([CLS] included)."""
+    base = _base(model)
+    _require_patched(base)
+    return _plan(base, n_tokens)
+
+
+def _layers(model: nn.Module) -> nn.ModuleList:
+    return model.encoder.layer if isinstance(model, BertModel) else model.layers
+
+
+def _refuse_kwargs(kwargs: dict) -> None:
+    for name in ("output_attentions", "output_hidden_states", "use_cache"):
+        if kwargs.get(name):
+            raise NotImplementedError(f"{name}=True is not supported by a ToFu-patched model (token counts change)")
+    for name in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values", "cache"):
+        if kwargs.get(name) is not None:
+            raise NotImplementedError(f"{name} is not supported by a ToFu-patched encoder")
+
+
+def _run_layers(model: nn.Module, layer_fn, x: Tensor, size: Tensor, padded: bool):
+    steps = _plan(model, x.shape[1])
+    if padded and any(s.r > 0 for s in steps):
+        x, size = _pads_last(x, size)  # left padding too; right padding: identity
+    for layer, step in zip(_layers(model), steps):
+        x, size = layer_fn(layer, x, size, step, padded, model.tofu_prop_attn, model.tofu_backend)
+    return x, size, steps
+
+
+def _output(x: Tensor, pooled, size: Tensor, steps, return_dict) -> TofuModelOutput:
+    out = TofuModelOutput(last_hidden_state=x, pooler_output=pooled, token_size=size,
+                          token_mask=(size[..., 0] > 0).long(), tokens=token_counts(steps))
+    return out if return_dict is not False else out.to_tuple()
+
+
+class _PatchedBert:
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
+                inputs_embeds=None, return_dict=None, **kwargs):
+        _refuse_kwargs(kwargs)
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+        x = self.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids,
+                            inputs_embeds=inputs_embeds)
+        B, N, _ = x.shape
+        padded = attention_mask is not None
+        if padded:
+            if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, N):
+                raise NotImplementedError(f"attention_mask must be [batch, seq] = {(B, N)} (0/1); got {tuple(attention_mask.shape)}")
+            size = attention_mask.to(device=x.device, dtype=torch.float32)[..., None]
+        else:
+            size = torch.ones(B, N, 1, dtype=torch.float32, device=x.device)
+        x, size, steps = _run_layers(self, bert_layer_forward, x, size, padded)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return _output(x, pooled, size, steps, return_dict)
+
+
+class _PatchedViT:
+    def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
+                attention_mask=None, return_dict=None, **kwargs):
+        _refuse_kwargs(kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("a ToFu-patched ViTModel does not take attention_mask")
+        expected = self.embeddings.patch_embeddings.projection.weight.dtype
+        if pixel_values.dtype != expected:
+            pixel_values = pixel_values.to(expected)
+        x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos,
+                            interpolate_pos_encoding=interpolate_pos_encoding)
+        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+        x, size, steps = _run_layers(self, vit_layer_forward, x, size, False)
+        x = self.layernorm(x)
+        pooled = self.pooler(x) if self.pooler is not None else None
+        return _output(x, pooled, size, steps, return_dict)
+
+
+_MIXINS = {BertModel: _PatchedBert, ViTModel: _PatchedViT}
+_CLASSES: Dict[type, type] = {}
+
+
+def _patched_class(base: type) -> type:
+    if base not in _CLASSES:
+        mixin = next(m for b, m in _MIXINS.items() if issubclass(base, b))
+        name = f"Tofu{base.__name__}"
+        cls = type(name, (mixin, base), {"_tofu_base": base, "__module__": __name__})
+        cls.__qualname__ = name
+        setattr(sys.modules[__name__], name, cls)  # so pickle finds it
+        _CLASSES[base] = cls
+    return _CLASSES[base]
+
+
+def _base(model: nn.Module) -> nn.Module:
+    """The module that gets patched: the model itself or its inner encoder model."""
+    if isinstance(model, ViTForImageClassification):
+        return model.vit
+    return model
+
+
+def check_model(model: nn.Module) -> None:
+    """Raise TypeError unless ``model`` is a family this module patches."""
+    base = _base(model)
+    if isinstance(base, BertModel):
+        cfg = base.config
+        if cfg.is_decoder or cfg.add_cross_attention:
+            raise TypeError("tofu_triton.patch.transformers patches BERT encoders only (is_decoder/add_cross_attention set)")
+        for i, layer in enumerate(base.encoder.layer):
+            if type(layer) is not BertLayer or type(layer.attention.self) is not BertSelfAttention:
+                raise TypeError(f"layer {i} is a {type(layer).__name__}; only transformers' BertLayer is supported")
+        return
+    if isinstance(base, ViTModel):
+        for i, layer in enumerate(base.layers):
+            if type(layer) is not ViTLayer:
+                raise TypeError(f"layer {i} is a {type(layer).__name__}; only transformers' ViTLayer is supported")
+        return
+    raise TypeError(
+        f"tofu_triton.patch.transformers supports {', '.join(SUPPORTED)}; got "
+        f"{type(model).__module__}.{type(model).__name__} (CLIP and DINOv2 are not supported yet)"
+    )
+
+
+def is_patched(model: nn.Module) -> bool:
+    return isinstance(_base(model), (_PatchedBert, _PatchedViT))
+
+
+def _require_patched(model) -> None:
+    if not is_patched(model):
+        raise TypeError(f"{type(model).__name__} is not patched; call tofu_triton.patch.transformers(model) first")
+
+
+def _validate(base: nn.Module) -> None:
+    depth = len(_layers(base))
+    parse_r(base.r, depth)
+    parse_modes(base.tofu_mode, depth, base.tofu_prune_layers)
+    if base.tofu_backend not in ops.BACKENDS:
+        raise ValueError(f"backend must be one of {ops.BACKENDS}, got {base.tofu_backend!r}")
+    if not isinstance(base.tofu_prop_attn, bool):
+        raise TypeError(f"prop_attn must be a bool, got {type(base.tofu_prop_attn).__name__}")
+
+
+def patch(model: nn.Module, r=16, mode="tofu", prune_layers: Optional[int] = None,
+          prop_attn: bool = True, backend: str = "auto") -> nn.Module:
+    """Patch a transformers ``BertModel`` / ``ViTModel`` / ``ViTForImageClassification`` in place; return it.
+
+    Same meaning of r, mode, prune_layers, prop_attn, backend as
+    :func:`tofu_triton.patch.timm`. The settings live on the patched base
+    model (``model`` itself, or ``model.vit``) and may be changed between
+    calls. Patching a patched model only updates them.
+    """
+    check_model(model)
+    base = _base(model)
+    previous = {n: getattr(base, n) for n in CONFIG} if is_patched(model) else None
+    base.r, base.tofu_mode, base.tofu_prune_layers = r, mode, prune_layers
+    base.tofu_prop_attn, base.tofu_backend = prop_attn, backend
+    try:
+        _validate(base)
+    except (TypeError, ValueError):
+        for n in CONFIG:
+            if previous is None:
+                delattr(base, n)
+            else:
+                setattr(base, n, previous[n])
+        raise
+    if previous is None:
+        base.__class__ = _patched_class(type(base))
+    return model
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo :func:`patch` in place (an unpatched model is returned as is)."""
+    base = _base(model)
+    if is_patched(model):
+        base.__class__ = type(base)._tofu_base
+        for n in CONFIG:
+            base.__dict__.pop(n, None)
+    return model
