@@ -9,6 +9,7 @@ import torch
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
+from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
@@ -256,11 +257,42 @@ def test_vit_matches_reference_backend_and_copy():
         assert torch.equal(model(pixel_values=x).last_hidden_state, clone(pixel_values=x).last_hidden_state)
 
 
+def clip_vision(impl="sdpa"):
+    torch.manual_seed(0)
+    return CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
+                                            num_attention_heads=2, intermediate_size=64,
+                                            attn_implementation=impl)).eval()
+
+
+def dinov2(impl="sdpa", cls=Dinov2Model):
+    torch.manual_seed(0)
+    return cls(Dinov2Config(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4, num_attention_heads=2,
+                            mlp_ratio=2, layerscale_value=0.5, attn_implementation=impl)).eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("family", ["clip", "dinov2"])
+def test_clip_dinov2_r0_equal_and_counts(impl, family):
+    model, x = (clip_vision if family == "clip" else dinov2)(impl), images()
+    with torch.no_grad():
+        ref = model(pixel_values=x)
+        tp.transformers(model, r=0)
+        out = model(pixel_values=x)
+        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=0)
+        torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=0, atol=0)
+        for mode in MODES:
+            model.r, model.tofu_mode = 4, mode
+            out = model(pixel_values=x)
+            assert out.tokens == [17, 13, 9, 5, 3]  # last step clamps to Nb = 2
+            assert out.last_hidden_state.shape == (3, 3, 32) and torch.isfinite(out.last_hidden_state).all()
+            # the class token is protected: pooled output differs only through attention
+            assert out.pooler_output.shape == ref.pooler_output.shape
+            assert not torch.equal(out.pooler_output, ref.pooler_output)
+
+
 def test_unsupported_family_refused():
-    clip = CLIPVisionModel(CLIPVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1,
-                                            num_attention_heads=2, intermediate_size=32))
     with pytest.raises(TypeError, match="supports BertModel"):
-        tp.transformers(clip)
+        tp.transformers(dinov2(cls=Dinov2ForImageClassification))
     with pytest.raises(TypeError):
         tp.transformers(torch.nn.Linear(2, 2))
 

@@ -1,4 +1,4 @@
-"""ToFu / ToMe inside Hugging Face ``transformers`` encoders (``BertModel``, ``ViTModel``).
+"""ToFu / ToMe inside Hugging Face ``transformers`` encoders (BERT, ViT, CLIP vision, DINOv2).
 
 Supported (checked against transformers 5.x; the layer code is read from its
 submodules, so a release that renames them is refused, not silently run):
@@ -7,9 +7,13 @@ submodules, so a release that renames them is refused, not silently run):
   all-MiniLM-L6-v2), protected prefix: ``[CLS]``.
 * ``ViTModel`` and ``ViTForImageClassification`` (its inner ``.vit`` is
   patched; the classifier reads ``[CLS]``), protected prefix: ``[CLS]``.
+* ``CLIPVisionModel`` (class token protected; ``pooler_output`` is
+  ``post_layernorm`` of it, as unpatched).
+* ``Dinov2Model`` (``[CLS]`` protected; ``pooler_output`` = ``[CLS]``).
 
-Anything else (CLIP, DINOv2, BERT decoders / cross-attention, ...) raises
-TypeError at patch time.
+Anything else (``CLIPModel``, ``Dinov2ForImageClassification`` whose head
+mean-pools patch tokens unweighted, DINOv2 with registers, BERT decoders /
+cross-attention, ...) raises TypeError at patch time.
 
 Patching swaps the base model's class for a cached subclass whose
 ``forward`` runs the embeddings, then the layers through this module's own
@@ -81,6 +85,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.bert import modeling_bert
 from transformers.models.bert.modeling_bert import BertLayer, BertModel, BertSelfAttention
+from transformers.models.clip import modeling_clip
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
+from transformers.models.dinov2 import modeling_dinov2
+from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
 from transformers.models.vit import modeling_vit
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
 
@@ -89,7 +97,7 @@ from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, token_count
 
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-SUPPORTED = ("BertModel", "ViTModel", "ViTForImageClassification")
+SUPPORTED = ("BertModel", "ViTModel", "ViTForImageClassification", "CLIPVisionModel", "Dinov2Model")
 
 
 @dataclass
@@ -202,6 +210,41 @@ def bert_layer_forward(layer: BertLayer, x: Tensor, size: Tensor, step: LayerPla
     return layer.feed_forward_chunk(x), size
 
 
+def _self_attention(attn: nn.Module, h: Tensor, mask: Optional[Tensor], out_proj: nn.Module,
+                    dropout: float, scaling: float, eager) -> Tuple[Tensor, Tensor]:
+    """q/k/v projections, attention, output projection: (out [B, N, C], keys [B, heads, N, head_dim])."""
+    B, N, _ = h.shape
+    q, k, v = (_heads(h, p, attn.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
+    out = _attend(attn, attn.config, q, k, v, mask, dropout if attn.training else 0.0, scaling, eager)
+    return out_proj(out.reshape(B, N, -1).contiguous()), k
+
+
+def clip_layer_forward(layer: CLIPEncoderLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
+                       prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """One patched ``CLIPEncoderLayer`` (pre-norm)."""
+    attn = layer.self_attn
+    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    out, k = _self_attention(attn, layer.layer_norm1(x), mask, attn.out_proj, attn.dropout, attn.scale,
+                             modeling_clip.eager_attention_forward)
+    x = x + out
+    x, size = _reduce(x, k, size, step, padded, backend)
+    x = x + layer.mlp(layer.layer_norm2(x))
+    return x, size
+
+
+def dinov2_layer_forward(layer: Dinov2Layer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
+                         prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """One patched ``Dinov2Layer`` (pre-norm, layer scale, drop path)."""
+    attn = layer.attention
+    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    out, k = _self_attention(attn, layer.norm1(x), mask, attn.o_proj, attn.attention_dropout, attn.scaling,
+                             modeling_dinov2.eager_attention_forward)
+    x = layer.drop_path(layer.layer_scale1(out)) + x
+    x, size = _reduce(x, k, size, step, padded, backend)
+    x = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
+    return x, size
+
+
 def vit_layer_forward(layer: ViTLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
                       prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """One patched ``ViTLayer`` (pre-norm): attention residual, step, MLP residual."""
@@ -237,7 +280,11 @@ def plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
-    return model.encoder.layer if isinstance(model, BertModel) else model.layers
+    if isinstance(model, (BertModel, Dinov2Model)):
+        return model.encoder.layer
+    if isinstance(model, CLIPVisionModel):
+        return model.encoder.layers
+    return model.layers
 
 
 def _refuse_kwargs(kwargs: dict) -> None:
@@ -303,7 +350,33 @@ class _PatchedViT:
         return _output(x, pooled, size, steps, return_dict)
 
 
-_MIXINS = {BertModel: _PatchedBert, ViTModel: _PatchedViT}
+class _PatchedCLIPVision:
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        _refuse_kwargs(kwargs)
+        if kwargs.get("attention_mask") is not None:
+            raise NotImplementedError("a ToFu-patched CLIPVisionModel does not take attention_mask")
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        x = self.pre_layrnorm(x)
+        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+        x, size, steps = _run_layers(self, clip_layer_forward, x, size, False)
+        pooled = self.post_layernorm(x[:, 0, :])
+        return _output(x, pooled, size, steps, return_dict)
+
+
+class _PatchedDinov2:
+    def forward(self, pixel_values=None, bool_masked_pos=None, attention_mask=None, return_dict=None, **kwargs):
+        _refuse_kwargs(kwargs)
+        if attention_mask is not None:
+            raise NotImplementedError("a ToFu-patched Dinov2Model does not take attention_mask")
+        x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
+        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+        x, size, steps = _run_layers(self, dinov2_layer_forward, x, size, False)
+        x = self.layernorm(x)
+        return _output(x, x[:, 0, :], size, steps, return_dict)
+
+
+_MIXINS = {BertModel: _PatchedBert, ViTModel: _PatchedViT, CLIPVisionModel: _PatchedCLIPVision,
+           Dinov2Model: _PatchedDinov2}
 _CLASSES: Dict[type, type] = {}
 
 
@@ -341,14 +414,21 @@ def check_model(model: nn.Module) -> None:
             if type(layer) is not ViTLayer:
                 raise TypeError(f"layer {i} is a {type(layer).__name__}; only transformers' ViTLayer is supported")
         return
+    for cls, layer_cls in ((CLIPVisionModel, CLIPEncoderLayer), (Dinov2Model, Dinov2Layer)):
+        if isinstance(base, cls):
+            for i, layer in enumerate(_layers(base)):
+                if type(layer) is not layer_cls:
+                    raise TypeError(f"layer {i} is a {type(layer).__name__}; only {layer_cls.__name__} is supported")
+            return
     raise TypeError(
         f"tofu_triton.patch.transformers supports {', '.join(SUPPORTED)}; got "
-        f"{type(model).__module__}.{type(model).__name__} (CLIP and DINOv2 are not supported yet)"
+        f"{type(model).__module__}.{type(model).__name__} (heads that mean-pool patch tokens, e.g. "
+        "Dinov2ForImageClassification, and text/decoder models other than BERT encoders are not supported)"
     )
 
 
 def is_patched(model: nn.Module) -> bool:
-    return isinstance(_base(model), (_PatchedBert, _PatchedViT))
+    return isinstance(_base(model), tuple(_MIXINS.values()))
 
 
 def _require_patched(model) -> None:
