@@ -1,4 +1,6 @@
-"""Command line: ``python -m tofu_triton demo`` (or ``tofu-triton demo``).
+"""Command line: ``python -m tofu_triton demo`` (or ``tofu-triton demo``), and
+``python -m tofu_triton eval --data PATH ...`` (top-1/top-5 on an ImageFolder,
+see :mod:`tofu_triton.eval`).
 
 Builds a timm ViT, runs it unpatched, with ToMe and with ToFu on synthetic
 images (no data and, unless ``--pretrained``, no weights are downloaded),
@@ -139,7 +141,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--out", default="tofu_demo", help="folder for the merge pictures")
+    e = sub.add_parser("eval", help="top-1/top-5 and images/s of a timm ViT on an ImageFolder, per (mode, r)")
+    from .eval import add_arguments
+
+    add_arguments(e)
     args = parser.parse_args(argv)
+    if args.command == "eval":
+        if args.batch < 1:
+            parser.error("--batch must be >= 1")
+        from .eval import run
+
+        return run(args)
     if args.command == "demo":
         if args.r is not None and args.r < 0:
             parser.error("--r must be >= 0")
