@@ -376,3 +376,17 @@ def test_fidelity_script_smoke(tmp_path):
     md = (tmp_path / "fid.md").read_text()
     assert "transformers" in md and "--passages 6" in md and "| 3 |" in md
     assert (tmp_path / "fid.png").stat().st_size > 1000
+
+
+@pytest.mark.parametrize("mode", ["tome", "tofu"])
+def test_bert_padded_triton_backend_matches_reference(mode):
+    # The fused kernels (Triton's CPU interpreter here, CUDA on a GPU) see the
+    # padding-aware metric with head_dim + 1 columns; they must agree with the reference.
+    ids, mask = ids_and_mask()
+    model = tp.transformers(bert(), r=3, mode=mode, backend="reference")
+    with torch.no_grad():
+        ref = model(input_ids=ids, attention_mask=mask)
+        model.tofu_backend = "triton"
+        out = model(input_ids=ids, attention_mask=mask)
+    assert torch.equal(out.token_mask, ref.token_mask) and torch.equal(out.token_size, ref.token_size)
+    torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=1e-5, atol=1e-5)
