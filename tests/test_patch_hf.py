@@ -172,6 +172,10 @@ def test_bert_refusals_and_unpatch():
     with pytest.raises(ValueError):
         tp.transformers(model, r=2, mode="bogus")
     assert model.tofu_mode == "tofu"  # failed re-patch keeps the previous settings
+    model.config.output_hidden_states = True  # a config default must not be silently ignored
+    with pytest.raises(NotImplementedError, match="output_hidden_states"):
+        model(input_ids=ids)
+    model.config.output_hidden_states = False
     model.config._attn_implementation = "flash_attention_2"
     with pytest.raises(NotImplementedError, match="flash_attention_2"):
         model(input_ids=ids)
@@ -288,6 +292,14 @@ def test_clip_dinov2_r0_equal_and_counts(impl, family):
             # the class token is protected: pooled output differs only through attention
             assert out.pooler_output.shape == ref.pooler_output.shape
             assert not torch.equal(out.pooler_output, ref.pooler_output)
+
+
+def test_unknown_layer_layout_refused():
+    model = vit()
+    del model.layers[1].layernorm_after  # what a renamed submodule in another transformers release looks like
+    with pytest.raises(TypeError, match="layernorm_after"):
+        tp.transformers(model)
+    assert not hf.is_patched(model) and not hasattr(model, "r")
 
 
 def test_unsupported_family_refused():

@@ -287,9 +287,10 @@ def _layers(model: nn.Module) -> nn.ModuleList:
     return model.layers
 
 
-def _refuse_kwargs(kwargs: dict) -> None:
+def _refuse_kwargs(kwargs: dict, config=None) -> None:
     for name in ("output_attentions", "output_hidden_states", "use_cache"):
-        if kwargs.get(name):
+        default = getattr(config, name, False) if name != "use_cache" else False
+        if kwargs.get(name, default):
             raise NotImplementedError(f"{name}=True is not supported by a ToFu-patched model (token counts change)")
     for name in ("encoder_hidden_states", "encoder_attention_mask", "past_key_values", "cache"):
         if kwargs.get(name) is not None:
@@ -314,7 +315,7 @@ def _output(x: Tensor, pooled, size: Tensor, steps, return_dict) -> TofuModelOut
 class _PatchedBert:
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None,
                 inputs_embeds=None, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs)
+        _refuse_kwargs(kwargs, self.config)
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
         x = self.embeddings(input_ids=input_ids, position_ids=position_ids, token_type_ids=token_type_ids,
@@ -335,7 +336,7 @@ class _PatchedBert:
 class _PatchedViT:
     def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
                 attention_mask=None, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs)
+        _refuse_kwargs(kwargs, self.config)
         if attention_mask is not None:
             raise NotImplementedError("a ToFu-patched ViTModel does not take attention_mask")
         expected = self.embeddings.patch_embeddings.projection.weight.dtype
@@ -352,7 +353,7 @@ class _PatchedViT:
 
 class _PatchedCLIPVision:
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs)
+        _refuse_kwargs(kwargs, self.config)
         if kwargs.get("attention_mask") is not None:
             raise NotImplementedError("a ToFu-patched CLIPVisionModel does not take attention_mask")
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
@@ -365,7 +366,7 @@ class _PatchedCLIPVision:
 
 class _PatchedDinov2:
     def forward(self, pixel_values=None, bool_masked_pos=None, attention_mask=None, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs)
+        _refuse_kwargs(kwargs, self.config)
         if attention_mask is not None:
             raise NotImplementedError("a ToFu-patched Dinov2Model does not take attention_mask")
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
@@ -398,8 +399,46 @@ def _base(model: nn.Module) -> nn.Module:
     return model
 
 
+# Submodules and attributes the layer functions read, per layer class: a
+# transformers release that renames them is refused at patch time.
+_NEEDS = {
+    BertLayer: ("attention.self.query", "attention.self.key", "attention.self.value", "attention.self.dropout",
+                "attention.self.attention_head_size", "attention.self.scaling", "attention.self.config",
+                "attention.output", "feed_forward_chunk"),
+    ViTLayer: ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj", "attention.head_dim",
+               "attention.scaling", "attention.attention_dropout", "attention.config", "layernorm_before",
+               "layernorm_after", "mlp", "dropout"),
+    CLIPEncoderLayer: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                       "self_attn.head_dim", "self_attn.scale", "self_attn.dropout", "self_attn.config",
+                       "layer_norm1", "layer_norm2", "mlp"),
+    Dinov2Layer: ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
+                  "attention.head_dim", "attention.scaling", "attention.attention_dropout", "attention.config",
+                  "norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", "mlp"),
+}
+
+
+def _check_layout(layers) -> None:
+    import transformers
+
+    for i, layer in enumerate(layers):
+        for path in _NEEDS[type(layer)]:
+            obj = layer
+            for part in path.split("."):
+                if not hasattr(obj, part):
+                    raise TypeError(
+                        f"layer {i} ({type(layer).__name__}) has no {path!r} in transformers "
+                        f"{transformers.__version__}; tofu_triton.patch.transformers knows the 5.x layout (tested: 5.24)"
+                    )
+                obj = getattr(obj, part)
+
+
 def check_model(model: nn.Module) -> None:
-    """Raise TypeError unless ``model`` is a family this module patches."""
+    """Raise TypeError unless ``model`` is a family (and a layer layout) this module patches."""
+    _check_family(model)
+    _check_layout(_layers(_base(model)))
+
+
+def _check_family(model: nn.Module) -> None:
     base = _base(model)
     if isinstance(base, BertModel):
         cfg = base.config
