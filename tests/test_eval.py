@@ -91,6 +91,8 @@ def test_eval_cli_errors(folder):
         main(["eval", *MODEL, "--data", str(folder / "missing"), "--workers", "0"])
     with pytest.raises(SystemExit):
         main(["eval", *MODEL, "--data", str(folder), "--r", "-1", "--workers", "0"])
+    with pytest.raises(SystemExit, match="VisionTransformer"):
+        main(["eval", "--model", "resnet18", "--num-classes", "2", "--data", str(folder), "--workers", "0"])
 
 
 def test_eval_module_entry_point(folder):

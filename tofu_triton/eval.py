@@ -103,12 +103,13 @@ def parse_list(text: str, cast=str) -> List:
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]], device: str = "cpu",
              backend: str = "auto", limit: Optional[int] = None, log: Callable[[str], None] = None,
-             log_every: int = 10) -> List[Dict]:
+             log_every: int = 10, warmup: bool = True) -> List[Dict]:
     """Top-1/top-5 and images/s of ``model`` patched with each (mode, r) in ``configs``.
 
     ``model`` is patched in place (and left patched with the last config).
     Returns one dict per config: mode, r, tokens (per layer), images, top1,
-    top5 (percent), images_per_s.
+    top5 (percent), images_per_s. With ``warmup`` each config first runs the
+    first batch once untimed, so images/s excludes Triton compilation.
     """
     import tofu_triton.patch as tp
 
@@ -125,6 +126,8 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
         images, target = images.to(device), target.to(device)
         for mode, r in configs:
             model.r, model.tofu_mode = r, mode
+            if batch_i == 0 and warmup:
+                model(images)  # untimed: kernel compilation / autotuning and allocator warm-up
             if cuda:
                 torch.cuda.synchronize()
             start = time.perf_counter()
@@ -180,6 +183,12 @@ def run(args) -> int:
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data!r} is not a folder")
     model = build_model(args.model, args.pretrained, args.img_size, args.num_classes)
+    import tofu_triton.patch as tp
+
+    try:
+        tp.timm(model, r=0, backend=args.backend)
+    except TypeError as e:
+        raise SystemExit(f"--model {args.model}: {e}")
     dataset = image_folder(args.data, eval_transform(model))
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
                                          pin_memory=device.startswith("cuda"))
