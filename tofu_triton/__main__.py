@@ -11,7 +11,6 @@ meaningful ones.
 """
 import argparse
 import copy
-import math
 import os
 import sys
 import time
