@@ -10,7 +10,8 @@ run is bitwise reproducible:
    reaches memory; only ``node_max``/``node_idx`` do.
 2. ``_select_kernel``  one program per batch: the stable descending rank of
    ``node_max`` by counting (rank of i = how many k beat it), then the sources
-   grouped by destination (CSR offsets) by counting again.
+   grouped by destination (CSR offsets) by counting again. O(Na^2) compares
+   per batch: trivial for ViTs (Na <= 513), the slow part at N = 4096.
 3. ``_merge_kernel``   one program per output row: copies prefix/unmerged rows
    and combines each B row with its sources in a fixed order.
 
@@ -116,8 +117,20 @@ def _match_kernel(
 
 
 @triton.jit
+def _order_key(node_max_ptr, offs, mask):
+    """One int64 per A token whose order is the selection order: larger
+    node_max first, then smaller index. NaN never reaches here (the match
+    kernel wrote -inf for it); -0.0 is folded into +0.0 so they tie, as they
+    do in torch's sort."""
+    v = tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")) + 0.0
+    bits = v.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
+    return bits.to(tl.int64) * 4294967296 + (2147483647 - offs).to(tl.int64)
+
+
+@triton.jit
 def _select_kernel(
-    node_max_ptr, node_idx_ptr, rank_ptr,
+    node_max_ptr, node_idx_ptr,
     unm_idx_ptr, src_idx_ptr, dst_idx_ptr, dst_start_ptr, dst_src_ptr,
     NA, NB, R,
     BLOCK: tl.constexpr,
@@ -125,7 +138,6 @@ def _select_kernel(
     batch = tl.program_id(0).to(tl.int64)
     node_max_ptr += batch * NA
     node_idx_ptr += batch * NA
-    rank_ptr += batch * NA
     unm_idx_ptr += batch * (NA - R)
     src_idx_ptr += batch * R
     dst_idx_ptr += batch * R
@@ -133,27 +145,28 @@ def _select_kernel(
     dst_src_ptr += batch * R
     lanes = tl.arange(0, BLOCK)
 
-    # 1. Stable descending rank: k beats i if its score is larger, or equal
-    #    with k < i. Sources are the r best; their rank is their slot.
+    # 1. Stable descending rank by counting: rank of i = how many keys beat
+    #    it. Sources are the R best; their rank is their slot. Also keep the
+    #    smallest source key: "is a source" is then "key >= threshold", which
+    #    every later pass can recompute from the inputs, so no thread ever
+    #    reads what another one wrote in this kernel.
+    threshold = tl.full([], 9223372036854775807, tl.int64)
     for i0 in range(0, NA, BLOCK):
         offs_i = i0 + lanes
         mask_i = offs_i < NA
-        v_i = tl.load(node_max_ptr + offs_i, mask=mask_i, other=0.0)
+        key_i = _order_key(node_max_ptr, offs_i, mask_i)
         rank = tl.zeros([BLOCK], dtype=tl.int32)
         for k0 in range(0, NA, BLOCK):
             offs_k = k0 + lanes
-            v_k = tl.load(node_max_ptr + offs_k, mask=offs_k < NA, other=float("-inf"))
-            beats = (v_k[None, :] > v_i[:, None]) | (
-                (v_k[None, :] == v_i[:, None]) & (offs_k[None, :] < offs_i[:, None]))
-            beats = beats & (offs_k < NA)[None, :]
+            mask_k = offs_k < NA
+            key_k = _order_key(node_max_ptr, offs_k, mask_k)
+            beats = (key_k[None, :] > key_i[:, None]) & mask_k[None, :]
             rank += tl.sum(beats.to(tl.int32), axis=1)
-        tl.store(rank_ptr + offs_i, rank, mask=mask_i)
         is_src = mask_i & (rank < R)
         tl.store(src_idx_ptr + rank, offs_i.to(tl.int64), mask=is_src)
         dst = tl.load(node_idx_ptr + offs_i, mask=mask_i, other=0)
         tl.store(dst_idx_ptr + rank, dst, mask=is_src)
-    # The passes below read every rank written above by other threads.
-    tl.debug_barrier()
+        threshold = tl.minimum(threshold, tl.min(tl.where(is_src, key_i, 9223372036854775807), axis=0))
 
     # 2. Unmerged A positions in ascending order (running prefix count), and
     #    each source's slot in the CSR list, ordered by (destination, position).
@@ -161,7 +174,7 @@ def _select_kernel(
     for i0 in range(0, NA, BLOCK):
         offs_i = i0 + lanes
         mask_i = offs_i < NA
-        is_src = tl.load(rank_ptr + offs_i, mask=mask_i, other=0) < R
+        is_src = mask_i & (_order_key(node_max_ptr, offs_i, mask_i) >= threshold)
         keep = mask_i & ~is_src
         pos = n_unm + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tl.store(unm_idx_ptr + pos, offs_i.to(tl.int64), mask=keep)
@@ -172,12 +185,12 @@ def _select_kernel(
         for k0 in range(0, NA, BLOCK):
             offs_k = k0 + lanes
             mask_k = offs_k < NA
-            src_k = mask_k & (tl.load(rank_ptr + offs_k, mask=mask_k, other=0) < R)
+            src_k = mask_k & (_order_key(node_max_ptr, offs_k, mask_k) >= threshold)
             dst_k = tl.load(node_idx_ptr + offs_k, mask=mask_k, other=0)
             before = (dst_k[None, :] < dst_i[:, None]) | (
                 (dst_k[None, :] == dst_i[:, None]) & (offs_k[None, :] < offs_i[:, None]))
             slot += tl.sum((before & src_k[None, :]).to(tl.int32), axis=1)
-        tl.store(dst_src_ptr + slot, offs_i.to(tl.int64), mask=mask_i & is_src)
+        tl.store(dst_src_ptr + slot, offs_i.to(tl.int64), mask=is_src)
 
     # 3. CSR offsets: the sources of B position j start after every source
     #    whose destination is smaller than j (j = NB gives R).
@@ -187,7 +200,7 @@ def _select_kernel(
         for k0 in range(0, NA, BLOCK):
             offs_k = k0 + lanes
             mask_k = offs_k < NA
-            src_k = mask_k & (tl.load(rank_ptr + offs_k, mask=mask_k, other=0) < R)
+            src_k = mask_k & (_order_key(node_max_ptr, offs_k, mask_k) >= threshold)
             dst_k = tl.load(node_idx_ptr + offs_k, mask=mask_k, other=0)
             start += tl.sum(((dst_k[None, :] < offs_j[:, None]) & src_k[None, :]).to(tl.int32), axis=1)
         tl.store(dst_start_ptr + offs_j, start.to(tl.int64), mask=offs_j <= NB)
@@ -395,14 +408,13 @@ def match(metric: torch.Tensor, r: int, protected: int):
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d,
         DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, num_warps=4,
     )
-    rank = _empty(batch, na, dtype=torch.int32, device=dev)
     unm_idx = _empty(batch, na - r, dtype=torch.int64, device=dev)
     src_idx = _empty(batch, r, dtype=torch.int64, device=dev)
     dst_idx = _empty(batch, r, dtype=torch.int64, device=dev)
     dst_start = _empty(batch, nb + 1, dtype=torch.int64, device=dev)
     dst_src = _empty(batch, r, dtype=torch.int64, device=dev)
     _select_kernel[(batch,)](
-        node_max, node_idx, rank, unm_idx, src_idx, dst_idx, dst_start, dst_src,
+        node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src,
         na, nb, r, BLOCK=SELECT_BLOCK, num_warps=4,
     )
     return unm_idx, src_idx, dst_idx, dst_start, dst_src

@@ -54,7 +54,7 @@ def _configs():
             out.append((f"match {dt} D={d}", K._match_kernel, ptrs, const, 4))
     idx = {n: "*i64" for n in ["node_idx_ptr", "unm_idx_ptr", "src_idx_ptr", "dst_idx_ptr", "dst_start_ptr",
                                "dst_src_ptr"]}
-    out.append(("select", K._select_kernel, dict(idx, node_max_ptr="*fp32", rank_ptr="*i32"),
+    out.append(("select", K._select_kernel, dict(idx, node_max_ptr="*fp32"),
                 dict(BLOCK=K.SELECT_BLOCK), 4))
     for dt in PTR:
         for mode, mode_id in K.MODE_IDS.items():

@@ -183,3 +183,14 @@ def test_too_wide_rows_are_refused():
     match = tt.bipartite_match(metric, 1, backend="triton")
     with pytest.raises(ValueError, match="C <= 4096"):
         tt.merge_tokens(x, match, backend="triton")
+
+
+def test_exact_ties_and_signed_zeros_follow_the_reference():
+    # Equal scores must rank by index; a score of -0.0 ties with +0.0 (as in torch's sort).
+    zeros = torch.zeros(2, 21, 8)
+    zeros[0, 3] = 1.0
+    zeros[1, ::3] = -0.0
+    for metric in [zeros, torch.ones(1, 33, 4), -torch.ones(2, 12, 3)]:
+        km = tt.bipartite_match(metric.to(DEVICE), 6, 1, backend="triton")
+        rm = ref.bipartite_match(metric, 6, 1)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(km[:5], rm[:5]))
