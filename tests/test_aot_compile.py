@@ -139,7 +139,8 @@ if __name__ == "__main__":
     if "--json" in sys.argv:
         print(json.dumps(rows))
     else:
-        print("| kernel config | arch | registers | spill stores | spill loads | shared bytes |\n|---|---|---|---|---|---|")
+        print("| kernel config | arch | registers | spill stores | spill loads | shared bytes | error |\n"
+              "|---|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['config']} | sm_{row['arch']} | {row.get('registers')} | {row.get('spill_stores')} | "
-                  f"{row.get('spill_loads')} | {row.get('shared')} | {row.get('error', '')}")
+                  f"{row.get('spill_loads')} | {row.get('shared')} | {row.get('error', '')} |")
