@@ -65,11 +65,13 @@ def _check_3d(name: str, t: Tensor) -> None:
         raise ValueError(f"{name} must have shape [B, N, C] (3 dims); got {tuple(t.shape)}")
 
 
-def _check_int(name: str, v, low: int = 0) -> None:
+def check_int(name: str, v, low: int = 0) -> int:
+    """``v`` if it is an int >= ``low`` (bool is not), else TypeError/ValueError naming ``name``."""
     if isinstance(v, bool) or not isinstance(v, int):
-        raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+        raise TypeError(f"{name} must be an int, got {type(v).__name__} ({v!r})")
     if v < low:
         raise ValueError(f"{name} must be >= {low}, got {v}")
+    return v
 
 
 def _check_size(size: Optional[Tensor], x: Tensor) -> None:
@@ -162,8 +164,8 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "
     No gradient flows into ``metric``.
     """
     _check_3d("metric", metric)
-    _check_int("r", r)
-    _check_int("protected", protected)
+    check_int("r", r)
+    check_int("protected", protected)
     n = metric.shape[1]
     if protected > n:
         raise ValueError(f"protected must be <= N = {n}, got {protected}")

@@ -15,6 +15,7 @@ Three plain functions:
 """
 from typing import List, NamedTuple, Optional, Sequence, Tuple, Union
 
+from .ops import check_int
 from .reference import MODES, effective_r
 
 # Model-wide modes; an op mode from MODES ("mean", "mlerp", "prune") is also
@@ -22,14 +23,6 @@ from .reference import MODES, effective_r
 MODEL_MODES = ("tofu", "tome", "prune", "mlerp")
 
 RSpec = Union[int, Sequence[int], Tuple[int, float]]
-
-
-def _check_nonneg_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"{name} must be an int, got {type(value).__name__} ({value!r})")
-    if value < 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
 
 
 def parse_r(r: RSpec, depth: int) -> List[int]:
@@ -47,12 +40,12 @@ def parse_r(r: RSpec, depth: int) -> List[int]:
     Returns a new list of ``depth`` non-negative ints. These are requests: a
     step removes at most half of its non-prefix tokens (see plan_layers).
     """
-    _check_nonneg_int("depth", depth)
+    check_int("depth", depth)
     if isinstance(r, tuple):
         if len(r) != 2:
             raise ValueError(f"r as a tuple must be (r, inflect); got {r!r}")
         r0, inflect = r
-        _check_nonneg_int("r", r0)
+        check_int("r", r0)
         if isinstance(inflect, bool) or not isinstance(inflect, (int, float)):
             raise TypeError(f"inflect must be a number, got {type(inflect).__name__}")
         if not -1.0 <= inflect <= 1.0:
@@ -64,13 +57,13 @@ def parse_r(r: RSpec, depth: int) -> List[int]:
         step = (last - first) / (depth - 1)
         return [int(first + step * i) for i in range(depth)]
     if isinstance(r, (list,)) or (isinstance(r, Sequence) and not isinstance(r, (str, bytes))):
-        values = [_check_nonneg_int(f"r[{i}]", v) for i, v in enumerate(r)]
+        values = [check_int(f"r[{i}]", v) for i, v in enumerate(r)]
         if len(values) > depth:
             raise ValueError(f"r has {len(values)} entries but the model has only {depth} layers")
         return values + [0] * (depth - len(values))
     if isinstance(r, bool) or not isinstance(r, int):
         raise TypeError(f"r must be an int, a list of ints or a tuple (r, inflect); got {type(r).__name__}")
-    _check_nonneg_int("r", r)
+    check_int("r", r)
     return [r] * depth
 
 
@@ -84,9 +77,9 @@ def parse_modes(mode: Union[str, Sequence[str]], depth: int, prune_layers: Optio
     layer, is taken as it is. ``prune_layers`` only matters for "tofu" and
     must lie in ``[0, depth]``.
     """
-    _check_nonneg_int("depth", depth)
+    check_int("depth", depth)
     if prune_layers is not None:
-        _check_nonneg_int("prune_layers", prune_layers)
+        check_int("prune_layers", prune_layers)
         if prune_layers > depth:
             raise ValueError(f"prune_layers must be <= depth = {depth}, got {prune_layers}")
     if isinstance(mode, str):
@@ -133,17 +126,16 @@ def plan_layers(n_tokens: int, protected: int, r: Sequence[int], modes: Sequence
     """
     if len(r) != len(modes):
         raise ValueError(f"r has {len(r)} layers but modes has {len(modes)}")
-    plan, n, sized = [], n_tokens, False
+    plan, n = [], n_tokens
     for r_i, mode in zip(r, modes):
-        step = effective_r(n, r_i, protected)
-        plan.append(LayerPlan(n, step, mode, sized))
-        sized = sized or (step >= 1 and mode != "prune")
-        n -= step
+        plan.append(LayerPlan(n, effective_r(n, r_i, protected), mode, sized_after(plan)))
+        n = plan[-1].n_out
     return plan
 
 
 def sized_after(plan: Sequence[LayerPlan]) -> bool:
-    """Whether sizes may differ from 1 after the last layer of ``plan``."""
+    """Whether sizes may differ from 1 after the last layer of ``plan``: once
+    any step merged (not pruned) at least one token."""
     return any(p.r >= 1 and p.mode != "prune" for p in plan)
 
 
