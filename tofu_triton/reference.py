@@ -121,8 +121,8 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1) -> Match:
     return select(node_max, node_idx, r, nb, protected)
 
 
-def _gather_rows(t: Tensor, idx: Tensor) -> Tensor:
-    """t: [B, M, C], idx: [B, K] -> [B, K, C]."""
+def gather_rows(t: Tensor, idx: Tensor) -> Tensor:
+    """Rows ``idx`` of each batch: t [B, M, C], idx [B, K] -> [B, K, C]."""
     return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
 
 
@@ -147,14 +147,14 @@ def merge_tokens(
 
     a, b = x[:, p::2], x[:, p + 1 :: 2]
     size_a, size_b = size[:, p::2], size[:, p + 1 :: 2]
-    unm = _gather_rows(a, match.unm_idx)
-    size_unm = _gather_rows(size_a, match.unm_idx)
+    unm = gather_rows(a, match.unm_idx)
+    size_unm = gather_rows(size_a, match.unm_idx)
 
     if mode == "prune":
         b_out, size_b_out = b, size_b
     else:
-        src = _gather_rows(a, match.src_idx).to(acc)
-        size_src = _gather_rows(size_a, match.src_idx)
+        src = gather_rows(a, match.src_idx).to(acc)
+        size_src = gather_rows(size_a, match.src_idx)
         dst = match.dst_idx[..., None]
         size_b_out = size_b.scatter_add(1, dst, size_src)
         total = (b.to(acc) * size_b).scatter_add(1, dst.expand_as(src), src * size_src)

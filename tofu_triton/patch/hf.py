@@ -93,6 +93,7 @@ from transformers.models.vit import modeling_vit
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
 
 from .. import ops
+from ..reference import gather_rows
 from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, token_counts
 
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
@@ -169,14 +170,10 @@ def _metric(k: Tensor, size: Tensor, padded: bool) -> Tensor:
     return (torch.cat([unit, torch.ones_like(unit[..., :1])], dim=-1) * valid).to(metric.dtype)
 
 
-def _gather(t: Tensor, idx: Tensor) -> Tensor:
-    return t.gather(1, idx[..., None].expand(-1, -1, t.shape[-1]))
-
-
 def _pads_last(x: Tensor, size: Tensor) -> Tuple[Tensor, Tensor]:
     """Stable partition of tokens: real (size > 0) first, in order; padding last."""
     order = torch.sort((size[..., 0] <= 0).to(torch.int32), dim=1, stable=True).indices
-    return _gather(x, order), _gather(size, order)
+    return gather_rows(x, order), gather_rows(size, order)
 
 
 def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, padded: bool, backend: str):

@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from .. import ops
-from ..reference import Match
+from ..reference import Match, gather_rows
 from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
 
 POOLS = ("", "token", "avg", "max", "avgmax")
@@ -154,11 +154,10 @@ def merge_source(source: Tensor, match: Match, mode: str) -> Tensor:
         return source
     p, width = match.protected, source.shape[-1]
     a, b = source[:, p::2], source[:, p + 1 :: 2]
-    rows = lambda t, idx: t.gather(1, idx[..., None].expand(-1, -1, width))  # noqa: E731
     if mode != "prune":
         dst = match.dst_idx[..., None].expand(-1, -1, width)
-        b = b.scatter_reduce(1, dst, rows(a, match.src_idx), "amax")
-    return torch.cat([source[:, :p], rows(a, match.unm_idx), b], dim=1)
+        b = b.scatter_reduce(1, dst, gather_rows(a, match.src_idx), "amax")
+    return torch.cat([source[:, :p], gather_rows(a, match.unm_idx), b], dim=1)
 
 
 def block_forward(
