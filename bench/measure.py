@@ -31,19 +31,6 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 DTYPES = {name: dtype for dtype, name in DTYPE_NAMES.items()}
 
 
-def bench_inputs(batch: int, n: int, c: int, d: int, dtype: torch.dtype, device: str, seed: int = 0):
-    """Random (x [B,N,C], metric [B,N,D], size [B,N,1] fp32 in [1, 4)).
-
-    The same distribution as ``tofu_triton.testing.make_inputs``, but drawn on
-    the device: drawing a B=256, N=4096 case on the CPU takes seconds.
-    """
-    g = torch.Generator(device=device).manual_seed(seed)
-    x = torch.randn(batch, n, c, device=device, generator=g).to(dtype)
-    metric = torch.randn(batch, n, d, device=device, generator=g).to(dtype)
-    size = 1 + 3 * torch.rand(batch, n, 1, device=device, generator=g)
-    return x, metric, size
-
-
 def step_bytes(batch: int, n: int, c: int, d: int, r: int, dtype: torch.dtype, mode: str,
                backward: bool, protected: int = 1) -> int:
     """Fewest bytes one step must move through device memory.

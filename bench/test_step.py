@@ -32,9 +32,10 @@ import pytest
 import torch
 
 import tofu_triton
-from measure import (DTYPES, bench_inputs, count_launches, peak_memory, step_bytes, time_cuda,
+from measure import (DTYPES, count_launches, peak_memory, step_bytes, time_cuda,
                      time_cuda_graph, time_cuda_loop)
 from tofu_triton import reference
+from tofu_triton.testing import make_inputs
 from tome_baseline import tome_step
 
 IMPLS = ("triton", "reference", "tome")
@@ -123,7 +124,7 @@ def test_step(case, device, copy_bw, within_budget, record_case, benchmark):
             pytest.skip("TRITON_INTERPRET=1 is set: interpreted kernels are not worth timing")
 
     dtype = DTYPES[case.dtype]
-    x, metric, size = bench_inputs(case.batch, case.n, case.c, D, dtype, device)
+    x, metric, size = make_inputs(case.batch, case.n, case.c, D, dtype, device)
     step = _step_fn(case)
     if case.backward:
         x.requires_grad_(True)
