@@ -1,40 +1,42 @@
 #!/usr/bin/env bash
-# The whole GPU protocol for one lent GPU, in about 8 minutes:
+# Everything this package checks on a GPU, in one budgeted run (~8 minutes):
 #
-#   1. env         card, driver, torch/triton/timm versions
-#   2. install     pip install --no-deps -e .   (offline: no build isolation first)
-#   3. tests       pytest tests/ -x -q          (the CUDA test suite)
+#   1. env         card, driver, torch/triton/timm/transformers versions
+#   2. install     pip install --no-deps --no-build-isolation -e .  (works offline), checked by importing
+#                  tofu_triton.kernels; falls back to a non-editable install
+#   3. tests       pytest tests/ on CUDA (in parallel when pytest-xdist is there)
 #   4. bench       pytest bench/ (scope "gpu", time-budgeted) -> benchmark.json, microbench.jsonl
-#   5. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
-#   6. summarize   bench/summarize.py -> microbench.md/png, verdict on every target
+#   5. probe       bench/probe.py: proportional-attention mask cost, host-sync check, launches per block
+#   6. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
+#   7. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
 #
-# Output goes to $OUT when set (the device tool copies it back: at most 8
-# files, which is exactly what this writes), else bench/results/:
-#   gpu_check.log microbench.jsonl benchmark.json microbench.md microbench.png
-#   throughput.json throughput.md throughput.png
+#   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
+#   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh       # a longer run
+#   GPU_CHECK_SKIP_TESTS=1 bash bench/gpu_check.sh       # benchmarks only
+#   GPU_CHECK_TESTS="tests/test_kernels.py" ...          # only these tests
+#   GPU_CHECK_SKIP_INSTALL=1 ...                          # already installed
 #
-# Every stage runs under `timeout` and the two benchmark stages also get an
-# internal budget, so no stage can eat the others' time; the whole run stops
-# by GPU_CHECK_BUDGET_S (default 470 s) after it starts. A compact summary is
-# printed last.
-#
-#   bash bench/gpu_check.sh
-#   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh      # a longer lease
-#   GPU_CHECK_SKIP_TESTS=1 bash bench/gpu_check.sh      # benchmarks only
-#   GPU_CHECK_SKIP_INSTALL=1 ...                         # already installed
+# Every stage runs under `timeout`, and the benchmark stages also get an
+# internal budget, so no stage eats the others' time; the whole run ends by
+# GPU_CHECK_BUDGET_S (default 470 s) after it starts. Files in OUTPUT_DIR:
+# gpu_check.log, tests.log, microbench.{jsonl,md,png}, benchmark.json,
+# probe.{json,md}, throughput.{json,md,png}, and all of them packed into
+# gpu_check.tar.gz. A compact summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-RESULTS="${OUT:-bench/results}"
+RESULTS="${1:-bench/results/gpu}"
 mkdir -p "$RESULTS"
 LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
-PY="${PYTHON:-python}"
+PY="${PYTHON:-python3}"
 START=$(date +%s)
 DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-470}))
 STAGES=()
+export PYTHONUNBUFFERED=1
 
 remaining() { echo $((DEADLINE - $(date +%s))); }
+min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 stage() { # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
@@ -60,38 +62,48 @@ stage() { # stage NAME LIMIT_S COMMAND...
   return $rc
 }
 
-min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
-
 stage env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv; \
-  $PY -c 'import torch, triton, timm; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
-  \"triton\", triton.__version__, \"timm\", timm.__version__, \"device\", torch.cuda.get_device_name())'"
+  $PY -c 'import torch, triton, timm, numpy; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, \
+  \"triton\", triton.__version__, \"timm\", timm.__version__, \"numpy\", numpy.__version__, \
+  \"device\", torch.cuda.get_device_name())'; \
+  $PY -c 'import transformers; print(\"transformers\", transformers.__version__)' || true"
 
+# An egg-link install made by an old pip without PEP 517 loses the
+# package_dir mapping (kernels/ -> tofu_triton.kernels): check the import,
+# not pip's exit code.
+IMPORT_CHECK="import tofu_triton.kernels.tofu, tofu_triton.patch; print('import ok', tofu_triton.__file__)"
 if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
-  stage install 60 bash -c "$PY -m pip install --no-deps --no-build-isolation -e . \
-    || $PY -m pip install --no-deps -e ."
+  stage install 90 bash -c "cd /tmp && { $PY -m pip install -q --no-deps --no-build-isolation -e '$PWD' \
+    && $PY -c \"$IMPORT_CHECK\"; } || { echo 'editable install unusable; installing a copy'; \
+    $PY -m pip install -q --no-deps --no-build-isolation '$PWD' && $PY -c \"$IMPORT_CHECK\"; }"
 fi
 
 if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
-  # Whatever the tests leave, the benchmarks still get at least ~3.5 minutes.
-  # The ahead-of-time compile check is the same on any machine and CI runs it;
-  # here it would only spend the budget.
-  stage tests "$(min 150 $(($(remaining) - 220)))" "$PY" -m pytest tests/ -q -p no:cacheprovider --maxfail=10 \
-    --ignore=tests/test_aot_compile.py
+  # The benchmarks get at least ~4.5 minutes whatever the tests leave. The
+  # ahead-of-time compile check gives the same answer on any machine (CI runs it).
+  XDIST=()
+  if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+  # shellcheck disable=SC2086
+  stage tests "$(min 150 $(($(remaining) - 270)))" bash -c "set -o pipefail; $PY -m pytest ${GPU_CHECK_TESTS:-tests/} \
+    -q -p no:cacheprovider ${XDIST[*]} -rfE --durations=10 --ignore=tests/test_aot_compile.py 2>&1 \
+    | tee '$RESULTS/tests.log'"
 fi
 
-# Leave 100 s for throughput + summary; pytest itself stops starting cases 30 s
-# before its limit so it can write benchmark.json.
+# Leave ~160 s for probe + throughput + summary; pytest itself stops starting
+# cases 30 s before its limit so it can write benchmark.json.
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
-BENCH_LIMIT=$(min 420 $(($(remaining) - 100)))
+BENCH_LIMIT=$(min 220 $(($(remaining) - 160)))
 stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider -k "not throughput_cpu_smoke" \
   --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
   --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
+
+stage probe "$(min 60 $(($(remaining) - 100)))" "$PY" bench/probe.py --out "$RESULTS"
 
 TP_LIMIT=$(min 300 $(($(remaining) - 20)))
 stage throughput "$TP_LIMIT" "$PY" bench/throughput.py --quick --budget-s $((TP_LIMIT - 35)) --out "$RESULTS"
 
 SUMMARY_FILE=$(mktemp)
-stage summarize 30 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.jsonl' \
+stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.jsonl' \
   --benchmark-json '$RESULTS/benchmark.json' --throughput '$RESULTS/throughput.json' --out '$RESULTS' \
   | tee '$SUMMARY_FILE'"
 
@@ -101,8 +113,11 @@ stage summarize 30 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   grep -m1 -A1 "^name, driver" "$LOG" | tail -1
   grep -m1 "^torch .* triton" "$LOG"
   printf '%s\n' "${STAGES[@]}"
-  grep -E "^[0-9]+ (passed|failed)|^(FAILED|ERROR) |[0-9]+ (passed|failed|skipped|error)" "$LOG" | tail -n 6
+  grep -E "^(FAILED|ERROR) " "$LOG" | head -n 15
+  grep -E "[0-9]+ (passed|failed|skipped|error)" "$LOG" | tail -n 3
+  grep -E "^(sync|launches|attention B=(64|256) N=197)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
   cat "$SUMMARY_FILE"
 } | tee -a "$LOG"
 rm -f "$SUMMARY_FILE"
+tar czf "$RESULTS/gpu_check.tar.gz" -C "$RESULTS" --exclude=gpu_check.tar.gz . 2>/dev/null || true

@@ -13,6 +13,7 @@ from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
+from conftest import DEVICE  # noqa: E402
 from tofu_triton.patch import hf  # noqa: E402
 
 IMPLS = ["sdpa", "eager"]
@@ -394,8 +395,10 @@ def test_fidelity_script_smoke(tmp_path):
 def test_bert_padded_triton_backend_matches_reference(mode):
     # The fused kernels (Triton's CPU interpreter here, CUDA on a GPU) see the
     # padding-aware metric with head_dim + 1 columns; they must agree with the reference.
-    ids, mask = ids_and_mask()
-    model = tp.transformers(bert(), r=3, mode=mode, backend="reference")
+    # The model and inputs live on the test device: backend="triton" needs
+    # CUDA tensors wherever CUDA exists.
+    ids, mask = (t.to(DEVICE) for t in ids_and_mask())
+    model = tp.transformers(bert().to(DEVICE), r=3, mode=mode, backend="reference")
     with torch.no_grad():
         ref = model(input_ids=ids, attention_mask=mask)
         model.tofu_backend = "triton"

@@ -229,13 +229,25 @@ def clip_layer_forward(layer: CLIPEncoderLayer, x: Tensor, size: Tensor, step: L
     return x, size
 
 
+def _dinov2_attention(attn: nn.Module, h: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """DINOv2 self-attention in either layout transformers 5.x has shipped:
+    one flat module (``q_proj`` ... ``o_proj``) or, up to about 5.20, ViT's
+    older nesting (``attention.query/key/value`` + ``output.dense``)."""
+    eager = modeling_dinov2.eager_attention_forward
+    if hasattr(attn, "q_proj"):
+        return _self_attention(attn, h, mask, attn.o_proj, attn.attention_dropout, attn.scaling, eager)
+    sa = attn.attention
+    B, N, _ = h.shape
+    q, k, v = (_heads(h, p, sa.attention_head_size) for p in (sa.query, sa.key, sa.value))
+    out = _attend(sa, sa.config, q, k, v, mask, sa.dropout_prob if sa.training else 0.0, sa.scaling, eager)
+    return attn.output(out.reshape(B, N, -1).contiguous(), h), k
+
+
 def dinov2_layer_forward(layer: Dinov2Layer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
                          prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """One patched ``Dinov2Layer`` (pre-norm, layer scale, drop path)."""
-    attn = layer.attention
     mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
-    out, k = _self_attention(attn, layer.norm1(x), mask, attn.o_proj, attn.attention_dropout, attn.scaling,
-                             modeling_dinov2.eager_attention_forward)
+    out, k = _dinov2_attention(layer.attention, layer.norm1(x), mask)
     x = layer.drop_path(layer.layer_scale1(out)) + x
     x, size = _reduce(x, k, size, step, padded, backend)
     x = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
@@ -412,21 +424,39 @@ _NEEDS = {
                   "attention.head_dim", "attention.scaling", "attention.attention_dropout", "attention.config",
                   "norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", "mlp"),
 }
+# Older layouts a layer class may have instead (any one complete layout is accepted).
+_NEEDS_ALT = {
+    Dinov2Layer: ("attention.attention.query", "attention.attention.key", "attention.attention.value",
+                  "attention.attention.attention_head_size", "attention.attention.scaling",
+                  "attention.attention.dropout_prob", "attention.attention.config", "attention.output",
+                  "norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", "mlp"),
+}
+
+
+def _missing(layer: nn.Module, paths) -> Optional[str]:
+    """The first of ``paths`` (dotted attribute paths) that ``layer`` lacks, or None."""
+    for path in paths:
+        obj = layer
+        for part in path.split("."):
+            if not hasattr(obj, part):
+                return path
+            obj = getattr(obj, part)
+    return None
 
 
 def _check_layout(layers) -> None:
     import transformers
 
     for i, layer in enumerate(layers):
-        for path in _NEEDS[type(layer)]:
-            obj = layer
-            for part in path.split("."):
-                if not hasattr(obj, part):
-                    raise TypeError(
-                        f"layer {i} ({type(layer).__name__}) has no {path!r} in transformers "
-                        f"{transformers.__version__}; tofu_triton.patch.transformers knows the 5.x layout (tested: 5.24)"
-                    )
-                obj = getattr(obj, part)
+        missing = _missing(layer, _NEEDS[type(layer)])
+        if missing is not None and type(layer) in _NEEDS_ALT and _missing(layer, _NEEDS_ALT[type(layer)]) is None:
+            missing = None
+        if missing is not None:
+            raise TypeError(
+                f"layer {i} ({type(layer).__name__}) has no {missing!r} in transformers "
+                f"{transformers.__version__}; tofu_triton.patch.transformers knows the 5.x layouts "
+                "(tested: 5.17 and 5.24)"
+            )
 
 
 def check_model(model: nn.Module) -> None:
