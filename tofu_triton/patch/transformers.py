@@ -73,9 +73,8 @@ Not supported (refused): ``output_attentions`` / ``output_hidden_states``
 r > 0 is allowed (mask tokens are ordinary tokens). Gradient checkpointing
 is ignored. ``interpolate_pos_encoding`` works.
 """
-import sys
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +94,7 @@ from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTL
 from .. import ops
 from ..reference import gather_rows
 from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, token_counts
+from . import lifecycle
 
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
@@ -113,24 +113,6 @@ class TofuModelOutput(BaseModelOutputWithPooling):
     token_size: Optional[torch.FloatTensor] = None
     token_mask: Optional[torch.LongTensor] = None
     tokens: Optional[List[int]] = None
-
-
-def mean_pool(hidden: Tensor, size: Optional[Tensor] = None, mask: Optional[Tensor] = None) -> Tensor:
-    """Size-weighted mean over tokens: ``sum(w * h) / sum(w)``, ``w = size * mask``.
-
-    hidden: [B, N, C]; size: [B, N, 1] or [B, N] (None = ones); mask: [B, N]
-    0/1 (None = ones). With ``size=None`` this is sentence-transformers'
-    mean pooling (``clamp(sum(mask), 1e-9)`` in the denominator). Returns
-    [B, C] in ``hidden``'s dtype, accumulated in fp32.
-    """
-    weight = torch.ones(hidden.shape[:2], dtype=torch.float32, device=hidden.device)
-    if size is not None:
-        weight = weight * (size[..., 0] if size.dim() == 3 else size).float()
-    if mask is not None:
-        weight = weight * mask.float()
-    weight = weight[..., None]
-    pooled = (hidden.float() * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
-    return pooled.to(hidden.dtype)
 
 
 # --------------------------------------------------------------------------- pieces
@@ -281,10 +263,12 @@ def _plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
     return plan_layers(n_tokens, 1, r, modes)
 
 
-def plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
-    """The per-layer plan a patched model follows for ``n_tokens`` input tokens ([CLS] included)."""
-    base = _base(model)
-    _require_patched(base)
+def _plan_or_default(base: nn.Module, n_tokens: Optional[int]) -> List[LayerPlan]:
+    if n_tokens is None:
+        cfg = base.config
+        if isinstance(base, BertModel):
+            raise ValueError("plan() of a text model needs n_tokens: the sequence length, [CLS] and [SEP] included")
+        n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
     return _plan(base, n_tokens)
 
 
@@ -387,18 +371,6 @@ class _PatchedDinov2:
 
 _MIXINS = {BertModel: _PatchedBert, ViTModel: _PatchedViT, CLIPVisionModel: _PatchedCLIPVision,
            Dinov2Model: _PatchedDinov2}
-_CLASSES: Dict[type, type] = {}
-
-
-def _patched_class(base: type) -> type:
-    if base not in _CLASSES:
-        mixin = next(m for b, m in _MIXINS.items() if issubclass(base, b))
-        name = f"Tofu{base.__name__}"
-        cls = type(name, (mixin, base), {"_tofu_base": base, "__module__": __name__})
-        cls.__qualname__ = name
-        setattr(sys.modules[__name__], name, cls)  # so pickle finds it
-        _CLASSES[base] = cls
-    return _CLASSES[base]
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -493,15 +465,6 @@ def _check_family(model: nn.Module) -> None:
     )
 
 
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(_base(model), tuple(_MIXINS.values()))
-
-
-def _require_patched(model) -> None:
-    if not is_patched(model):
-        raise TypeError(f"{type(model).__name__} is not patched; call tofu_triton.patch.transformers(model) first")
-
-
 def _validate(base: nn.Module) -> None:
     depth = len(_layers(base))
     parse_r(base.r, depth)
@@ -512,39 +475,22 @@ def _validate(base: nn.Module) -> None:
         raise TypeError(f"prop_attn must be a bool, got {type(base.tofu_prop_attn).__name__}")
 
 
+FAMILY = lifecycle.register(lifecycle.Family(
+    name="transformers", settings=CONFIG, target=_base, validate=_validate, plan=_plan_or_default))
+
+
 def patch(model: nn.Module, r=16, mode="tofu", prune_layers: Optional[int] = None,
           prop_attn: bool = True, backend: str = "auto") -> nn.Module:
-    """Patch a transformers ``BertModel`` / ``ViTModel`` / ``ViTForImageClassification`` in place; return it.
+    """Patch a supported transformers model (see the module docstring) in place; return it.
 
     Same meaning of r, mode, prune_layers, prop_attn, backend as
     :func:`tofu_triton.patch.timm`. The settings live on the patched base
-    model (``model`` itself, or ``model.vit``) and may be changed between
-    calls. Patching a patched model only updates them.
+    model (``model`` itself, or ``model.vit`` of a ``ViTForImageClassification``)
+    and may be changed between calls. Patching a patched model only updates
+    them; settings it refuses leave it as it was.
     """
     check_model(model)
     base = _base(model)
-    previous = {n: getattr(base, n) for n in CONFIG} if is_patched(model) else None
-    base.r, base.tofu_mode, base.tofu_prune_layers = r, mode, prune_layers
-    base.tofu_prop_attn, base.tofu_backend = prop_attn, backend
-    try:
-        _validate(base)
-    except (TypeError, ValueError):
-        for n in CONFIG:
-            if previous is None:
-                delattr(base, n)
-            else:
-                setattr(base, n, previous[n])
-        raise
-    if previous is None:
-        base.__class__ = _patched_class(type(base))
-    return model
-
-
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch` in place (an unpatched model is returned as is)."""
-    base = _base(model)
-    if is_patched(model):
-        base.__class__ = type(base)._tofu_base
-        for n in CONFIG:
-            base.__dict__.pop(n, None)
-    return model
+    mixin = next(m for cls, m in _MIXINS.items() if isinstance(base, cls))
+    values = dict(zip(CONFIG, (r, mode, prune_layers, prop_attn, backend)))
+    return lifecycle.apply(model, FAMILY, mixin, values)

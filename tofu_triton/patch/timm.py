@@ -1,9 +1,14 @@
-"""ToFu / ToMe inside timm 1.0's ``VisionTransformer`` (and relatives sharing its blocks).
+"""``tofu_triton.patch.timm``: ToFu / ToMe inside timm 1.0's ``VisionTransformer``.
 
-Patching swaps the model's class for a subclass (created once per original
-class) whose ``forward`` runs the blocks through :func:`block_forward`
-instead of ``Block.forward``; parameters, hooks and ``state_dict`` are
-untouched, and :func:`unpatch` swaps the class back.
+Any timm ``VisionTransformer`` built from timm's ``Block`` and ``Attention``:
+ViT, DeiT (also distilled), ViTs with register tokens or no class token,
+LayerScale, ``qk_norm``, ``token`` / ``avg`` / ``max`` / ``avgmax`` pooling.
+
+Patching (through :mod:`tofu_triton.patch.lifecycle`, shared by every
+family) swaps the model's class for a subclass whose ``forward`` runs the
+blocks through :func:`block_forward` instead of ``Block.forward``;
+parameters, hooks and ``state_dict`` are untouched, and
+``tofu_triton.patch.unpatch`` swaps the class back.
 
 What a patched block does (timm's pre-norm block, with one step added)::
 
@@ -40,8 +45,7 @@ blocks other than timm's ``Block`` with ``Attention`` (refused).
 ``model.forward_head(model.forward_features(x))`` pools unweighted; use
 ``model(x)`` or :func:`forward_with_info`.
 """
-import sys
-from typing import Dict, List, NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +56,7 @@ from timm.models.vision_transformer import Attention, Block, VisionTransformer
 from .. import ops
 from ..reference import Match, gather_rows
 from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
+from . import lifecycle
 
 POOLS = ("", "token", "avg", "max", "avgmax")
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_trace_source", "tofu_backend")
@@ -192,10 +197,7 @@ def _plan(model: VisionTransformer, n_tokens: int) -> List[LayerPlan]:
     return plan_layers(n_tokens, model.num_prefix_tokens, r, modes)
 
 
-def plan(model: VisionTransformer, n_tokens: Optional[int] = None) -> List[LayerPlan]:
-    """The per-layer plan a patched model follows for ``n_tokens`` input tokens
-    (prefix included; default: the model's own image size)."""
-    _require_patched(model)
+def _plan_or_default(model: VisionTransformer, n_tokens: Optional[int]) -> List[LayerPlan]:
     if n_tokens is None:
         n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     return _plan(model, n_tokens)
@@ -244,7 +246,7 @@ def forward_with_info(
     the model's ``tofu_trace_source``). pre_logits: return the pooled
     features instead of the logits. Reentrant: all state is local.
     """
-    _require_patched(model)
+    model = lifecycle.require_patched(model)
     if trace_source is None:
         trace_source = model.tofu_trace_source
     x, size, source, steps = _features(model, images, trace_source)
@@ -280,34 +282,15 @@ def _no_mask(attn_mask, is_causal) -> None:
         raise NotImplementedError("a ToFu-patched ViT does not take attn_mask/is_causal (tokens move between layers)")
 
 
-_CLASSES: Dict[type, type] = {}
-
-
-def _patched_class(base: type) -> type:
-    if base not in _CLASSES:
-        name = f"Tofu{base.__name__}"
-        cls = type(name, (_Patched, base), {"_tofu_base": base, "__module__": __name__})
-        cls.__qualname__ = name
-        # Registered as a module global so pickle can find the class by name.
-        setattr(sys.modules[__name__], name, cls)
-        _CLASSES[base] = cls
-    return _CLASSES[base]
-
-
-def is_patched(model: nn.Module) -> bool:
-    return isinstance(model, _Patched)
-
-
-def _require_patched(model) -> None:
-    if not is_patched(model):
-        raise TypeError(f"{type(model).__name__} is not patched; call tofu_triton.patch.timm(model) first")
+FAMILY = lifecycle.register(lifecycle.Family(
+    name="timm", settings=CONFIG, target=lambda model: model, validate=_validate_config, plan=_plan_or_default))
 
 
 def patch(
     model: VisionTransformer, r=16, mode="tofu", prune_layers: Optional[int] = None,
     prop_attn: bool = True, trace_source: bool = False, backend: str = "auto",
 ) -> VisionTransformer:
-    """Patch ``model`` in place for ToFu/ToMe and return it.
+    """Patch a timm ``VisionTransformer`` in place for ToFu/ToMe and return it.
 
     r: int, list or (r, inflect) (see :func:`tofu_triton.schedule.parse_r`).
     mode: "tofu" | "tome" | "prune" | "mlerp" or a list of op modes, one per
@@ -315,31 +298,9 @@ def patch(
     "tofu" prunes in this many first blocks (default depth // 2).
     prop_attn: proportional attention. trace_source: default of
     :func:`forward_with_info`'s ``trace_source``. backend: "auto" |
-    "triton" | "reference". Patching a patched model only updates these.
+    "triton" | "reference". Patching a patched model only updates these;
+    settings the model refuses leave it as it was.
     """
     check_model(model)
-    previous = {name: getattr(model, name) for name in CONFIG} if is_patched(model) else None
-    model.r, model.tofu_mode, model.tofu_prune_layers = r, mode, prune_layers
-    model.tofu_prop_attn, model.tofu_trace_source, model.tofu_backend = prop_attn, trace_source, backend
-    try:
-        _validate_config(model)
-    except (TypeError, ValueError):
-        if previous is None:
-            for name in CONFIG:
-                delattr(model, name)
-        else:
-            for name, value in previous.items():
-                setattr(model, name, value)
-        raise
-    if not is_patched(model):
-        model.__class__ = _patched_class(type(model))
-    return model
-
-
-def unpatch(model: nn.Module) -> nn.Module:
-    """Undo :func:`patch` in place (a model that is not patched is returned as is)."""
-    if is_patched(model):
-        model.__class__ = type(model)._tofu_base
-        for name in CONFIG:
-            model.__dict__.pop(name, None)
-    return model
+    values = dict(zip(CONFIG, (r, mode, prune_layers, prop_attn, trace_source, backend)))
+    return lifecycle.apply(model, FAMILY, _Patched, values)

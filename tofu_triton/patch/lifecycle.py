@@ -1,0 +1,149 @@
+"""The one patch lifecycle every model family uses.
+
+A family patches a model in place by changing the class of one module, its
+*target* (the model itself, or the encoder inside a model with a head), to a
+cached subclass that mixes the family's ``forward`` in front of the original
+class, and by setting the family's settings (``r``, ``tofu_mode``, ...) as
+plain attributes on that target. Parameters, buffers, hooks and the
+``state_dict`` are untouched, so unpatching is swapping the class back and
+deleting the settings.
+
+This module owns what every family shares: validating new settings and
+rolling back to the previous ones when they are refused, the class swap,
+finding the patched module of any model, :func:`unpatch`,
+:func:`is_patched`, :func:`plan` and :func:`settings`. A family describes
+itself once with a :class:`Family` and calls :func:`apply`.
+"""
+import sys
+from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
+
+from torch import nn
+
+
+class Family(NamedTuple):
+    """What the lifecycle needs to know about one model family."""
+
+    name: str  # what users call: tofu_triton.patch.<name>(model, ...)
+    settings: Tuple[str, ...]  # attributes the family sets on its target
+    target: Callable[[nn.Module], nn.Module]  # model -> the module whose class is swapped
+    validate: Callable[[nn.Module], None]  # target -> None; TypeError/ValueError on bad settings
+    plan: Callable[[nn.Module, Optional[int]], list]  # (target, n_tokens or None) -> per-layer plan
+
+
+class Patched:
+    """Marker base of every patched class (set on the class by :func:`apply`):
+    ``_tofu_base`` is the original class, ``_tofu_family`` the Family."""
+
+    _tofu_base: type
+    _tofu_family: Family
+
+
+_FAMILIES: List[Family] = []
+_CLASSES: Dict[Tuple[type, type], type] = {}
+
+
+def register(family: Family) -> Family:
+    """Make a family known to :func:`unpatch`, :func:`is_patched` and :func:`plan`."""
+    if all(f.name != family.name for f in _FAMILIES):
+        _FAMILIES.append(family)
+    return family
+
+
+def _patched_class(base: type, mixin: type, family: Family, module: str) -> type:
+    key = (base, mixin)
+    if key not in _CLASSES:
+        name = f"Tofu{base.__name__}"
+        cls = type(name, (mixin, Patched, base), {"_tofu_base": base, "_tofu_family": family, "__module__": module})
+        cls.__qualname__ = name
+        # A module-level name lets pickle find the class of a patched model.
+        setattr(sys.modules[module], name, cls)
+        _CLASSES[key] = cls
+    return _CLASSES[key]
+
+
+def apply(model: nn.Module, family: Family, mixin: type, values: Dict[str, object]) -> nn.Module:
+    """Patch ``model`` in place with ``values`` (one per ``family.settings``), or update them.
+
+    The settings are validated on the target before anything else changes;
+    if the family refuses them, the target is left exactly as it was (its
+    previous settings restored, or none set) and the error propagates.
+    Returns ``model``.
+    """
+    target = family.target(model)
+    if isinstance(target, Patched) and type(target)._tofu_family.name != family.name:
+        raise TypeError(f"this model is already patched by tofu_triton.patch.{type(target)._tofu_family.name}; "
+                        "call tofu_triton.patch.unpatch(model) first")
+    previous = {name: getattr(target, name) for name in family.settings} if isinstance(target, Patched) else None
+    for name in family.settings:
+        setattr(target, name, values[name])
+    try:
+        family.validate(target)
+    except (TypeError, ValueError):
+        for name in family.settings:
+            if previous is None:
+                target.__dict__.pop(name, None)
+            else:
+                setattr(target, name, previous[name])
+        raise
+    if previous is None:
+        target.__class__ = _patched_class(type(target), mixin, family, mixin.__module__)
+    return model
+
+
+def patched_module(model: nn.Module) -> Optional[nn.Module]:
+    """The module of ``model`` that carries the patch (``model`` itself or its
+    target in some registered family), or None if it is not patched."""
+    if isinstance(model, Patched):
+        return model
+    for family in _FAMILIES:
+        try:
+            target = family.target(model)
+        except (TypeError, AttributeError):
+            continue
+        if isinstance(target, Patched):
+            return target
+    return None
+
+
+def is_patched(model: nn.Module) -> bool:
+    """True if any family has patched ``model`` (or the encoder inside it)."""
+    return patched_module(model) is not None
+
+
+def require_patched(model: nn.Module) -> nn.Module:
+    """The patched module of ``model``; TypeError naming what to call if there is none."""
+    target = patched_module(model)
+    if target is None:
+        raise TypeError(f"{type(model).__name__} is not patched; call tofu_triton.patch.timm(model), "
+                        ".transformers(model) or .diffusers(model) first")
+    return target
+
+
+def unpatch(model: nn.Module) -> nn.Module:
+    """Undo any family's patch in place and return ``model`` (an unpatched model is returned as is)."""
+    target = patched_module(model)
+    if target is not None:
+        family = type(target)._tofu_family
+        target.__class__ = type(target)._tofu_base
+        for name in family.settings:
+            target.__dict__.pop(name, None)
+    return model
+
+
+def settings(model: nn.Module) -> Dict[str, object]:
+    """The current settings of a patched model, by attribute name."""
+    target = require_patched(model)
+    return {name: getattr(target, name) for name in type(target)._tofu_family.settings}
+
+
+def family_of(model: nn.Module) -> Family:
+    """The Family that patched ``model``."""
+    return type(require_patched(model))._tofu_family
+
+
+def plan(model: nn.Module, n_tokens: Optional[int] = None) -> list:
+    """The per-layer plan (:class:`tofu_triton.schedule.LayerPlan` list) a
+    patched model follows for ``n_tokens`` input tokens (prefix included;
+    default: what the model's configured input size gives, where it has one)."""
+    target = require_patched(model)
+    return type(target)._tofu_family.plan(target, n_tokens)
