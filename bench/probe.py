@@ -19,6 +19,7 @@ Writes ``probe.json`` and ``probe.md`` under ``--out`` with the card, date,
 versions and command.
 """
 import argparse
+import functools
 import json
 import shlex
 import sys
@@ -28,7 +29,6 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from measure import count_launches, environment, time_cuda  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64
@@ -51,10 +51,11 @@ def attention_rows(batches, tokens, dtype):
             log_size = (1 + 3 * torch.rand(batch, n, device="cuda")).log()
             mask = log_size[:, None, None, :].to(dtype)
             row = dict(batch=batch, n=n)
-            row["sdpa_ms"] = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v))["median_ms"]
-            row["sdpa_mask_ms"] = time_cuda(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask))["median_ms"]
+            sdpa = F.scaled_dot_product_attention
+            row["sdpa_ms"] = time_cuda(functools.partial(sdpa, q, k, v))["median_ms"]
+            row["sdpa_mask_ms"] = time_cuda(functools.partial(sdpa, q, k, v, attn_mask=mask))["median_ms"]
             if flex_attention is not None and (batch, n) in FLEX_CASES:
-                def bias(score, b, h, q_idx, kv_idx):
+                def bias(score, b, h, q_idx, kv_idx, log_size=log_size):
                     return score + log_size[b, kv_idx]
 
                 try:
@@ -63,7 +64,7 @@ def attention_rows(batches, tokens, dtype):
                     out = flex(q, k, v, score_mod=bias)
                     ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                     row["flex_max_abs_err"] = (out.float() - ref.float()).abs().max().item()
-                    row["flex_ms"] = time_cuda(lambda: flex(q, k, v, score_mod=bias))["median_ms"]
+                    row["flex_ms"] = time_cuda(functools.partial(flex, q, k, v, score_mod=bias))["median_ms"]
                 except Exception as e:
                     row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             row["mask_overhead"] = row["sdpa_mask_ms"] / row["sdpa_ms"] - 1
@@ -75,12 +76,10 @@ def attention_rows(batches, tokens, dtype):
 
 
 def make_model(variant, dtype):
-    import timm
-
     import tofu_triton.patch as tp
+    from tofu_triton.models import create_vit
 
-    torch.manual_seed(0)
-    model = timm.create_model("vit_base_patch16_224", pretrained=False).to("cuda", dtype).eval()
+    model = create_vit("vit_base_patch16_224").to("cuda", dtype)
     if variant == "tome":
         tp.timm(model, r=16, mode="tome", backend="reference")
     elif variant == "tofu":
@@ -112,7 +111,7 @@ def launch_rows(dtype):
         model = make_model(variant, dtype)
         images = torch.randn(1, 3, 224, 224, device="cuda", dtype=dtype)
         with torch.inference_mode():
-            counts = count_launches(lambda: model(images))
+            counts = count_launches(functools.partial(model, images))
             for _ in range(5):
                 model(images)
             torch.cuda.synchronize()
@@ -129,7 +128,6 @@ def launch_rows(dtype):
         rows.append(row)
         print(f"launches {variant:9s} {row['launches']:4d} per forward ({row['launches_per_block']:.1f} per block), "
               f"memops {row['memops']}, host enqueue {row['host_ms_b1']:.2f} ms at B=1", flush=True)
-        del model
     return rows
 
 
@@ -161,7 +159,8 @@ def main(argv=None) -> int:
 def markdown(report) -> str:
     env = report["environment"]
     lines = ["# GPU probes: attention mask cost, host syncs, launches", "",
-             f"- card: {env['device']}; date: {env['date']}; torch {env['torch']}, triton {env['triton']}; {report['dtype']}",
+             f"- card: {env['device']}; date: {env['date']}; torch {env['torch']}, triton {env['triton']}; "
+             f"{report['dtype']}",
              f"- command: `{report['command']}`", ""]
     att = report.get("attention")
     if isinstance(att, list):

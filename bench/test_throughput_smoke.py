@@ -19,13 +19,20 @@ def test_throughput_cpu_smoke(tmp_path):
     assert report["command"].startswith("python bench/throughput.py --cpu-smoke")
     rows = {row["variant"]: row for row in report["rows"]}
     assert set(rows) == {"unpatched", "tome", "tofu"}
-    assert rows["unpatched"]["status"] == "ok" and rows["unpatched"]["images_per_s"] > 0
+    for variant, row in rows.items():
+        assert row["status"] == "ok" and row["images_per_s"] > 0, (variant, row)
+    # 16 patches + class token, r = 2 in each of the 4 blocks.
+    assert rows["unpatched"]["tokens_out"] == 17 and rows["unpatched"]["flops_ratio"] == 1.0
     for variant in ("tome", "tofu"):
-        status = rows[variant]["status"]
-        # Until tofu_triton.patch lands the patched variants skip, and say why.
-        assert status == "ok" or status.startswith("skipped: tofu_triton.patch"), status
-        if status == "ok":
-            assert rows[variant]["tokens_out"] == 17 - 4 * 2
+        assert rows[variant]["tokens_out"] == 17 - 4 * 2
+        assert 1.0 < rows[variant]["flops_ratio"] < 17 / 9  # fewer tokens in every block after the first
+
+
+def test_flops_of_a_block_by_hand():
+    model = throughput.create_model("smoke", "cpu", throughput.torch.float32)  # C = 192, MLP 768
+    c, h, n = 192, 768, 17
+    per_block = 2 * (3 * n * c * c + 2 * n * n * c + n * c * c + 2 * n * c * h)
+    assert throughput.forward_flops(model, [n] * 4) == 4 * per_block
 
 
 def test_throughput_refuses_without_cuda(capsys, monkeypatch):

@@ -1,4 +1,4 @@
-"""Fused Triton kernels for one Token Fusion step (SPEC §4), and their launchers.
+"""Fused Triton kernels for one Token Fusion step (docs/design.md §3), and their launchers.
 
 The op they implement is defined in ``tofu_triton/reference.py``; read that
 first. Three launches per forward step, none of them using atomics, so every

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from tofu_triton.__main__ import main, synthetic_images
-from tofu_triton.visualize import merge_picture, save_merge_picture
+from tofu_triton.visualize import merge_figure, merge_picture, save_merge_picture
 
 
 def test_demo_prints_the_table_and_saves_pictures(tmp_path, capsys):
@@ -66,5 +66,48 @@ def test_merge_picture_paints_tokens_in_their_mean_colour(tmp_path):
     assert pic[0, 2].tolist() == [1.0, 1.0, 1.0]  # edge between token 0 and token 1
     path = save_merge_picture(str(tmp_path / "m.png"), image, source, (2, 2), "t")
     assert os.path.getsize(path) > 0
+    legend = merge_figure(image, source, (2, 2)).axes[1].get_legend()
+    assert legend is not None and "pruned" in legend.get_texts()[0].get_text()
+    assert merge_figure(image, source[:, [0, 1, 3, 3]], (2, 2)).axes[1].get_legend() is None  # nothing pruned
     with pytest.raises(ValueError, match="grid"):
         merge_picture(image, source, (3, 3))
+
+
+def _run_cli(*argv):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    return subprocess.run([sys.executable, "-m", "tofu_triton", *argv], capture_output=True, text=True,
+                          timeout=300, env=env)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vit_does_not_exist"], "unknown model 'vit_does_not_exist'"),
+    (["--model", "resnet18"], "not a timm VisionTransformer"),
+    (["--model", "tiny", "--pretrained"], "no pretrained weights"),
+])
+def test_demo_user_mistakes_are_one_line_errors(argv, message, tmp_path):
+    done = _run_cli("demo", "--device", "cpu", "--out", str(tmp_path), *argv)
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")
+def test_demo_cuda_without_gpu_is_a_one_line_error(tmp_path):
+    done = _run_cli("demo", "--device", "cuda", "--model", "tiny", "--out", str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr and "no CUDA GPU" in done.stderr
+
+
+def test_demo_is_seeded_and_says_when_r_is_clamped(tmp_path, capsys):
+    argv = ["demo", "--model", "tiny", "--device", "cpu", "--batch", "2", "--iters", "1", "--r", "20",
+            "--out", str(tmp_path)]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    assert main(argv) == 0
+    second = capsys.readouterr().out
+
+    def agreement(out):  # every column but images/s and speed-up
+        return [line.split()[-4:] for line in out.splitlines() if line.startswith(("ToMe", "ToFu"))]
+
+    assert agreement(first) == agreement(second)
+    # Nb of 65, 45, 25, 13, 7 and 4 tokens caps each layer's r = 20:
+    assert "r=20 is more than the last layers can remove" in first and "[20, 20, 12, 6, 3, 1]" in first
+    assert "CPU figures" in first

@@ -10,6 +10,7 @@ from PIL import Image
 
 from tofu_triton import eval as tev
 from tofu_triton.__main__ import main
+from tofu_triton.models import create_vit
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2"]
 
@@ -17,7 +18,7 @@ MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes",
 @pytest.fixture
 def folder(tmp_path):
     rng = np.random.default_rng(0)
-    for c, (name, count) in enumerate((("cats", 3), ("dogs", 2))):
+    for name, count in (("cats", 3), ("dogs", 2)):
         (tmp_path / name).mkdir()
         for i in range(count):
             pixels = rng.integers(0, 256, (40 + 8 * i, 48, 3), dtype=np.uint8)
@@ -30,7 +31,7 @@ def folder(tmp_path):
 def test_image_folder_layout(folder, use_torchvision):
     if use_torchvision:
         pytest.importorskip("torchvision", reason="torchvision not installed; the PIL fallback is tested")
-    model = tev.build_model("vit_tiny_patch16_224", img_size=64, num_classes=2)
+    model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=2)
     ds = tev.image_folder(str(folder), tev.eval_transform(model), use_torchvision=use_torchvision)
     assert ds.classes == ["cats", "dogs"] and len(ds) == 5
     assert [t for _, t in ds.samples] == [0, 0, 0, 1, 1]
@@ -40,7 +41,7 @@ def test_image_folder_layout(folder, use_torchvision):
 
 def test_pil_fallback_matches_torchvision(folder):
     pytest.importorskip("torchvision")
-    model = tev.build_model("vit_tiny_patch16_224", img_size=64, num_classes=2)
+    model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=2)
     tf = tev.eval_transform(model)
     a = tev.image_folder(str(folder), tf, use_torchvision=True)
     b = tev.image_folder(str(folder), tf, use_torchvision=False)
@@ -50,21 +51,19 @@ def test_pil_fallback_matches_torchvision(folder):
 
 def test_evaluate_counts_are_exact(folder):
     # With 2 classes top-5 is top-2 = 100 %; top-1 must equal a direct unpatched count.
-    model = tev.build_model("vit_tiny_patch16_224", img_size=64, num_classes=2)
+    model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=2)
     ds = tev.image_folder(str(folder), tev.eval_transform(model))
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
     with torch.no_grad():
         x = torch.stack([ds[i][0] for i in range(len(ds))])
         expected = (model(x).argmax(-1) == torch.tensor([0, 0, 0, 1, 1])).sum().item()
-    logs = []
-    rows = tev.evaluate(model, loader, [("tofu", 0), ("tome", 4), ("tofu", 4)], log=logs.append, log_every=1)
+    rows = tev.evaluate(model, loader, [("tofu", 0), ("tome", 4), ("tofu", 4)])
     assert [(r["mode"], r["r"]) for r in rows] == [("tofu", 0), ("tome", 4), ("tofu", 4)]
     assert rows[0]["top1"] == pytest.approx(100.0 * expected / 5)
     assert rows[0]["tokens"] == [17] * 13
     assert rows[1]["tokens"][:4] == [17, 13, 9, 5] and rows[1]["tokens"][-1] == 2
     for row in rows:
         assert row["images"] == 5 and row["top5"] == 100.0 and row["images_per_s"] > 0
-    assert len(logs) == 3 and logs[-1].startswith("[5/5]")
     limited = tev.evaluate(model, loader, [("tome", 2)], limit=3)
     assert limited[0]["images"] == 3
 
@@ -78,7 +77,8 @@ def test_eval_cli(folder, tmp_path, capsys):
     table = captured.out.strip().splitlines()
     assert table[0].split()[:3] == ["mode", "r", "tokens"]
     assert [line.split()[:2] for line in table[1:]] == [["tome", "0"], ["tome", "4"], ["tofu", "0"], ["tofu", "4"]]
-    assert "[5/5]" in captured.err and "5 images, 2 classes" in captured.err
+    assert "5 images, 2 classes" in captured.err and "warning" not in captured.err
+    assert "img/s" not in captured.err  # no progress bar when stderr is not a terminal
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["top1"] == rows[2]["top1"]  # r=0 is the same model whatever the mode
     assert all(r["top5"] == 100.0 for r in rows)
@@ -99,3 +99,26 @@ def test_eval_module_entry_point(folder):
     res = subprocess.run([sys.executable, "-m", "tofu_triton", "eval", *MODEL, "--data", str(folder), "--r", "2",
                           "--workers", "0", "--limit", "2"], capture_output=True, text=True, check=True)
     assert res.stdout.splitlines()[1].split()[:4] == ["tofu", "2", "17→2", "2"]
+
+
+def test_evaluate_progress_bar(folder, capsys):
+    model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=2)
+    loader = torch.utils.data.DataLoader(tev.image_folder(str(folder), tev.eval_transform(model)), batch_size=2)
+    tev.evaluate(model, loader, [("tome", 2)], progress=True)
+    err = capsys.readouterr().err
+    assert "5/5" in err and "img/s" in err and "tome r=2 top-1" in err
+
+
+def test_eval_warns_when_class_counts_differ(folder, capsys):
+    rc = main(["eval", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--data", str(folder), "--r", "0",
+               "--workers", "0", "--limit", "2"])
+    assert rc == 0
+    err = capsys.readouterr().err
+    assert "warning: the model has 1000 classes" in err and "2 class folders" in err
+    assert main(["eval", "--model", "vit_tiny_patch16_224", "--img-size", "64", "--data", str(folder), "--r", "0",
+                 "--workers", "0", "--limit", "2", "--quiet"]) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_eval_default_workers_follow_the_machine():
+    assert 1 <= tev.default_workers() <= 8

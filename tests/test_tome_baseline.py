@@ -1,30 +1,15 @@
-"""The ToMe-style baseline in ``bench/`` computes the same step as the reference.
+"""The ToMe-style baseline (``tofu_triton.testing.tome_step``) computes the same step as the reference.
 
-Benchmarks compare the fused kernels against ``bench/tome_baseline.py``; a
+Benchmarks compare the fused kernels against ``tofu_triton.testing.tome_step``; a
 speed-up only means something if the baseline does the same work, so its
 outputs are checked here against ``tofu_triton.reference``.
 """
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from tofu_triton import reference
+from tofu_triton import testing as tome_baseline
 from tofu_triton.testing import assert_close, make_inputs
-
-
-def _load_baseline():
-    # bench/ is not a package (pytest runs its files as rootdir-less modules),
-    # so load the file by path.
-    path = Path(__file__).resolve().parents[1] / "bench" / "tome_baseline.py"
-    spec = importlib.util.spec_from_file_location("tome_baseline", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-tome_baseline = _load_baseline()
 
 
 @pytest.mark.parametrize("mode", ["mean", "mlerp", "prune"])

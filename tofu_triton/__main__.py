@@ -22,7 +22,7 @@ import torch.nn.functional as F
 import tofu_triton
 import tofu_triton.patch as tp
 
-TINY = "tiny"  # a reduced-depth random ViT for quick CPU runs and tests
+TINY = "tiny"  # a small random ViT preset (tofu_triton.models.PRESETS) for quick CPU runs and tests
 
 
 def synthetic_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
@@ -41,31 +41,45 @@ def synthetic_images(batch: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.stack(out)
 
 
-def build_model(name: str, pretrained: bool) -> torch.nn.Module:
-    import timm
-    from timm.models.vision_transformer import VisionTransformer
-
-    if name == TINY:
-        if pretrained:
-            raise SystemExit("--model tiny has no pretrained weights")
-        torch.manual_seed(0)
-        return VisionTransformer(img_size=64, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=100)
-    return timm.create_model(name, pretrained=pretrained)
+def resolve_device(device: str) -> str:
+    """``auto`` -> cuda if available else cpu; SystemExit with one line if ``cuda`` is asked for and absent."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
+                         "use --device cpu")
+    return device
 
 
-def images_per_second(fn, images: torch.Tensor, iters: int) -> float:
+def load_model(name: str, pretrained: bool, seed: int, **overrides) -> torch.nn.Module:
+    """:func:`tofu_triton.models.create_vit`, with a one-line SystemExit for a bad model or failed download."""
+    from .models import create_vit
+
+    try:
+        return create_vit(name, pretrained=pretrained, seed=seed, **overrides)
+    except ValueError as e:
+        raise SystemExit(f"--model: {e}") from None
+    except (OSError, RuntimeError) as e:  # pretrained weights that could not be fetched or read
+        raise SystemExit(f"--model {name}: could not load pretrained weights ({type(e).__name__}: {e})") from None
+
+
+def images_per_second(fn, images: torch.Tensor, iters: int, repeats: int = 5) -> float:
+    """Median over ``repeats`` timed windows of ``iters`` calls each, after two untimed warm-up calls."""
     cuda = images.device.type == "cuda"
+    rates = []
     with torch.no_grad():
         for _ in range(2):
             fn(images)
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        for _ in range(iters):
-            fn(images)
-        if cuda:
-            torch.cuda.synchronize()
-    return iters * images.shape[0] / (time.perf_counter() - start)
+        for _ in range(repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            for _ in range(iters):
+                fn(images)
+            if cuda:
+                torch.cuda.synchronize()
+            rates.append(iters * images.shape[0] / (time.perf_counter() - start))
+    return sorted(rates)[len(rates) // 2]
 
 
 def compact(tokens: List[int]) -> str:
@@ -73,11 +87,9 @@ def compact(tokens: List[int]) -> str:
 
 
 def demo(args: argparse.Namespace) -> int:
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = resolve_device(args.device)
     name = args.model or ("vit_base_patch16_224" if device == "cuda" else "vit_tiny_patch16_224")
-    model = build_model(name, args.pretrained).eval().to(device)
+    model = load_model(name, args.pretrained, args.seed).to(device)
     batch = args.batch or (64 if device == "cuda" else 8)
     iters = args.iters or (20 if device == "cuda" else 3)
     size = model.patch_embed.img_size[0]
@@ -98,9 +110,13 @@ def demo(args: argparse.Namespace) -> int:
     rows = [("unpatched", base_speed, 1.0, 1.0, 1.0, f"{n_patches + model.num_prefix_tokens} in every layer")]
 
     os.makedirs(args.out, exist_ok=True)
-    pictures = []
+    pictures, notes = [], []
     for label, mode in (("ToMe", "tome"), ("ToFu", "tofu")):
         patched = tp.timm(copy.deepcopy(model), r=r, mode=mode)
+        clamped = [step.r for step in tp.plan(patched) if step.r < r]
+        if clamped and not notes:
+            notes.append(f"r={r} is more than the last layers can remove (at most half their non-prefix "
+                         f"tokens): the schedule removes {[s.r for s in tp.plan(patched)]}")
         with torch.no_grad():
             logits, info = tp.forward_with_info(patched, inputs)
             feats, _ = tp.forward_with_info(patched, inputs, pre_logits=True)
@@ -117,13 +133,21 @@ def demo(args: argparse.Namespace) -> int:
         pictures.append(path)
 
     print()
-    print(f"{'model':<14} {'images/s':>9} {'speed-up':>8} {'top-1 agree':>11} {'cos feats':>9} {'cos logits':>10}  tokens per layer")
+    print(f"{'model':<14} {'images/s':>9} {'speed-up':>8} {'top-1 agree':>11} {'cos feats':>9} {'cos logits':>10}"
+          "  tokens per layer")
     for label, speed, agree, cf, cl, tokens in rows:
-        print(f"{label:<14} {speed:>9.1f} {speed / base_speed:>7.2f}x {100 * agree:>10.1f}% {cf:>9.4f} {cl:>10.4f}  {tokens}")
+        print(f"{label:<14} {speed:>9.1f} {speed / base_speed:>7.2f}x {100 * agree:>10.1f}% {cf:>9.4f} {cl:>10.4f}"
+              f"  {tokens}")
     print()
+    for note in notes:
+        print(note)
     print("merge pictures: " + ", ".join(pictures))
+    if device == "cpu":
+        print(f"(CPU figures: median of 5 windows of {iters} batches; the fused kernels run on CUDA only, so this "
+              "times the PyTorch reference path and says little about GPU speed)")
     if not args.pretrained:
-        print("(random weights: agreement and similarity only show the machinery runs; pass --pretrained for real ones)")
+        print("(random weights: agreement and similarity only show the machinery runs; "
+              "pass --pretrained for real ones)")
     return 0
 
 
@@ -132,14 +156,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a timm ViT unpatched, with ToMe and with ToFu; print a table")
     d.add_argument("--model", default=None,
-                   help=f"timm model name, or '{TINY}' (default: vit_base_patch16_224 on GPU, vit_tiny_patch16_224 on CPU)")
+                   help=f"timm model name, or '{TINY}' "
+                        "(default: vit_base_patch16_224 on GPU, vit_tiny_patch16_224 on CPU)")
     d.add_argument("--r", type=int, default=None, help="tokens removed per layer (default: patches // 12)")
     d.add_argument("--batch", type=int, default=None, help="images per batch (default: 64 on GPU, 8 on CPU)")
     d.add_argument("--iters", type=int, default=None, help="timed batches (default: 20 on GPU, 3 on CPU)")
     d.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (downloads them)")
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--out", default="tofu_demo", help="folder for the merge pictures")
+    d.add_argument("--seed", type=int, default=0, help="seed of the random init and the synthetic images")
+    d.add_argument("--out", default="tofu_demo", help="folder for the merge pictures (created; default ./tofu_demo)")
     e = sub.add_parser("eval", help="top-1/top-5 and images/s of a timm ViT on an ImageFolder, per (mode, r)")
     from .eval import add_arguments
 

@@ -74,18 +74,6 @@ def image_folder(root: str, transform: Optional[Callable] = None, use_torchvisio
     return _FolderDataset(root, transform=transform)
 
 
-def build_model(name: str, pretrained: bool = False, img_size: Optional[int] = None,
-                num_classes: Optional[int] = None) -> torch.nn.Module:
-    import timm
-
-    kwargs = {}
-    if img_size is not None:
-        kwargs["img_size"] = img_size
-    if num_classes is not None:
-        kwargs["num_classes"] = num_classes
-    return timm.create_model(name, pretrained=pretrained, **kwargs).eval()
-
-
 def eval_transform(model: torch.nn.Module):
     from timm.data import create_transform, resolve_data_config
 
@@ -102,22 +90,28 @@ def parse_list(text: str, cast=str) -> List:
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]], device: str = "cpu",
-             backend: str = "auto", limit: Optional[int] = None, log: Callable[[str], None] = None,
-             log_every: int = 10, warmup: bool = True) -> List[Dict]:
+             backend: str = "auto", limit: Optional[int] = None, progress: bool = False,
+             warmup: bool = True) -> List[Dict]:
     """Top-1/top-5 and images/s of ``model`` patched with each (mode, r) in ``configs``.
 
     ``model`` is patched in place (and left patched with the last config).
     Returns one dict per config: mode, r, tokens (per layer), images, top1,
     top5 (percent), images_per_s. With ``warmup`` each config first runs the
     first batch once untimed, so images/s excludes Triton compilation.
+    ``progress`` shows a tqdm bar on stderr (images, images/s, the first
+    config's running top-1).
     """
+    from tqdm import tqdm
+
     import tofu_triton.patch as tp
+    from tofu_triton.schedule import token_counts
 
     tp.timm(model, r=0, backend=backend)
     model.to(device)
     cuda = str(device).startswith("cuda")
     stats = {c: dict(correct1=0, correct5=0, seconds=0.0) for c in configs}
     seen, total = 0, len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
+    bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for batch_i, (images, target) in enumerate(loader):
         if limit is not None and seen >= limit:
             break
@@ -140,15 +134,15 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
             s["correct1"] += (top[:, 0] == target).sum().item()
             s["correct5"] += (top == target[:, None]).any(dim=-1).sum().item()
         seen += len(target)
-        if log is not None and (batch_i + 1) % log_every == 0 or (log is not None and seen >= total):
-            first = stats[configs[0]]
-            log(f"[{seen}/{total}] {configs[0][0]} r={configs[0][1]}: top-1 {100 * first['correct1'] / seen:.2f}%")
+        bar.update(len(target))
+        first = stats[configs[0]]
+        bar.set_postfix_str(f"{configs[0][0]} r={configs[0][1]} top-1 {100 * first['correct1'] / seen:.2f}%")
+    bar.close()
     rows = []
     for mode, r in configs:
         s = stats[(mode, r)]
         model.r, model.tofu_mode = r, mode
-        tokens = [p.n_in for p in tp.plan(model)] + [tp.plan(model)[-1].n_out]
-        rows.append(dict(mode=mode, r=r, tokens=tokens, images=seen,
+        rows.append(dict(mode=mode, r=r, tokens=token_counts(tp.plan(model)), images=seen,
                          top1=100.0 * s["correct1"] / max(seen, 1), top5=100.0 * s["correct5"] / max(seen, 1),
                          images_per_s=seen / s["seconds"] if s["seconds"] > 0 else float("nan")))
     return rows
@@ -167,9 +161,9 @@ def run(args) -> int:
     """The ``eval`` subcommand (args from ``tofu_triton.__main__``)."""
     import json
 
-    device = args.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    from .__main__ import load_model, resolve_device
+
+    device = resolve_device(args.device)
     modes = parse_list(args.mode)
     for m in modes:
         if m not in MODEL_MODES:
@@ -177,33 +171,43 @@ def run(args) -> int:
     try:
         rs = parse_list(args.r, int)
     except ValueError:
-        raise SystemExit(f"--r must be an int or a comma list of ints, got {args.r!r}")
+        raise SystemExit(f"--r must be an int or a comma list of ints, got {args.r!r}") from None
     if not rs or any(r < 0 for r in rs):
         raise SystemExit("--r values must be >= 0")
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data!r} is not a folder")
-    model = build_model(args.model, args.pretrained, args.img_size, args.num_classes)
-    import tofu_triton.patch as tp
 
-    try:
-        tp.timm(model, r=0, backend=args.backend)
-    except TypeError as e:
-        raise SystemExit(f"--model {args.model}: {e}")
+    model = load_model(args.model, args.pretrained, args.seed, img_size=args.img_size, num_classes=args.num_classes)
     dataset = image_folder(args.data, eval_transform(model))
+    classes = len(getattr(dataset, "classes", []))
+    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.num_classes is None and classes != model.num_classes:
+        log(f"warning: the model has {model.num_classes} classes and {args.data} has {classes} class folders; "
+            "top-1/top-5 compare the model's class index with the folder's position in sorted order, which is "
+            "only right if the folders are the model's classes in its order (pass --num-classes to say you mean it)")
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
                                          pin_memory=device.startswith("cuda"))
     configs = list(itertools.product(modes, rs))
-    log = (lambda msg: print(msg, file=sys.stderr, flush=True))
-    log(f"eval {args.model} ({'pretrained' if args.pretrained else 'random init'}) on {args.data}: "
-        f"{len(dataset)} images, {len(getattr(dataset, 'classes', []))} classes, device {device}, "
+    log(f"eval {args.model} ({'pretrained' if args.pretrained else f'random init, seed {args.seed}'}) on "
+        f"{args.data}: {len(dataset)} images, {classes} classes, device {device}, "
         f"configs {', '.join(f'{m} r={r}' for m, r in configs)}")
-    rows = evaluate(model, loader, configs, device, args.backend, args.limit, log)
+    progress = not args.quiet and sys.stderr.isatty()
+    rows = evaluate(model, loader, configs, device, args.backend, args.limit, progress=progress)
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, pretrained=args.pretrained, data=os.path.abspath(args.data),
                            device=device, rows=rows), f, indent=1)
     return 0
+
+
+def default_workers() -> int:
+    """DataLoader workers: the CPUs this process may use, at most 8."""
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    return min(8, cpus)
 
 
 def add_arguments(p) -> None:
@@ -213,10 +217,13 @@ def add_arguments(p) -> None:
     p.add_argument("--r", default="16", help="tokens removed per layer; a comma list gives one row each")
     p.add_argument("--mode", default="tofu", help=f"one of {MODEL_MODES}, or a comma list")
     p.add_argument("--batch", type=int, default=64)
-    p.add_argument("--workers", type=int, default=4, help="DataLoader worker processes")
+    p.add_argument("--workers", type=int, default=default_workers(),
+                   help="DataLoader worker processes (default: the CPUs available, at most 8)")
     p.add_argument("--limit", type=int, default=None, help="evaluate only the first N images")
     p.add_argument("--img-size", type=int, default=None, help="override the model's input size (random-init tests)")
     p.add_argument("--num-classes", type=int, default=None, help="override the classifier's classes")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random init (without --pretrained)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr, only the table")

@@ -8,8 +8,8 @@ The Triton path runs inside custom ops (``tofu_triton::match``,
 ``tofu_triton::merge``, ``tofu_triton::merge_backward``), so
 ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque node per op
 whose output shapes depend only on ``N``, ``r`` and ``protected``. They are
-built on ``torch.library.custom_op`` rather than ``triton_op``: SPEC §4 records
-that ``triton_op`` does not trace under the CPU interpreter. The reference is
+built on ``torch.library.custom_op`` rather than ``triton_op``: ``triton_op``
+does not trace under the CPU interpreter (docs/design.md §3). The reference is
 plain torch code and needs no op around it.
 """
 from typing import List, Optional, Tuple
@@ -156,7 +156,7 @@ _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
 def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "auto") -> Match:
-    """Which ``r`` tokens of set A merge into which tokens of set B (SPEC §1).
+    """Which ``r`` tokens of set A merge into which tokens of set B (docs/design.md §1).
 
     metric: [B, N, D] float32/float16/bfloat16 (float64 on the reference
     backend), any strides. ``r`` larger than Nb = floor((N - protected) / 2)
@@ -181,7 +181,7 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "
 def merge_tokens(
     x: Tensor, match: Match, size: Optional[Tensor] = None, mode: str = "mean", backend: str = "auto"
 ) -> Tuple[Tensor, Tensor]:
-    """Apply a :class:`Match` to ``x`` (SPEC §1, "Combining").
+    """Apply a :class:`Match` to ``x`` (docs/design.md §1.5).
 
     x: [B, N, C] float, any strides; size: [B, N, 1] float32 or None (ones).
     Returns (x_out [B, N - r, C] in x's dtype, size_out [B, N - r, 1] float32).
@@ -198,7 +198,9 @@ def merge_tokens(
     if match.unm_idx.device != x.device:
         raise ValueError(f"match is on {match.unm_idx.device} but x is on {x.device}")
     na, nb = split_sizes(x.shape[1], match.protected)
-    if match.unm_idx.shape[0] != x.shape[0] or match.unm_idx.shape[1] + match.r != na or match.dst_start.shape[1] != nb + 1:
+    same_shape = (match.unm_idx.shape[0] == x.shape[0] and match.unm_idx.shape[1] + match.r == na
+                  and match.dst_start.shape[1] == nb + 1)
+    if not same_shape:
         raise ValueError(
             f"match was made for a different shape: it has B={match.unm_idx.shape[0]}, "
             f"Na={match.unm_idx.shape[1] + match.r}, Nb={match.dst_start.shape[1] - 1}; "

@@ -1,4 +1,4 @@
-"""The definition of one Token Fusion step, in plain PyTorch (SPEC §1).
+"""The definition of one Token Fusion step, in plain PyTorch (docs/design.md §1).
 
 Every fused kernel in ``tofu_triton.kernels`` is tested against these
 functions. They favour being obviously right over being fast: they build the
@@ -12,7 +12,7 @@ Token layout of one step, with ``p = protected`` prefix tokens::
 
 Output order (``N_out = N - r``): ``[prefix, unmerged A (ascending), B]``.
 
-Choices the SPEC leaves open, made here and followed by the kernels:
+Choices made here (and followed by the kernels) where ToMe/ToFu leave it open:
 
 * A NaN score counts as ``-inf``, in the row maximum and in the ranking, so a
   NaN can never produce an invalid index. A row whose scores are all NaN or

@@ -1,4 +1,4 @@
-"""How many tokens each layer removes, and how (SPEC §2).
+"""How many tokens each layer removes, and how (docs/design.md §2).
 
 Three plain functions:
 

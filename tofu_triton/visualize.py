@@ -18,7 +18,8 @@ def merge_picture(image: Tensor, source: Tensor, grid: Tuple[int, int]) -> np.nd
     stay in); grid: (rows, cols) of patches, rows * cols = N_patches.
     Each final token's patches are painted in the mean colour of the image
     over them, with a white line where two tokens meet; patches that a
-    ``prune`` step dropped (held by no token) are shown dimmed and grey.
+    ``prune`` step dropped (held by no token) are shown dark grey (their
+    mean brightness times 0.3), which :func:`save_merge_picture` labels.
     """
     rows, cols = grid
     source = source.detach().float().cpu()
@@ -46,13 +47,9 @@ def merge_picture(image: Tensor, source: Tensor, grid: Tuple[int, int]) -> np.nd
     return picture.numpy()
 
 
-def save_merge_picture(
-    path: str, image: Tensor, source: Tensor, grid: Tuple[int, int], title: Optional[str] = None
-) -> str:
-    """Write ``[input | merge picture]`` side by side to a PNG at ``path``; returns ``path``.
-
-    Arguments as in :func:`merge_picture`.
-    """
+def merge_figure(image: Tensor, source: Tensor, grid: Tuple[int, int], title: Optional[str] = None):
+    """A matplotlib Figure of ``[input | merge picture]`` (arguments as in :func:`merge_picture`),
+    with a legend for pruned patches when there are any."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,10 +62,22 @@ def save_merge_picture(
     left.set_title("input")
     right.imshow(picture)
     right.set_title(f"{tokens} tokens hold patches")
+    if bool((source.sum(0) == 0).any()):  # some patches were pruned: say what the dark grey means
+        from matplotlib.patches import Patch
+
+        right.legend(handles=[Patch(facecolor=(0.3, 0.3, 0.3), edgecolor="white", label="pruned (held by no token)")],
+                     loc="upper center", bbox_to_anchor=(0.5, -0.02), fontsize=8, frameon=False)
     for ax in (left, right):
         ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    return fig
+
+
+def save_merge_picture(
+    path: str, image: Tensor, source: Tensor, grid: Tuple[int, int], title: Optional[str] = None
+) -> str:
+    """Write :func:`merge_figure` to a PNG at ``path``; returns ``path``."""
+    merge_figure(image, source, grid, title).savefig(path, dpi=100)
     return path

@@ -6,10 +6,12 @@
     tp.plan(model)                   # the per-layer schedule it really follows (r clamped)
     tp.unpatch(model)
 
-| family | call | module | models |
-|---|---|---|---|
-| timm | ``tp.timm(model, ...)`` | :mod:`tofu_triton.patch.timm` | ``VisionTransformer`` (ViT, DeiT, registers, no class token, LayerScale, qk_norm) |
-| Hugging Face | ``tp.transformers(model, ...)`` | :mod:`tofu_triton.patch.transformers` | ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model`` |
+Families (one module each, named after its call):
+
+* ``tp.timm(model, ...)``, :mod:`tofu_triton.patch.timm`: timm ``VisionTransformer``
+  (ViT, DeiT, register tokens, no class token, LayerScale, qk_norm).
+* ``tp.transformers(model, ...)``, :mod:`tofu_triton.patch.transformers`: Hugging Face
+  ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``.
 
 Every family goes through :mod:`tofu_triton.patch.lifecycle`, so
 :func:`unpatch`, :func:`is_patched`, :func:`plan`, :func:`settings` and

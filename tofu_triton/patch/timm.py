@@ -13,7 +13,7 @@ parameters, hooks and ``state_dict`` are untouched, and
 What a patched block does (timm's pre-norm block, with one step added)::
 
     x = x + drop_path1(ls1(attention(norm1(x), mask=log(size))))   # SDPA kept
-    x, size = token reduction step (r, mode of this layer)           # SPEC §1
+    x, size = token reduction step (r, mode of this layer)           # docs/design.md §1
     x = x + drop_path2(ls2(mlp(norm2(x))))
 
 * The metric is the attention keys (after ``k_norm``) averaged over heads.

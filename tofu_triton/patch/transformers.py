@@ -23,7 +23,7 @@ dense/LayerNorm, MLP) and the attention function transformers selected
 refused at call time, since they cannot take a float mask). A patched layer::
 
     attention with an additive float mask  (padding keys: -inf-like; log(size) when sized)
-    token reduction step (SPEC §1), metric = keys averaged over heads
+    token reduction step (docs/design.md §1), metric = keys averaged over heads
     the rest of the layer (BERT: intermediate/output; ViT: LayerNorm + MLP)
 
 BERT is post-norm, so the step sits after ``attention.output`` (dense +
@@ -49,7 +49,7 @@ Hence the guarantee: a sentence in a right-padded batch gets the same real
 tokens, sizes and embeddings (to float rounding of masked attention) as the
 same sentence run alone, **provided every layer removes the same number of
 tokens in both runs**, i.e. the requested ``r`` of each layer is not
-clamped for the shorter (unpadded) sequence (SPEC §1: at most half its
+clamped for the shorter (unpadded) sequence (docs/design.md §1.1: at most half its
 non-prefix tokens). When it is clamped, the padded run removes more real
 tokens than the lone run (never mixing in padding). ``mean_pool`` with the
 returned sizes and mask ignores padding. ``r = 0`` runs no step at all and
@@ -317,7 +317,8 @@ class _PatchedBert:
         padded = attention_mask is not None
         if padded:
             if attention_mask.dim() != 2 or tuple(attention_mask.shape) != (B, N):
-                raise NotImplementedError(f"attention_mask must be [batch, seq] = {(B, N)} (0/1); got {tuple(attention_mask.shape)}")
+                raise NotImplementedError(f"attention_mask must be [batch, seq] = {(B, N)} (0/1); "
+                                          f"got {tuple(attention_mask.shape)}")
             size = attention_mask.to(device=x.device, dtype=torch.float32)[..., None]
         else:
             size = torch.ones(B, N, 1, dtype=torch.float32, device=x.device)
@@ -442,7 +443,8 @@ def _check_family(model: nn.Module) -> None:
     if isinstance(base, BertModel):
         cfg = base.config
         if cfg.is_decoder or cfg.add_cross_attention:
-            raise TypeError("tofu_triton.patch.transformers patches BERT encoders only (is_decoder/add_cross_attention set)")
+            raise TypeError("tofu_triton.patch.transformers patches BERT encoders only "
+                            "(is_decoder/add_cross_attention set)")
         for i, layer in enumerate(base.encoder.layer):
             if type(layer) is not BertLayer or type(layer.attention.self) is not BertSelfAttention:
                 raise TypeError(f"layer {i} is a {type(layer).__name__}; only transformers' BertLayer is supported")
