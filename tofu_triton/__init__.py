@@ -1,9 +1,11 @@
 """tofu-triton: fused Triton kernels for Token Fusion (ToFu) and ToMe in Vision Transformers.
 
-``reference.py`` defines the op; ``ops.py`` dispatches CUDA tensors to the
-kernels in ``tofu_triton.kernels`` and CPU tensors to the reference;
-``tofu_triton.patch`` patches whole models (imported on first use, since it
-imports timm).
+``reference.py`` defines the op (the design: ``docs/design.md``); ``ops.py``
+dispatches CUDA tensors to the kernels in ``tofu_triton.kernels`` and CPU
+tensors to the reference; ``tofu_triton.patch`` patches whole models: timm
+``VisionTransformer`` and Hugging Face ``BertModel``, ``ViTModel``,
+``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``
+(imported on first use, since it imports timm).
 """
 import importlib
 

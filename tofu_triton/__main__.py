@@ -22,6 +22,8 @@ import torch.nn.functional as F
 import tofu_triton
 import tofu_triton.patch as tp
 
+from .visualize import save_merge_picture
+
 TINY = "tiny"  # a small random ViT preset (tofu_triton.models.PRESETS) for quick CPU runs and tests
 
 
@@ -114,7 +116,7 @@ def demo(args: argparse.Namespace) -> int:
     for label, mode in (("ToMe", "tome"), ("ToFu", "tofu")):
         patched = tp.timm(copy.deepcopy(model), r=r, mode=mode)
         clamped = [step.r for step in tp.plan(patched) if step.r < r]
-        if clamped and not notes:
+        if clamped and mode == "tome":  # the same schedule for both modes: say it once
             notes.append(f"r={r} is more than the last layers can remove (at most half their non-prefix "
                          f"tokens): the schedule removes {[s.r for s in tp.plan(patched)]}")
         with torch.no_grad():
@@ -127,10 +129,13 @@ def demo(args: argparse.Namespace) -> int:
         cos_feats = F.cosine_similarity(feats.float(), base_feats.float(), dim=-1).mean().item()
         rows.append((f"{label} ({mode})", speed, agree, cos_feats, cos_logits, compact(info.tokens)))
         path = os.path.join(args.out, f"merge_{mode}.png")
-        from .visualize import save_merge_picture
-
-        save_merge_picture(path, images[0], source[0], tuple(grid), f"{label}, r={r}: {name}")
-        pictures.append(path)
+        try:
+            save_merge_picture(path, images[0], source[0], tuple(grid), f"{label}, r={r}: {name}")
+            pictures.append(path)
+        except ModuleNotFoundError as e:  # matplotlib is the [demo] extra
+            note = f"no merge pictures: {e.name} is not installed (pip install \"tofu-triton[demo]\")"
+            if note not in notes:
+                notes.append(note)
 
     print()
     print(f"{'model':<14} {'images/s':>9} {'speed-up':>8} {'top-1 agree':>11} {'cos feats':>9} {'cos logits':>10}"
@@ -141,7 +146,8 @@ def demo(args: argparse.Namespace) -> int:
     print()
     for note in notes:
         print(note)
-    print("merge pictures: " + ", ".join(pictures))
+    if pictures:
+        print("merge pictures: " + ", ".join(pictures))
     if device == "cpu":
         print(f"(CPU figures: median of 5 windows of {iters} batches; the fused kernels run on CUDA only, so this "
               "times the PyTorch reference path and says little about GPU speed)")
