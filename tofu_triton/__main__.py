@@ -133,7 +133,8 @@ def demo(args: argparse.Namespace) -> int:
             save_merge_picture(path, images[0], source[0], tuple(grid), f"{label}, r={r}: {name}")
             pictures.append(path)
         except ModuleNotFoundError as e:  # matplotlib is the [demo] extra
-            note = f"no merge pictures: {e.name} is not installed (pip install \"tofu-triton[demo]\")"
+            missing = (e.name or "matplotlib").split(".")[0]
+            note = f"no merge pictures: {missing} is not installed (pip install \"tofu-triton[demo]\")"
             if note not in notes:
                 notes.append(note)
 
