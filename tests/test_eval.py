@@ -1,5 +1,6 @@
 """``python -m tofu_triton eval`` on a tiny ImageFolder written by the test (random-init ViT, CPU)."""
 import json
+import shutil
 import subprocess
 import sys
 
@@ -122,3 +123,55 @@ def test_eval_warns_when_class_counts_differ(folder, capsys):
 
 def test_eval_default_workers_follow_the_machine():
     assert 1 <= tev.default_workers() <= 8
+
+
+def _eval_json(tmp_path, folder, name, *extra, launcher=()):
+    out = tmp_path / f"{name}.json"
+    cmd = [*launcher, *MODEL, "--data", str(folder), "--tokens", "0,4", "--mode", "tome,tofu", "--batch", "2",
+           "--workers", "0", "--json", str(out), *extra]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    return json.loads(out.read_text()), res
+
+
+def test_torchrun_two_processes_give_the_single_process_counts(folder, tmp_path):
+    # Real torchrun processes on the CPU (gloo): the documented command.
+    entry = shutil.which("tofu-triton")
+    program = ["--no-python", entry, "eval"] if entry else ["-m", "tofu_triton", "eval"]
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", *program]
+    one, _ = _eval_json(tmp_path, folder, "one", launcher=[sys.executable, "-m", "tofu_triton", "eval"])
+    two, res = _eval_json(tmp_path, folder, "two", launcher=torchrun)
+    assert two["processes"] == 2 and one["processes"] == 1
+    for a, b in zip(one["rows"], two["rows"]):
+        assert (a["mode"], a["r"], a["tokens"]) == (b["mode"], b["r"], b["tokens"])
+        assert (a["images"], a["correct1"], a["correct5"]) == (b["images"], b["correct1"], b["correct5"]) == \
+            (5, a["correct1"], 5)
+        assert a["top1"] == b["top1"]
+    assert res.stdout.count("mode") == 1  # only rank 0 prints the table
+
+
+def test_torchrun_shards_do_not_overlap():
+    from tofu_triton.eval import _Distributed
+
+    shards = []
+    for rank in range(3):
+        d = _Distributed.__new__(_Distributed)
+        d.rank, d.world = rank, 3
+        shards.append(d.shard(8))
+    assert sorted(i for s in shards for i in s) == list(range(8))
+
+
+def test_checkpoint_loads_the_same_model_as_its_seed(folder, tmp_path):
+    model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=2, seed=7)
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "ckpt.pt")
+    seeded, _ = _eval_json(tmp_path, folder, "seeded", "--seed", "7",
+                           launcher=[sys.executable, "-m", "tofu_triton", "eval"])
+    loaded, _ = _eval_json(tmp_path, folder, "loaded", "--seed", "1", "--checkpoint", str(tmp_path / "ckpt.pt"),
+                           launcher=[sys.executable, "-m", "tofu_triton", "eval"])
+    assert [r["correct1"] for r in seeded["rows"]] == [r["correct1"] for r in loaded["rows"]]
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(SystemExit, match="--checkpoint .*bad.pt: cannot read it"):
+        main(["eval", *MODEL, "--data", str(folder), "--workers", "0", "--checkpoint", str(tmp_path / "bad.pt")])
+    torch.save({"head.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
+    with pytest.raises(SystemExit, match="does not fit the model"):
+        main(["eval", *MODEL, "--data", str(folder), "--workers", "0", "--checkpoint", str(tmp_path / "other.pt")])

@@ -1,7 +1,19 @@
 """ImageNet-style evaluation of a timm ViT with ToFu / ToMe: top-1, top-5, images/s.
 
-    python -m tofu_triton eval --model vit_base_patch16_224 --pretrained --data /path/to/val --r 16 --mode tofu
-    python -m tofu_triton eval ... --r 0,8,16 --mode tome,tofu      # one row per (mode, r)
+    python -m tofu_triton eval --model vit_base_patch16_224 --pretrained --data /path/to/val --tokens 16 --mode tofu
+    python -m tofu_triton eval ... --tokens 0,8,16 --mode tome,tofu      # one row per (mode, r)
+    torchrun --standalone --nproc_per_node=4 --no-python tofu-triton eval ... --tokens 0,8,16
+
+Under torchrun (or anything that sets ``WORLD_SIZE``, ``RANK`` and the
+rendezvous variables) every process evaluates every ``world``-th image (no
+image twice, none left out, so the counts are exact), the rows are gathered
+to rank 0, and rank 0 alone prints the table and writes ``--json``; on
+several nodes use torchrun's usual ``--nnodes`` / ``--rdzv-endpoint``.
+``--tokens`` is the per-layer r: torchrun refuses options that start with
+``--r`` (it reads them as abbreviations of its own). Each process builds the
+same model: a seeded random init (``--seed``), pretrained weights, or
+``--checkpoint``. NCCL on CUDA (one GPU per process, ``LOCAL_RANK``), gloo on
+the CPU.
 
 ``--data`` is an ImageFolder tree: one sub-folder per class; the class
 index is the position of the folder name in sorted order (for ImageNet-1k
@@ -95,8 +107,9 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
     """Top-1/top-5 and images/s of ``model`` patched with each (mode, r) in ``configs``.
 
     ``model`` is patched in place (and left patched with the last config).
-    Returns one dict per config: mode, r, tokens (per layer), images, top1,
-    top5 (percent), images_per_s. With ``warmup`` each config first runs the
+    Returns one dict per config (:func:`summary_row`): mode, r, tokens (per
+    layer), images, correct1, correct5, seconds, top1, top5 (percent),
+    images_per_s. With ``warmup`` each config first runs the
     first batch once untimed, so images/s excludes Triton compilation.
     ``progress`` shows a tqdm bar on stderr (images, images/s, the first
     config's running top-1).
@@ -142,10 +155,32 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
     for mode, r in configs:
         s = stats[(mode, r)]
         model.r, model.tofu_mode = r, mode
-        rows.append(dict(mode=mode, r=r, tokens=token_counts(tp.plan(model)), images=seen,
-                         top1=100.0 * s["correct1"] / max(seen, 1), top5=100.0 * s["correct5"] / max(seen, 1),
-                         images_per_s=seen / s["seconds"] if s["seconds"] > 0 else float("nan")))
+        rows.append(summary_row(mode, r, token_counts(tp.plan(model)), seen, s["correct1"], s["correct5"],
+                                s["seconds"]))
     return rows
+
+
+def summary_row(mode: str, r: int, tokens: List[int], images: int, correct1: int, correct5: int,
+                seconds: float) -> Dict:
+    """One result row: the raw counts and the percentages and images/s made from them."""
+    return dict(mode=mode, r=r, tokens=tokens, images=images, correct1=correct1, correct5=correct5,
+                seconds=seconds, top1=100.0 * correct1 / max(images, 1), top5=100.0 * correct5 / max(images, 1),
+                images_per_s=images / seconds if seconds > 0 else float("nan"))
+
+
+def combine_rows(per_process: Sequence[Sequence[Dict]]) -> List[Dict]:
+    """Rows of several processes that each evaluated a disjoint shard, as one set of rows.
+
+    Counts add up; the processes ran side by side, so images/s is all images
+    over the slowest process's model time.
+    """
+    out = []
+    for rows in zip(*per_process):
+        first = rows[0]
+        out.append(summary_row(first["mode"], first["r"], first["tokens"], sum(r["images"] for r in rows),
+                               sum(r["correct1"] for r in rows), sum(r["correct5"] for r in rows),
+                               max(r["seconds"] for r in rows)))
+    return out
 
 
 def format_rows(rows: Sequence[Dict]) -> str:
@@ -157,13 +192,65 @@ def format_rows(rows: Sequence[Dict]) -> str:
     return "\n".join(lines)
 
 
+class _Distributed:
+    """Rank, world size and device of this process; one process unless started by torchrun."""
+
+    def __init__(self, device: str):
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank, self.device = 0, device
+        if self.world > 1:
+            import torch.distributed as dist
+
+            if device == "cuda":
+                local = int(os.environ.get("LOCAL_RANK", "0"))
+                torch.cuda.set_device(local)
+                self.device = f"cuda:{local}"
+            dist.init_process_group(backend="nccl" if device == "cuda" else "gloo")
+            self.rank = dist.get_rank()
+
+    def shard(self, n: int) -> List[int]:
+        """This process's indices of ``range(n)``: every ``world``-th, so no sample runs twice."""
+        return list(range(self.rank, n, self.world))
+
+    def gather(self, rows: List[Dict]) -> Optional[List[Dict]]:
+        """Every process's rows combined, on rank 0; None elsewhere."""
+        if self.world == 1:
+            return rows
+        import torch.distributed as dist
+
+        everyone = [None] * self.world if self.rank == 0 else None
+        dist.gather_object(rows, everyone, dst=0)
+        return combine_rows(everyone) if self.rank == 0 else None
+
+    def close(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def load_checkpoint(model: torch.nn.Module, path: str) -> None:
+    """Load a state dict saved with ``torch.save`` (plain, or under a ``state_dict`` / ``model`` key)."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, not a torch file, or not weights-only: all a user mistake here
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise SystemExit(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {first})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise SystemExit(f"--checkpoint {path}: does not fit the model ({str(e).splitlines()[0]})") from None
+
+
 def run(args) -> int:
-    """The ``eval`` subcommand (args from ``tofu_triton.__main__``)."""
+    """The ``eval`` subcommand (args from ``tofu_triton.__main__``); also one process of a torchrun job."""
     import json
 
     from .__main__ import load_model, resolve_device
 
-    device = resolve_device(args.device)
     modes = parse_list(args.mode)
     for m in modes:
         if m not in MODEL_MODES:
@@ -171,33 +258,51 @@ def run(args) -> int:
     try:
         rs = parse_list(args.r, int)
     except ValueError:
-        raise SystemExit(f"--r must be an int or a comma list of ints, got {args.r!r}") from None
+        raise SystemExit(f"--tokens must be an int or a comma list of ints, got {args.r!r}") from None
     if not rs or any(r < 0 for r in rs):
-        raise SystemExit("--r values must be >= 0")
+        raise SystemExit("--tokens values must be >= 0")
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data!r} is not a folder")
+    if args.limit is not None and args.limit < 1:
+        raise SystemExit("--limit must be >= 1")
 
-    model = load_model(args.model, args.pretrained, args.seed, img_size=args.img_size, num_classes=args.num_classes)
-    dataset = image_folder(args.data, eval_transform(model))
-    classes = len(getattr(dataset, "classes", []))
-    log = (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if args.num_classes is None and classes != model.num_classes:
-        log(f"warning: the model has {model.num_classes} classes and {args.data} has {classes} class folders; "
-            "top-1/top-5 compare the model's class index with the folder's position in sorted order, which is "
-            "only right if the folders are the model's classes in its order (pass --num-classes to say you mean it)")
-    loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                         pin_memory=device.startswith("cuda"))
-    configs = list(itertools.product(modes, rs))
-    log(f"eval {args.model} ({'pretrained' if args.pretrained else f'random init, seed {args.seed}'}) on "
-        f"{args.data}: {len(dataset)} images, {classes} classes, device {device}, "
-        f"configs {', '.join(f'{m} r={r}' for m, r in configs)}")
-    progress = not args.quiet and sys.stderr.isatty()
-    rows = evaluate(model, loader, configs, device, args.backend, args.limit, progress=progress)
+    dist = _Distributed(resolve_device(args.device))
+    try:
+        # Every process builds the same model: seeded random init, or the same weights.
+        model = load_model(args.model, args.pretrained, args.seed, img_size=args.img_size,
+                           num_classes=args.num_classes)
+        if args.checkpoint:
+            load_checkpoint(model, args.checkpoint)
+        dataset = image_folder(args.data, eval_transform(model))
+        classes = len(getattr(dataset, "classes", []))
+        quiet = args.quiet or dist.rank != 0
+        log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        if args.num_classes is None and classes != model.num_classes:
+            log(f"warning: the model has {model.num_classes} classes and {args.data} has {classes} class folders; "
+                "top-1/top-5 compare the model's class index with the folder's position in sorted order, which "
+                "is only right if the folders are the model's classes in its order "
+                "(pass --num-classes to say you mean it)")
+        total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
+        shard = torch.utils.data.Subset(dataset, dist.shard(total))
+        loader = torch.utils.data.DataLoader(shard, batch_size=args.batch, shuffle=False, num_workers=args.workers,
+                                             pin_memory=dist.device.startswith("cuda"))
+        configs = list(itertools.product(modes, rs))
+        log(f"eval {args.model} ({'pretrained' if args.pretrained else f'random init, seed {args.seed}'}"
+            f"{', ' + args.checkpoint if args.checkpoint else ''}) on {args.data}: {total} images, {classes} classes, "
+            f"device {dist.device}" + (f", {dist.world} processes" if dist.world > 1 else "")
+            + f", configs {', '.join(f'{m} r={r}' for m, r in configs)}")
+        progress = not quiet and sys.stderr.isatty()
+        rows = dist.gather(evaluate(model, loader, configs, dist.device, args.backend, progress=progress))
+    finally:
+        dist.close()
+    if rows is None:  # not rank 0: rank 0 prints and writes
+        return 0
     print(format_rows(rows))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(model=args.model, pretrained=args.pretrained, data=os.path.abspath(args.data),
-                           device=device, rows=rows), f, indent=1)
+            json.dump(dict(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
+                           data=os.path.abspath(args.data), device=dist.device, processes=dist.world, rows=rows),
+                      f, indent=1)
     return 0
 
 
@@ -214,7 +319,11 @@ def add_arguments(p) -> None:
     p.add_argument("--model", default="vit_base_patch16_224", help="timm model name")
     p.add_argument("--pretrained", action="store_true", help="load timm's pretrained weights (may download them)")
     p.add_argument("--data", required=True, help="ImageFolder root (one sub-folder per class, sorted = class index)")
-    p.add_argument("--r", default="16", help="tokens removed per layer; a comma list gives one row each")
+    # --tokens, not --r: torchrun takes any option starting with --r anywhere on its command
+    # line for an abbreviation of its own (--rdzv-..., --role) and refuses to start.
+    p.add_argument("--tokens", "--r", dest="r", default="16",
+                   help="tokens removed per layer (r); a comma list gives one row each. --r is an alias, "
+                        "but not under torchrun")
     p.add_argument("--mode", default="tofu", help=f"one of {MODEL_MODES}, or a comma list")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--workers", type=int, default=default_workers(),
@@ -226,4 +335,5 @@ def add_arguments(p) -> None:
     p.add_argument("--backend", choices=("auto", "triton", "reference"), default="auto")
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.add_argument("--seed", type=int, default=0, help="seed of the random init (without --pretrained)")
+    p.add_argument("--checkpoint", default=None, help="a state dict (torch.save) to load into the model")
     p.add_argument("--quiet", action="store_true", help="no progress bar or messages on stderr, only the table")
