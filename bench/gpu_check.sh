@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Everything this package checks on a GPU, in one budgeted run (~8 minutes):
+# Everything this package checks on a GPU, in one budgeted run (~9 minutes):
 #
 #   1. env         card, driver, torch/triton/timm/transformers versions
 #   2. install     pip install --no-deps --no-build-isolation -e .  (works offline), checked by importing
@@ -7,8 +7,9 @@
 #   3. tests       pytest tests/ on CUDA (in parallel when pytest-xdist is there)
 #   4. bench       pytest bench/ (scope "gpu", time-budgeted) -> benchmark.json, microbench.jsonl
 #   5. probe       bench/probe.py: proportional-attention mask cost, host-sync check, launches per block
-#   6. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
-#   7. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
+#   6. export      bench/export_check.py: a patched ViT with the Triton kernels through torch.export + AOTInductor
+#   7. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
+#   8. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
 #
 #   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
 #   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh       # a longer run
@@ -18,9 +19,9 @@
 #
 # Every stage runs under `timeout`, and the benchmark stages also get an
 # internal budget, so no stage eats the others' time; the whole run ends by
-# GPU_CHECK_BUDGET_S (default 470 s) after it starts. Files in OUTPUT_DIR:
+# GPU_CHECK_BUDGET_S (default 540 s) after it starts. Files in OUTPUT_DIR:
 # gpu_check.log, tests.log, microbench.{jsonl,md,png}, benchmark.json,
-# probe.{json,md}, throughput.{json,md,png}, and all of them packed into
+# probe.{json,md}, export_check.json, throughput.{json,md,png}, and all of them packed into
 # gpu_check.tar.gz. A compact summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -31,7 +32,7 @@ LOG="$RESULTS/gpu_check.log"
 : >"$LOG"
 PY="${PYTHON:-python3}"
 START=$(date +%s)
-DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-470}))
+DEADLINE=$((START + ${GPU_CHECK_BUDGET_S:-540}))
 STAGES=()
 export PYTHONUNBUFFERED=1
 
@@ -79,25 +80,29 @@ if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
 fi
 
 if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
-  # The benchmarks get at least ~4.5 minutes whatever the tests leave. The
+  # The stages after the tests get at least ~5.5 minutes whatever the tests
+  # leave (on an H200 the whole suite takes ~3 minutes with 12 workers; skip it
+  # with GPU_CHECK_SKIP_TESTS=1 where it has passed on that card already). The
   # ahead-of-time compile check gives the same answer on any machine (CI runs it).
   XDIST=()
-  if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 8); fi
+  if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 12); fi
   # shellcheck disable=SC2086
-  stage tests "$(min 150 $(($(remaining) - 270)))" bash -c "set -o pipefail; $PY -m pytest ${GPU_CHECK_TESTS:-tests/} \
+  stage tests "$(min 180 $(($(remaining) - 330)))" bash -c "set -o pipefail; $PY -m pytest ${GPU_CHECK_TESTS:-tests/} \
     -q -p no:cacheprovider ${XDIST[*]} -rfE --durations=10 --ignore=tests/test_aot_compile.py 2>&1 \
     | tee '$RESULTS/tests.log'"
 fi
 
-# Leave ~160 s for probe + throughput + summary; pytest itself stops starting
-# cases 30 s before its limit so it can write benchmark.json.
+# Leave ~230 s for probe + export + throughput + summary; pytest itself stops
+# starting cases 30 s before its limit so it can write benchmark.json.
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
-BENCH_LIMIT=$(min 220 $(($(remaining) - 160)))
+BENCH_LIMIT=$(min 220 $(($(remaining) - 230)))
 stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider -k "not throughput_cpu_smoke" \
   --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
   --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
 
-stage probe "$(min 60 $(($(remaining) - 100)))" "$PY" bench/probe.py --out "$RESULTS"
+stage probe "$(min 60 $(($(remaining) - 170)))" "$PY" bench/probe.py --out "$RESULTS"
+
+stage export "$(min 90 $(($(remaining) - 110)))" "$PY" bench/export_check.py --out "$RESULTS"
 
 TP_LIMIT=$(min 300 $(($(remaining) - 20)))
 stage throughput "$TP_LIMIT" "$PY" bench/throughput.py --quick --budget-s $((TP_LIMIT - 35)) --out "$RESULTS"
@@ -115,7 +120,7 @@ stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   printf '%s\n' "${STAGES[@]}"
   grep -E "^(FAILED|ERROR) " "$LOG" | head -n 15
   grep -E "[0-9]+ (passed|failed|skipped|error)" "$LOG" | tail -n 3
-  grep -E "^(sync|launches|attention B=(64|256) N=197)" "$LOG"
+  grep -E "^(sync|launches|attention B=(64|256) N=197|export check)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
   cat "$SUMMARY_FILE"
 } | tee -a "$LOG"

@@ -1,8 +1,9 @@
-"""The parts of bench/probe.py that run without a GPU."""
+"""The parts of bench/probe.py and bench/export_check.py that run without a GPU."""
 import pytest
 import torch
 import torch.nn.functional as F
 
+import export_check
 import probe
 
 
@@ -21,4 +22,10 @@ def test_bias_channel_equals_the_float_mask(head_dim):
 def test_probe_refuses_without_cuda(monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert probe.main([]) == 2
+    assert "needs CUDA" in capsys.readouterr().err
+
+
+def test_export_check_refuses_without_cuda(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert export_check.main([]) == 2
     assert "needs CUDA" in capsys.readouterr().err

@@ -385,12 +385,19 @@ def _merge_num_warps(block_c: int) -> int:
     return max(1, min(16, block_c // 256))
 
 
-def match(metric: torch.Tensor, r: int, protected: int):
+def _plain(kernel):
+    return kernel
+
+
+def match(metric: torch.Tensor, r: int, protected: int, wrap=_plain):
     """Launch match + select.
 
     metric: [B, N, D] fp32/fp16/bf16, any strides; ``r`` already clamped to
     ``[1, Nb]``. Returns (unm_idx [B, Na-r], src_idx [B, r], dst_idx [B, r],
     dst_start [B, Nb+1], dst_src [B, r]), all int64 (see reference.Match).
+    ``wrap``: applied to each kernel before its launch
+    (``torch.library.wrap_triton`` when the launcher runs inside a
+    ``triton_op``, so torch.export and AOTInductor see the kernels).
     """
     batch, n, d = metric.shape
     na, nb = (n - protected + 1) // 2, (n - protected) // 2
@@ -401,7 +408,7 @@ def match(metric: torch.Tensor, r: int, protected: int):
     dot_fp32 = metric.dtype == torch.float32 or (interpreting() and metric.dtype == torch.bfloat16)
     block_a, block_b, block_d = _match_blocks(d, dot_fp32)
     num_a_blocks = triton.cdiv(na, block_a)
-    _match_kernel[(batch * num_a_blocks,)](
+    wrap(_match_kernel)[(batch * num_a_blocks,)](
         metric, node_max, node_idx,
         metric.stride(0), metric.stride(1), metric.stride(2),
         na, nb, d, protected, num_a_blocks,
@@ -413,15 +420,15 @@ def match(metric: torch.Tensor, r: int, protected: int):
     dst_idx = _empty(batch, r, dtype=torch.int64, device=dev)
     dst_start = _empty(batch, nb + 1, dtype=torch.int64, device=dev)
     dst_src = _empty(batch, r, dtype=torch.int64, device=dev)
-    _select_kernel[(batch,)](
+    wrap(_select_kernel)[(batch,)](
         node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src,
         na, nb, r, BLOCK=SELECT_BLOCK, num_warps=4,
     )
     return unm_idx, src_idx, dst_idx, dst_start, dst_src
 
 
-def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: str):
-    """Launch the merge. x: [B, N, C] any strides; size: [B, N, 1] fp32 or None.
+def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: str, wrap=_plain):
+    """Launch the merge. x: [B, N, C] any strides; size: [B, N, 1] fp32 or None; ``wrap`` as in :func:`match`.
 
     Returns x_out [B, N - r, C] (x's dtype, contiguous) and size_out [B, N - r, 1] fp32.
     """
@@ -432,7 +439,7 @@ def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: st
     size_out = _empty(batch, n - r, 1, dtype=torch.float32, device=x.device)
     size_arg = size.contiguous() if size is not None else size_out  # unused when HAS_SIZE=False
     block_c = _block_c(c)
-    _merge_kernel[(batch * (n - r),)](
+    wrap(_merge_kernel)[(batch * (n - r),)](
         x, size_arg, unm_idx, dst_start, dst_src, out, size_out,
         x.stride(0), x.stride(1), x.stride(2),
         n, c, protected, na, nb, r,

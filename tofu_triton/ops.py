@@ -152,6 +152,48 @@ def _merge_backward(ctx, grad_out, grad_size_out):
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
+# --------------------------------------------------------------------------- export
+# torch.export + AOTInductor cannot call a Python custom op from the packaged
+# model; they compile user Triton kernels only when the op is a
+# ``torch.library.triton_op`` whose body launches them through ``wrap_triton``.
+# Those ops are used only while torch.export traces CUDA tensors: everywhere
+# else the custom ops above run (``triton_op`` cannot trace under the CPU
+# interpreter, and eager/compile/CUDA-graph runs are verified on the custom
+# ops). Forward only: an exported model is for inference.
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+_EXPORT_OPS = []
+
+
+def _export_ops():
+    """(match, merge) as triton_ops, registered on first use."""
+    if not _EXPORT_OPS:
+        if not hasattr(torch.library, "triton_op"):
+            raise RuntimeError(f"exporting the Triton path needs torch.library.triton_op (torch >= 2.6); this is "
+                               f"torch {torch.__version__}. Export with backend='reference' instead.")
+        from torch.library import triton_op, wrap_triton
+
+        @triton_op("tofu_triton::match_export", mutates_args=())
+        def match_export(metric: Tensor, r: int, protected: int) -> List[Tensor]:
+            return list(_kernels().match(metric, r, protected, wrap=wrap_triton))
+
+        @triton_op("tofu_triton::merge_export", mutates_args=())
+        def merge_export(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor,
+                         protected: int, mode: str) -> Tuple[Tensor, Tensor]:
+            return _kernels().merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode, wrap=wrap_triton)
+
+        _EXPORT_OPS.extend([match_export, merge_export])
+    return _EXPORT_OPS
+
+
+def _match_impl(t: Tensor):
+    return _export_ops()[0] if t.is_cuda and _is_exporting() else _match_op
+
+
+def _merge_impl(t: Tensor):
+    return _export_ops()[1] if t.is_cuda and _is_exporting() else _merge_op
+
+
 # --------------------------------------------------------------------------- public API
 
 
@@ -175,7 +217,7 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "
     metric = metric.detach()
     if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.bipartite_match(metric, r, protected)
-    return Match(*_match_op(metric, r, protected), protected)
+    return Match(*_match_impl(metric)(metric, r, protected), protected)
 
 
 def merge_tokens(
@@ -208,7 +250,7 @@ def merge_tokens(
         )
     if match.r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.merge_tokens(x, match, size, mode)
-    return _merge_op(x, size, match.unm_idx, match.dst_start, match.dst_src, match.protected, mode)
+    return _merge_impl(x)(x, size, match.unm_idx, match.dst_start, match.dst_src, match.protected, mode)
 
 
 def token_fusion(
