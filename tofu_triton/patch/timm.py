@@ -51,6 +51,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from timm.layers import AttentionPoolLatent, AttentionRope, apply_rot_embed_cat
+from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from .. import ops
@@ -58,7 +60,7 @@ from ..reference import Match, gather_rows
 from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
 from . import lifecycle
 
-POOLS = ("", "token", "avg", "max", "avgmax")
+POOLS = ("", "token", "avg", "max", "avgmax", "map")
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_trace_source", "tofu_backend")
 
 
@@ -81,22 +83,55 @@ class TokenInfo(NamedTuple):
 
 
 def check_model(model: nn.Module) -> None:
-    """Raise TypeError unless ``model`` is a ViT this module can patch."""
-    if not isinstance(model, VisionTransformer):
-        raise TypeError(
-            "tofu_triton.patch.timm needs a timm VisionTransformer (ViT, DeiT, ViT with "
-            f"register tokens, ...); got {type(model).__module__}.{type(model).__name__}"
-        )
+    """Raise TypeError, naming the model and the reason, unless this module can patch ``model``."""
+    if isinstance(model, VisionTransformer):
+        for i, blk in enumerate(model.blocks):
+            if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
+                raise TypeError(f"block {i} is a {type(blk).__name__}; only timm's Block (pre-norm) is supported")
+            if not isinstance(blk.attn, Attention) or type(blk.attn).forward is not Attention.forward:
+                raise TypeError(f"block {i} has a {type(blk.attn).__name__} attention; "
+                                "only timm's Attention is supported")
+    elif isinstance(model, Eva):
+        _check_eva(model)
+    else:
+        name = f"{type(model).__module__}.{type(model).__name__}"
+        reason = ""
+        if "beit" in name.lower():
+            reason = " (BEiT's relative position bias is a table over token pairs that merged tokens cannot follow)"
+        elif "sam" in name.lower() or "swin" in name.lower():
+            reason = " (windowed attention needs the full token grid)"
+        raise TypeError("tofu_triton.patch.timm needs a timm VisionTransformer (ViT, DeiT, SigLIP, registers, ...) "
+                        f"or Eva (EVA-02, ViTs with rotary positions); got {name}{reason}")
+    _check_pool(model)
+
+
+def _check_eva(model: Eva) -> None:
+    if getattr(model, "rope_mixed", False):
+        raise TypeError(f"{type(model).__name__} uses mixed (per-layer learned) rotary frequencies; only one "
+                        "rotary table for all blocks (EVA-02, vit_*_rope_*) is supported")
+    if model.rope is not None and model.rope.get_embed().dim() != 2:
+        raise TypeError(f"rotary embedding {type(model.rope).__name__} is not a [tokens, dim] table; "
+                        "only RotaryEmbeddingCat-style tables can follow merged tokens")
     for i, blk in enumerate(model.blocks):
-        if not isinstance(blk, Block) or type(blk).forward is not Block.forward:
-            raise TypeError(f"block {i} is a {type(blk).__name__}; only timm's Block (pre-norm) is supported")
-        if not isinstance(blk.attn, Attention) or type(blk.attn).forward is not Attention.forward:
-            raise TypeError(f"block {i} has a {type(blk.attn).__name__} attention; only timm's Attention is supported")
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in POOLS:
-        raise TypeError(
-            f"global_pool={model.global_pool!r} is not supported (attention pooling does not "
-            f"weight merged tokens by size); supported: {POOLS}"
-        )
+        if type(blk) is not EvaBlock or type(blk).forward is not EvaBlock.forward:
+            raise TypeError(f"block {i} is a {type(blk).__name__}; only timm's EvaBlock (pre-norm) is supported")
+        attn = blk.attn
+        if type(attn) not in (EvaAttention, AttentionRope):
+            raise TypeError(f"block {i} has a {type(attn).__name__} attention; EvaAttention or AttentionRope needed")
+        if getattr(attn, "num_kv_groups", 1) > 1:
+            raise TypeError(f"block {i} uses grouped key/value heads, which are not supported")
+
+
+def _check_pool(model: nn.Module) -> None:
+    if model.global_pool not in POOLS:
+        raise TypeError(f"global_pool={model.global_pool!r} is not supported; supported: {POOLS}")
+    pool = getattr(model, "attn_pool", None)
+    if pool is not None:
+        if type(pool) is not AttentionPoolLatent:
+            raise TypeError(f"attention pooling {type(pool).__name__} is not supported (only AttentionPoolLatent, "
+                            "global_pool='map', can weight merged tokens by size)")
+        if pool.pos_embed is not None:
+            raise TypeError("AttentionPoolLatent with its own position embedding needs all tokens in place")
 
 
 def _validate_config(model: nn.Module) -> None:
@@ -187,6 +222,99 @@ def block_forward(
     return x, size, source
 
 
+# --------------------------------------------------------------------------- Eva blocks (rotary positions)
+
+
+def rope_attention_forward(attn: nn.Module, x: Tensor, rope: Optional[Tensor],
+                           mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
+    """timm's ``EvaAttention`` / ``AttentionRope`` forward with an additive mask; also returns the keys.
+
+    x: [B, N, C]; rope: the rotary table for the N - prefix tokens, [N', D]
+    or [B, 1, N', D]; mask: [B, 1, 1, N] or None. Returns (out [B, N, C],
+    k [B, heads, N, head_dim] after k_norm and before the rotation: the
+    metric compares content, not position). Same ops in the same order as
+    timm's, so with ``mask=None`` the output is bitwise timm's.
+    """
+    B, N, _ = x.shape
+    gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
+    if attn.qkv is not None:
+        q_bias = getattr(attn, "q_bias", None)
+        if q_bias is None:
+            qkv = attn.qkv(x)
+        else:
+            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            if attn.qkv_bias_separate:
+                qkv = attn.qkv(x)
+                qkv += bias
+            else:
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+        q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
+    else:
+        q = attn.q_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+        k = attn.k_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+        v = attn.v_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
+    q, k = attn.q_norm(q), attn.k_norm(k)
+    metric_keys = k
+    if rope is not None:
+        npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
+        q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+        k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
+    if attn.fused_attn:
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
+                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
+    else:
+        scores = (q * attn.scale) @ k.transpose(-2, -1)
+        if mask is not None:
+            scores = scores + mask
+        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
+    if gate is not None:
+        out = out * gate
+    return attn.proj_drop(attn.proj(out)), metric_keys
+
+
+def merge_positions(pos: Tensor, match: Match) -> Tensor:
+    """Grid positions [B, N - p] (int64) of the non-prefix tokens through one step.
+
+    A merged token keeps its destination's position; a pruned or merged
+    source leaves with its own. Token order as merge_tokens: [unmerged A, B].
+    """
+    if match.r == 0:
+        return pos
+    a, b = pos[:, 0::2], pos[:, 1::2]
+    return torch.cat([a.gather(1, match.unm_idx), b], dim=1)
+
+
+def eva_block_forward(
+    blk: EvaBlock, x: Tensor, size: Tensor, source: Optional[Tensor], pos: Optional[Tensor],
+    rope: Optional[Tensor], step: LayerPlan, protected: int, prop_attn: bool, backend: str,
+) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    """One patched ``EvaBlock``: rotary attention, the token-reduction step, MLP.
+
+    pos: [B, N - protected] grid positions of the tokens (None while they are
+    still all in place); rope: the model's rotary table [N_patches, D] or None.
+    Each block rotates its queries and keys by the rows of the table at the
+    positions of the tokens it has. Returns (x, size, source, pos) for
+    N - step.r tokens.
+    """
+    mask = proportional_mask(size, x.dtype) if prop_attn and step.sized else None
+    block_rope = rope if rope is None or pos is None else rope[pos].unsqueeze(1)  # [B, 1, N', D]
+    out, k = rope_attention_forward(blk.attn, blk.norm1(x), block_rope, mask)
+    x = x + blk.drop_path1(out if blk.gamma_1 is None else blk.gamma_1 * out)
+    if step.r > 0:
+        match = ops.bipartite_match(k.mean(dim=1), step.r, protected, backend)
+        x, size = ops.merge_tokens(x, match, size, step.mode, backend)
+        if source is not None:
+            source = merge_source(source, match, step.mode)
+        if rope is not None:
+            if pos is None:
+                pos = torch.arange(rope.shape[0], device=x.device).expand(x.shape[0], -1)
+            pos = merge_positions(pos, match)
+    mlp = blk.mlp(blk.norm2(x))
+    x = x + blk.drop_path2(mlp if blk.gamma_2 is None else blk.gamma_2 * mlp)
+    return x, size, source, pos
+
+
 # --------------------------------------------------------------------------- the model
 
 
@@ -203,10 +331,16 @@ def _plan_or_default(model: VisionTransformer, n_tokens: Optional[int]) -> List[
     return _plan(model, n_tokens)
 
 
-def _pool(model: VisionTransformer, x: Tensor, size: Tensor, sized: bool) -> Tensor:
+def _pool(model: nn.Module, x: Tensor, size: Tensor, sized: bool) -> Tensor:
     if not sized or model.global_pool in ("", "token", "max"):
         return model.pool(x)  # timm's own: sizes are all 1 or do not matter
-    p = 0 if model.pool_include_prefix else model.num_prefix_tokens
+    # VisionTransformer pools over the non-prefix tokens unless pool_include_prefix;
+    # Eva's attention pool sees every token, its average the non-prefix ones.
+    if getattr(model, "attn_pool", None) is not None:
+        p = 0 if isinstance(model, Eva) or model.pool_include_prefix else model.num_prefix_tokens
+        # Attention pooling with sizes: log(size) on each key's logit, as in the blocks.
+        return model.attn_pool(x[:, p:], attn_mask=proportional_mask(size[:, p:], x.dtype))
+    p = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     tokens, weight = x[:, p:], size[:, p:]
     mean = ((tokens * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
     if model.global_pool == "avg":
@@ -214,31 +348,47 @@ def _pool(model: VisionTransformer, x: Tensor, size: Tensor, sized: bool) -> Ten
     return 0.5 * (tokens.amax(dim=1) + mean)  # avgmax
 
 
-def _features(model: VisionTransformer, images: Tensor, trace_source: bool):
-    """Embedding, the patched blocks and the final norm: (x, size, source, plan)."""
+def _embed(model: nn.Module, images: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
+    """Tokens before the first block, as timm computes them, and the rotary table (Eva) or None."""
     x = model.patch_embed(images)
+    if isinstance(model, Eva):
+        if model.patch_drop is not None and model.training:
+            raise NotImplementedError("patch dropout while training is not supported by a ToFu-patched Eva")
+        x, rope = model._pos_embed(x)
+        return model.norm_pre(x), rope
     x = model._pos_embed(x)
     x = model.patch_drop(x)
-    x = model.norm_pre(x)
+    return model.norm_pre(x), None
 
+
+def _features(model: nn.Module, images: Tensor, trace_source: bool):
+    """Embedding, the patched blocks and the final norm: (x, size, source, plan)."""
+    x, rope = _embed(model, images)
     batch, n_tokens, _ = x.shape
     protected = model.num_prefix_tokens
     steps = _plan(model, n_tokens)
     size = torch.ones(batch, n_tokens, 1, dtype=torch.float32, device=x.device)
-    source = None
+    source, pos = None, None
     if trace_source:
         n_patches = n_tokens - protected
         eye = torch.eye(n_patches, dtype=torch.float32, device=x.device)
         source = torch.cat([eye.new_zeros(protected, n_patches), eye]).expand(batch, -1, -1)
+    eva = isinstance(model, Eva)
     for blk, step in zip(model.blocks, steps):
-        x, size, source = block_forward(
-            blk, x, size, source, step, protected, model.tofu_prop_attn, model.tofu_backend
-        )
+        if eva:
+            x, size, source, pos = eva_block_forward(
+                blk, x, size, source, pos, rope, step, protected, model.tofu_prop_attn, model.tofu_backend)
+        else:
+            x, size, source = block_forward(
+                blk, x, size, source, step, protected, model.tofu_prop_attn, model.tofu_backend)
     return model.norm(x), size, source, steps
 
 
+_OWN_HEADS = (VisionTransformer.forward_head, Eva.forward_head)
+
+
 def forward_with_info(
-    model: VisionTransformer, images: Tensor, trace_source: Optional[bool] = None, pre_logits: bool = False
+    model: nn.Module, images: Tensor, trace_source: Optional[bool] = None, pre_logits: bool = False
 ) -> Tuple[Tensor, TokenInfo]:
     """Run a patched model once: (logits, :class:`TokenInfo`).
 
@@ -250,7 +400,7 @@ def forward_with_info(
     if trace_source is None:
         trace_source = model.tofu_trace_source
     x, size, source, steps = _features(model, images, trace_source)
-    if type(model)._tofu_base.forward_head is VisionTransformer.forward_head:
+    if type(model)._tofu_base.forward_head in _OWN_HEADS:
         out = model.head_drop(model.fc_norm(_pool(model, x, size, sized_after(steps))))
         out = out if pre_logits else model.head(out)
     else:  # e.g. DeiT's distilled head: reads prefix tokens only, sizes do not matter
