@@ -13,6 +13,7 @@ import tofu_triton.patch as tp
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 from transformers import Dinov2Config, Dinov2Model, ViTConfig, ViTForImageClassification  # noqa: E402
+from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 
 
 def _images(batch=2):
@@ -52,6 +53,20 @@ def _dinov2():
     return Dinov2Model(Dinov2Config(**_VISION)).eval(), dict(pixel_values=_images())
 
 
+def _siglip():
+    torch.manual_seed(0)
+    return SiglipVisionModel(SiglipVisionConfig(**_VISION)).eval(), dict(pixel_values=_images())
+
+
+def _eva02():
+    import timm
+
+    torch.manual_seed(0)
+    model = timm.create_model("eva02_tiny_patch14_224", pretrained=False, img_size=32, patch_size=8, embed_dim=32,
+                              depth=4, num_heads=2, num_classes=10)
+    return model.eval(), dict(x=_images())
+
+
 # family name, builder, patch function, tokens entering the first layer
 FAMILIES = {
     "timm": (_timm, tp.timm, 17),
@@ -59,6 +74,8 @@ FAMILIES = {
     "vit_classifier": (_vit_classifier, tp.transformers, 17),
     "clip": (_clip, tp.transformers, 17),
     "dinov2": (_dinov2, tp.transformers, 17),
+    "siglip": (_siglip, tp.transformers, 16),
+    "eva02": (_eva02, tp.timm, 17),
 }
 
 
@@ -96,13 +113,13 @@ def test_patch_then_unpatch_restores_the_model(family):
 
 
 def test_plan_and_settings(family):
-    model, _, patch, n_tokens = family
+    model, inputs, patch, n_tokens = family
     patch(model, r=[3, 2], mode="tome")
     steps = tp.plan(model, n_tokens)
     assert [s.r for s in steps] == [3, 2, 0, 0] and steps[0].n_in == n_tokens
     assert [s.mode for s in steps] == ["mean"] * 4
     assert tp.settings(model)["r"] == [3, 2] and tp.settings(model)["tofu_mode"] == "tome"
-    if n_tokens == 17:  # vision models know their own input size
+    if "input_ids" not in inputs:  # vision models know their own input size
         assert tp.plan(model) == steps
 
 

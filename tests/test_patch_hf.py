@@ -1,5 +1,6 @@
 """tofu_triton.patch.transformers on tiny random-init Hugging Face models (CPU, no downloads)."""
 import copy
+import importlib
 import subprocess
 import sys
 import threading
@@ -10,12 +11,16 @@ import torch
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install transformers)")
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel  # noqa: E402
 from transformers import Dinov2Config, Dinov2ForImageClassification, Dinov2Model  # noqa: E402
+from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
 from tofu_triton.testing import load_minilm, minilm_path  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
+
+# The module (tofu_triton.patch.transformers, the attribute, is the patch function).
+hf = importlib.import_module("tofu_triton.patch.transformers")
 
 
 IMPLS = ["sdpa", "eager"]
@@ -296,6 +301,72 @@ def test_clip_dinov2_r0_equal_and_counts(impl, family):
             # the class token is protected: pooled output differs only through attention
             assert out.pooler_output.shape == ref.pooler_output.shape
             assert not torch.equal(out.pooler_output, ref.pooler_output)
+
+
+# --------------------------------------------------------------------------- SigLIP (no class token, attention pooling)
+
+
+def siglip(impl="sdpa", seed=0):
+    torch.manual_seed(seed)
+    return SiglipVisionModel(SiglipVisionConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=4,
+                                                num_attention_heads=2, intermediate_size=64,
+                                                attn_implementation=impl)).eval()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_siglip_r0_is_bitwise_and_counts_follow_the_plan(impl):
+    model, x = siglip(impl), images()
+    with torch.no_grad():
+        ref = model(pixel_values=x)
+        tp.transformers(model, r=0)
+        out = model(pixel_values=x)
+        assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
+        assert torch.equal(out.pooler_output, ref.pooler_output)
+        for mode in MODES:
+            model.r, model.tofu_mode = [3, 2, 5, 4], mode
+            out = model(pixel_values=x)
+            # 16 patches and nothing protected: Nb = floor(N / 2) caps each step
+            assert out.tokens == [16, 13, 11, 6, 3] == [s.n_in for s in tp.plan(model)] + [3]
+            assert out.pooler_output.shape == (3, 32) and torch.isfinite(out.pooler_output).all()
+            if mode in ("tome", "mlerp"):
+                assert torch.equal(out.token_size.sum(1), torch.full((3, 1), 16.0))
+
+
+def test_siglip_sized_pooling_head_pools_like_duplicated_tokens():
+    head = siglip().head
+    tokens = torch.randn(2, 5, 32)
+    size = torch.tensor([[1.0, 3, 1, 2, 1], [2.0, 1, 1, 1, 4]])[..., None]
+    with torch.no_grad():
+        weighted = hf.siglip_pooling_head(head, tokens, size)
+        expected = torch.stack([head(torch.repeat_interleave(tokens[b], size[b, :, 0].long(), dim=0)[None])[0]
+                                for b in range(2)])
+        ones = hf.siglip_pooling_head(head, tokens, torch.ones(2, 5, 1))  # log(1) = 0: transformers' own head
+    torch.testing.assert_close(ones, head(tokens), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(weighted, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_siglip_uses_sizes_in_its_pooling_once_tokens_merge():
+    model, x = tp.transformers(siglip(), r=3, mode="tome"), images()
+    with torch.no_grad():
+        out = model(pixel_values=x)
+        unweighted = model.head(out.last_hidden_state)
+        weighted = hf.siglip_pooling_head(model.head, out.last_hidden_state, out.token_size)
+    torch.testing.assert_close(out.pooler_output, weighted, rtol=0, atol=0)
+    assert (out.pooler_output - unweighted).abs().max() > 1e-4
+
+
+def test_siglip_triton_backend_and_compile_match_reference():
+    model, x = tp.transformers(siglip().to(DEVICE), r=3, mode="tofu", backend="reference"), images().to(DEVICE)
+    with torch.no_grad():
+        ref = model(pixel_values=x)
+        model.tofu_backend = "triton"
+        out = model(pixel_values=x)
+        model.tofu_backend = "reference"
+        torch._dynamo.reset()
+        compiled = torch.compile(model, backend="aot_eager", fullgraph=True)(pixel_values=x)
+    assert out.tokens == ref.tokens and torch.equal(out.token_size, ref.token_size)
+    torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(compiled.pooler_output, ref.pooler_output, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_layer_layout_refused():

@@ -19,7 +19,7 @@ PRESETS = {
 
 def create_vit(name: str, pretrained: bool = False, seed: int = 0, img_size: Optional[int] = None,
                num_classes: Optional[int] = None) -> nn.Module:
-    """A timm ``VisionTransformer`` in eval mode, on the CPU, in float32.
+    """A timm ``VisionTransformer`` or ``Eva`` in eval mode, on the CPU, in float32.
 
     name: a timm model name or a key of :data:`PRESETS`. Random init is
     seeded with ``seed`` (the global torch RNG is left as it was), so two
@@ -29,6 +29,7 @@ def create_vit(name: str, pretrained: bool = False, seed: int = 0, img_size: Opt
     reason in one line.
     """
     import timm
+    from timm.models.eva import Eva
     from timm.models.vision_transformer import VisionTransformer
 
     kwargs = {}
@@ -50,7 +51,7 @@ def create_vit(name: str, pretrained: bool = False, seed: int = 0, img_size: Opt
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = timm.create_model(base, pretrained=pretrained, **kwargs)
-    if not isinstance(model, VisionTransformer):
-        raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer "
-                         "(ToFu patches ViT, DeiT and their variants)")
+    if not isinstance(model, (VisionTransformer, Eva)):
+        raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer or Eva "
+                         "(ToFu patches ViT, DeiT, SigLIP, EVA-02 and their variants)")
     return model.eval()

@@ -1,13 +1,20 @@
-"""``tofu_triton.patch.timm``: ToFu / ToMe inside timm 1.0's ``VisionTransformer``.
+"""``tofu_triton.patch.timm``: ToFu / ToMe inside timm's ``VisionTransformer`` and ``Eva``.
 
-Any timm ``VisionTransformer`` built from timm's ``Block`` and ``Attention``:
-ViT, DeiT (also distilled), ViTs with register tokens or no class token,
-LayerScale, ``qk_norm``, ``token`` / ``avg`` / ``max`` / ``avgmax`` pooling.
+Supported:
+
+* ``VisionTransformer`` built from timm's ``Block`` and ``Attention``: ViT,
+  DeiT (also distilled), register tokens, no class token, LayerScale,
+  ``qk_norm``, SigLIP / SigLIP 2 (``vit_*_siglip_*``: no class token,
+  attention pooling), pooling ``token`` / ``avg`` / ``max`` / ``avgmax`` /
+  ``map``.
+* ``Eva`` built from ``EvaBlock`` with ``EvaAttention`` or ``AttentionRope``:
+  EVA-02 (``eva02_*``) and the ViTs with rotary positions (``vit_*_rope_*``),
+  with one rotary table for all blocks; any of the pools above.
 
 Patching (through :mod:`tofu_triton.patch.lifecycle`, shared by every
 family) swaps the model's class for a subclass whose ``forward`` runs the
-blocks through :func:`block_forward` instead of ``Block.forward``;
-parameters, hooks and ``state_dict`` are untouched, and
+blocks through :func:`block_forward` / :func:`eva_block_forward` instead of
+the blocks' own; parameters, hooks and ``state_dict`` are untouched, and
 ``tofu_triton.patch.unpatch`` swaps the class back.
 
 What a patched block does (timm's pre-norm block, with one step added)::
@@ -16,31 +23,42 @@ What a patched block does (timm's pre-norm block, with one step added)::
     x, size = token reduction step (r, mode of this layer)           # docs/design.md §1
     x = x + drop_path2(ls2(mlp(norm2(x))))
 
-* The metric is the attention keys (after ``k_norm``) averaged over heads.
+* The metric is the attention keys (after ``k_norm``, before any rotary
+  rotation) averaged over heads.
 * The first ``model.num_prefix_tokens`` tokens (class, register,
   distillation) are protected.
 * Proportional attention adds ``log(size)`` as a float mask ``[B, 1, 1, N]``
   only in layers where sizes can differ from 1, decided by
   :func:`tofu_triton.schedule.plan_layers` from the schedule, not the data.
+* Rotary positions (Eva): every token carries its grid position through the
+  call. A merged token keeps its destination's, a pruned one leaves with its
+  own, and each block rotates queries and keys by the table rows at the
+  positions of the tokens it holds.
 * Pooling: ``avg`` (and the mean half of ``avgmax``) is weighted by size
-  over the non-prefix tokens; ``token`` reads token 0; ``max`` is a plain
-  max. Where sizes are all 1 by the schedule, timm's own pooling runs, so
-  an ``r = 0`` model computes exactly what the unpatched one does.
+  over the non-prefix tokens; attention pooling (``map``) adds ``log(size)``
+  to each key's logit, which is pooling over ``size`` copies of the token;
+  ``token`` reads token 0; ``max`` is a plain max. Where sizes are all 1 by
+  the schedule, timm's own pooling runs, so an ``r = 0`` model computes
+  exactly what the unpatched one does.
 
-Per-call state (sizes, source matrix, token counts) lives in local variables
-of one forward call and is returned from it (:func:`forward_with_info`);
-nothing is written to modules during a forward, so one patched model can run
-in several threads at once and ``torch.compile(fullgraph=True)`` sees no
-mutation and no data-dependent branch. Configuration lives on the model as
-plain attributes that may be changed between calls: ``model.r``,
-``model.tofu_mode``, ``model.tofu_prune_layers``, ``model.tofu_prop_attn``,
+Per-call state (sizes, positions, source matrix, token counts) lives in
+local variables of one forward call and is returned from it
+(:func:`forward_with_info`); nothing is written to modules during a forward,
+so one patched model can run in several threads at once and
+``torch.compile(fullgraph=True)`` sees no mutation and no data-dependent
+branch. Configuration lives on the model as plain attributes that may be
+changed between calls: ``model.r``, ``model.tofu_mode``,
+``model.tofu_prune_layers``, ``model.tofu_prop_attn``,
 ``model.tofu_trace_source``, ``model.tofu_backend``.
 
-Not covered: ``forward_intermediates`` (runs the blocks unpatched),
-gradient checkpointing (ignored: blocks always run one by one), user
-``attn_mask`` / ``is_causal`` (refused), ``global_pool='map'``/``'prr'``
-(refused at patch time: attention pooling has no size weighting), and
-blocks other than timm's ``Block`` with ``Attention`` (refused).
+Refused at patch time, with the reason: other model classes (BEiT's
+relative position bias table cannot follow merged tokens; windowed attention
+needs the full grid), other block or attention classes, mixed (per-layer)
+rotary frequencies, grouped key/value heads, ``global_pool='prr'``, an
+attention pool with its own position embedding. Not covered:
+``forward_intermediates`` (runs the blocks unpatched), gradient
+checkpointing (ignored: blocks always run one by one), user ``attn_mask`` /
+``is_causal`` (refused at call), Eva patch dropout while training.
 ``model.forward_features`` returns the final tokens without their sizes, so
 ``model.forward_head(model.forward_features(x))`` pools unweighted; use
 ``model(x)`` or :func:`forward_with_info`.

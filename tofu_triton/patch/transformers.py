@@ -74,7 +74,7 @@ r > 0 is allowed (mask tokens are ordinary tokens). Gradient checkpointing
 is ignored. ``interpolate_pos_encoding`` works.
 """
 from dataclasses import dataclass
-from typing import List, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -87,18 +87,21 @@ from transformers.models.bert.modeling_bert import BertLayer, BertModel, BertSel
 from transformers.models.clip import modeling_clip
 from transformers.models.clip.modeling_clip import CLIPEncoderLayer, CLIPVisionModel
 from transformers.models.dinov2 import modeling_dinov2
+from transformers.models.siglip import modeling_siglip
+from transformers.models.siglip.modeling_siglip import SiglipEncoderLayer, SiglipVisionModel
 from transformers.models.dinov2.modeling_dinov2 import Dinov2Layer, Dinov2Model
 from transformers.models.vit import modeling_vit
 from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTLayer, ViTModel
 
 from .. import ops
 from ..reference import gather_rows
-from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, token_counts
+from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
 from . import lifecycle
 
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-SUPPORTED = ("BertModel", "ViTModel", "ViTForImageClassification", "CLIPVisionModel", "Dinov2Model")
+SUPPORTED = ("BertModel", "ViTModel", "ViTForImageClassification", "CLIPVisionModel", "Dinov2Model",
+             "SiglipVisionModel")
 
 
 @dataclass
@@ -158,14 +161,23 @@ def _pads_last(x: Tensor, size: Tensor) -> Tuple[Tensor, Tensor]:
     return gather_rows(x, order), gather_rows(size, order)
 
 
-def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, padded: bool, backend: str):
+class Run(NamedTuple):
+    """What every layer of one forward call needs besides its own step."""
+
+    padded: bool  # an attention mask was given: some tokens are padding (size 0)
+    prop_attn: bool  # proportional attention
+    backend: str
+    protected: int  # leading tokens never merged: 1 ([CLS]) or 0 (SigLIP has no class token)
+
+
+def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, run: Run):
     if step.r == 0:
         return x, size
-    if padded:
+    if run.padded:
         x = x * (size > 0).to(x.dtype)  # a padded token adds nothing to a merge
-    match = ops.bipartite_match(_metric(k, size, padded), step.r, 1, backend)
-    x, size = ops.merge_tokens(x, match, size, step.mode, backend)
-    if padded:
+    match = ops.bipartite_match(_metric(k, size, run.padded), step.r, run.protected, run.backend)
+    x, size = ops.merge_tokens(x, match, size, step.mode, run.backend)
+    if run.padded:
         x, size = _pads_last(x, size)
     return x, size
 
@@ -175,17 +187,16 @@ def _heads(x: Tensor, proj: nn.Module, head_dim: int) -> Tensor:
     return proj(x).view(B, N, -1, head_dim).transpose(1, 2)
 
 
-def bert_layer_forward(layer: BertLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
-                       prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def bert_layer_forward(layer: BertLayer, x: Tensor, size: Tensor, step: LayerPlan, run: Run) -> Tuple[Tensor, Tensor]:
     """One patched ``BertLayer`` (post-norm): attention, step, feed-forward."""
     sa = layer.attention.self
     B, N, _ = x.shape
-    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    mask = _key_mask(size, run.padded, step.sized, run.prop_attn, x.dtype)
     q, k, v = (_heads(x, p, sa.attention_head_size) for p in (sa.query, sa.key, sa.value))
     out = _attend(sa, sa.config, q, k, v, mask, sa.dropout.p if sa.training else 0.0, sa.scaling,
                   modeling_bert.eager_attention_forward)
     x = layer.attention.output(out.reshape(B, N, -1).contiguous(), x)
-    x, size = _reduce(x, k, size, step, padded, backend)
+    x, size = _reduce(x, k, size, step, run)
     return layer.feed_forward_chunk(x), size
 
 
@@ -198,17 +209,31 @@ def _self_attention(attn: nn.Module, h: Tensor, mask: Optional[Tensor], out_proj
     return out_proj(out.reshape(B, N, -1).contiguous()), k
 
 
-def clip_layer_forward(layer: CLIPEncoderLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
-                       prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
-    """One patched ``CLIPEncoderLayer`` (pre-norm)."""
+_EAGER = {CLIPEncoderLayer: modeling_clip.eager_attention_forward,
+          SiglipEncoderLayer: modeling_siglip.eager_attention_forward}
+
+
+def clip_layer_forward(layer: nn.Module, x: Tensor, size: Tensor, step: LayerPlan, run: Run) -> Tuple[Tensor, Tensor]:
+    """One patched ``CLIPEncoderLayer`` or ``SiglipEncoderLayer`` (the same pre-norm layer)."""
     attn = layer.self_attn
-    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    mask = _key_mask(size, run.padded, step.sized, run.prop_attn, x.dtype)
     out, k = _self_attention(attn, layer.layer_norm1(x), mask, attn.out_proj, attn.dropout, attn.scale,
-                             modeling_clip.eager_attention_forward)
+                             _EAGER[type(layer)])
     x = x + out
-    x, size = _reduce(x, k, size, step, padded, backend)
+    x, size = _reduce(x, k, size, step, run)
     x = x + layer.mlp(layer.layer_norm2(x))
     return x, size
+
+
+def siglip_pooling_head(head: nn.Module, x: Tensor, size: Tensor) -> Tensor:
+    """``SiglipMultiheadAttentionPoolingHead`` with sizes: ``log(size)`` added to each
+    key's logit (pooling over ``size`` copies of every token). x: [B, N, C] -> [B, C]."""
+    probe = head.probe.repeat(x.shape[0], 1, 1)
+    heads = head.attention.num_heads
+    # nn.MultiheadAttention takes a float mask [B * heads, queries, keys], batch-major.
+    mask = size[..., 0].log()[:, None, :].repeat_interleave(heads, dim=0).to(x.dtype)
+    pooled = head.attention(probe, x, x, attn_mask=mask)[0]
+    return (pooled + head.mlp(head.layernorm(pooled)))[:, 0]
 
 
 def _dinov2_attention(attn: nn.Module, h: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
@@ -225,30 +250,29 @@ def _dinov2_attention(attn: nn.Module, h: Tensor, mask: Optional[Tensor]) -> Tup
     return attn.output(out.reshape(B, N, -1).contiguous(), h), k
 
 
-def dinov2_layer_forward(layer: Dinov2Layer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
-                         prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def dinov2_layer_forward(layer: Dinov2Layer, x: Tensor, size: Tensor, step: LayerPlan,
+                         run: Run) -> Tuple[Tensor, Tensor]:
     """One patched ``Dinov2Layer`` (pre-norm, layer scale, drop path)."""
-    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    mask = _key_mask(size, run.padded, step.sized, run.prop_attn, x.dtype)
     out, k = _dinov2_attention(layer.attention, layer.norm1(x), mask)
     x = layer.drop_path(layer.layer_scale1(out)) + x
-    x, size = _reduce(x, k, size, step, padded, backend)
+    x, size = _reduce(x, k, size, step, run)
     x = layer.drop_path(layer.layer_scale2(layer.mlp(layer.norm2(x)))) + x
     return x, size
 
 
-def vit_layer_forward(layer: ViTLayer, x: Tensor, size: Tensor, step: LayerPlan, padded: bool,
-                      prop_attn: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def vit_layer_forward(layer: ViTLayer, x: Tensor, size: Tensor, step: LayerPlan, run: Run) -> Tuple[Tensor, Tensor]:
     """One patched ``ViTLayer`` (pre-norm): attention residual, step, MLP residual."""
     attn = layer.attention
     B, N, _ = x.shape
-    mask = _key_mask(size, padded, step.sized, prop_attn, x.dtype)
+    mask = _key_mask(size, run.padded, step.sized, run.prop_attn, x.dtype)
     h = layer.layernorm_before(x)
     q, k, v = (_heads(h, p, attn.head_dim) for p in (attn.q_proj, attn.k_proj, attn.v_proj))
     out = _attend(attn, attn.config, q, k, v, mask, attn.attention_dropout if attn.training else 0.0,
                   attn.scaling, modeling_vit.eager_attention_forward)
     out = attn.o_proj(out.reshape(B, N, -1).contiguous())
     x = layer.dropout(out) + x
-    x, size = _reduce(x, k, size, step, padded, backend)
+    x, size = _reduce(x, k, size, step, run)
     x = layer.dropout(layer.mlp(layer.layernorm_after(x))) + x
     return x, size
 
@@ -260,7 +284,7 @@ def _plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
     depth = len(_layers(model))
     r = parse_r(model.r, depth)
     modes = parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
-    return plan_layers(n_tokens, 1, r, modes)
+    return plan_layers(n_tokens, _protected(model), r, modes)
 
 
 def _plan_or_default(base: nn.Module, n_tokens: Optional[int]) -> List[LayerPlan]:
@@ -268,14 +292,19 @@ def _plan_or_default(base: nn.Module, n_tokens: Optional[int]) -> List[LayerPlan
         cfg = base.config
         if isinstance(base, BertModel):
             raise ValueError("plan() of a text model needs n_tokens: the sequence length, [CLS] and [SEP] included")
-        n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + 1
+        n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + _protected(base)
     return _plan(base, n_tokens)
+
+
+def _protected(model: nn.Module) -> int:
+    """Leading tokens never merged: the class token, which SigLIP does not have."""
+    return 0 if isinstance(model, SiglipVisionModel) else 1
 
 
 def _layers(model: nn.Module) -> nn.ModuleList:
     if isinstance(model, (BertModel, Dinov2Model)):
         return model.encoder.layer
-    if isinstance(model, CLIPVisionModel):
+    if isinstance(model, (CLIPVisionModel, SiglipVisionModel)):
         return model.encoder.layers
     return model.layers
 
@@ -294,8 +323,9 @@ def _run_layers(model: nn.Module, layer_fn, x: Tensor, size: Tensor, padded: boo
     steps = _plan(model, x.shape[1])
     if padded and any(s.r > 0 for s in steps):
         x, size = _pads_last(x, size)  # left padding too; right padding: identity
+    run = Run(padded, model.tofu_prop_attn, model.tofu_backend, _protected(model))
     for layer, step in zip(_layers(model), steps):
-        x, size = layer_fn(layer, x, size, step, padded, model.tofu_prop_attn, model.tofu_backend)
+        x, size = layer_fn(layer, x, size, step, run)
     return x, size, steps
 
 
@@ -370,8 +400,23 @@ class _PatchedDinov2:
         return _output(x, x[:, 0, :], size, steps, return_dict)
 
 
+class _PatchedSiglipVision:
+    def forward(self, pixel_values=None, interpolate_pos_encoding=False, return_dict=None, **kwargs):
+        _refuse_kwargs(kwargs, self.config)
+        if kwargs.get("attention_mask") is not None:
+            raise NotImplementedError("a ToFu-patched SiglipVisionModel does not take attention_mask")
+        x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
+        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+        x, size, steps = _run_layers(self, clip_layer_forward, x, size, False)
+        x = self.post_layernorm(x)
+        pooled = None
+        if self.use_head:  # unweighted (transformers' own head) while every size is 1
+            pooled = siglip_pooling_head(self.head, x, size) if sized_after(steps) else self.head(x)
+        return _output(x, pooled, size, steps, return_dict)
+
+
 _MIXINS = {BertModel: _PatchedBert, ViTModel: _PatchedViT, CLIPVisionModel: _PatchedCLIPVision,
-           Dinov2Model: _PatchedDinov2}
+           Dinov2Model: _PatchedDinov2, SiglipVisionModel: _PatchedSiglipVision}
 
 
 def _base(model: nn.Module) -> nn.Module:
@@ -393,6 +438,9 @@ _NEEDS = {
     CLIPEncoderLayer: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
                        "self_attn.head_dim", "self_attn.scale", "self_attn.dropout", "self_attn.config",
                        "layer_norm1", "layer_norm2", "mlp"),
+    SiglipEncoderLayer: ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj",
+                         "self_attn.head_dim", "self_attn.scale", "self_attn.dropout", "self_attn.config",
+                         "layer_norm1", "layer_norm2", "mlp"),
     Dinov2Layer: ("attention.q_proj", "attention.k_proj", "attention.v_proj", "attention.o_proj",
                   "attention.head_dim", "attention.scaling", "attention.attention_dropout", "attention.config",
                   "norm1", "norm2", "layer_scale1", "layer_scale2", "drop_path", "mlp"),
@@ -454,7 +502,8 @@ def _check_family(model: nn.Module) -> None:
             if type(layer) is not ViTLayer:
                 raise TypeError(f"layer {i} is a {type(layer).__name__}; only transformers' ViTLayer is supported")
         return
-    for cls, layer_cls in ((CLIPVisionModel, CLIPEncoderLayer), (Dinov2Model, Dinov2Layer)):
+    for cls, layer_cls in ((CLIPVisionModel, CLIPEncoderLayer), (Dinov2Model, Dinov2Layer),
+                           (SiglipVisionModel, SiglipEncoderLayer)):
         if isinstance(base, cls):
             for i, layer in enumerate(_layers(base)):
                 if type(layer) is not layer_cls:
