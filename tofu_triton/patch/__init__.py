@@ -9,14 +9,19 @@
 Families (one module each, named after its call):
 
 * ``tp.timm(model, ...)``, :mod:`tofu_triton.patch.timm`: timm ``VisionTransformer``
-  (ViT, DeiT, register tokens, no class token, LayerScale, qk_norm).
+  (ViT, DeiT, register tokens, no class token, LayerScale, qk_norm, SigLIP) and ``Eva``
+  (EVA-02, rotary ViTs).
 * ``tp.transformers(model, ...)``, :mod:`tofu_triton.patch.transformers`: Hugging Face
-  ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``.
+  ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``,
+  ``SiglipVisionModel``.
+* ``tp.diffusers(pipe, ...)``, :mod:`tofu_triton.patch.diffusers`: Stable Diffusion UNets
+  (SD 1.x, 2.x, SDXL), tomesd's arguments.
 
 Every family goes through :mod:`tofu_triton.patch.lifecycle`, so
 :func:`unpatch`, :func:`is_patched`, :func:`plan`, :func:`settings` and
-:func:`patched` work on any patched model. The Hugging Face module (and
-transformers itself) is imported on the first call of :func:`transformers`.
+:func:`patched` work on any patched model. The Hugging Face and diffusers
+modules (and those libraries) are imported on the first call of
+:func:`transformers` / :func:`diffusers`.
 """
 import importlib
 import sys
@@ -32,7 +37,7 @@ from .lifecycle import is_patched, plan, settings, unpatch
 from .timm import TokenInfo, forward_with_info, trace
 from .timm import patch as _patch_timm
 
-_INSTALL_HINT = {"transformers": 'pip install "tofu-triton[hf]"'}
+_INSTALL_HINT = {"transformers": 'pip install "tofu-triton[hf]"', "diffusers": 'pip install "tofu-triton[diffusers]"'}
 
 
 def _family_module(name: str):
@@ -61,7 +66,18 @@ def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, ba
                                                  prop_attn=prop_attn, backend=backend)
 
 
-_PATCHERS = {"timm": timm, "transformers": transformers}
+def diffusers(model, ratio=0.5, mode="tofu", max_downsample=1, sx=2, sy=2, use_rand=True, merge_attn=True,
+              merge_crossattn=False, merge_mlp=False, seed=None, backend="auto"):
+    """Patch a Stable Diffusion pipeline or UNet in place (see :mod:`tofu_triton.patch.diffusers`); returns it.
+
+    tomesd's arguments; imports ``diffusers`` on this first call.
+    """
+    return _family_module("diffusers").patch(
+        model, ratio=ratio, mode=mode, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
+        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed, backend=backend)
+
+
+_PATCHERS = {"timm": timm, "transformers": transformers, "diffusers": diffusers}
 
 
 def _patcher_for(model):
@@ -126,5 +142,5 @@ class _Package(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Package
 
-__all__ = ["TokenInfo", "forward_with_info", "is_patched", "mean_pool", "patched", "plan", "settings", "timm",
-           "trace", "transformers", "unpatch"]
+__all__ = ["TokenInfo", "diffusers", "forward_with_info", "is_patched", "mean_pool", "patched", "plan", "settings",
+           "timm", "trace", "transformers", "unpatch"]

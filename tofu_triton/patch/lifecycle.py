@@ -28,6 +28,10 @@ class Family(NamedTuple):
     target: Callable[[nn.Module], nn.Module]  # model -> the module whose class is swapped
     validate: Callable[[nn.Module], None]  # target -> None; TypeError/ValueError on bad settings
     plan: Callable[[nn.Module, Optional[int]], list]  # (target, n_tokens or None) -> per-layer plan
+    # target -> [(submodule, mixin, {attribute: value})]: submodules whose class is
+    # swapped too (and the fixed, structural attributes they get), for families
+    # whose work happens deep inside the target (diffusers' transformer blocks).
+    parts: Optional[Callable[[nn.Module], List[Tuple[nn.Module, type, Dict[str, object]]]]] = None
 
 
 class Patched:
@@ -86,6 +90,11 @@ def apply(model: nn.Module, family: Family, mixin: type, values: Dict[str, objec
                 setattr(target, name, previous[name])
         raise
     if previous is None:
+        for part, part_mixin, attrs in family.parts(target) if family.parts else ():
+            for name, value in attrs.items():
+                setattr(part, name, value)
+            part.__class__ = _patched_class(type(part), part_mixin, family, part_mixin.__module__)
+            part.__class__._tofu_part_attrs = tuple(attrs)
         target.__class__ = _patched_class(type(target), mixin, family, mixin.__module__)
     return model
 
@@ -124,6 +133,11 @@ def unpatch(model: nn.Module) -> nn.Module:
     target = patched_module(model)
     if target is not None:
         family = type(target)._tofu_family
+        for part in list(target.modules())[1:]:
+            if isinstance(part, Patched) and type(part)._tofu_family is family:
+                for name in getattr(type(part), "_tofu_part_attrs", ()):
+                    part.__dict__.pop(name, None)
+                part.__class__ = type(part)._tofu_base
         target.__class__ = type(target)._tofu_base
         for name in family.settings:
             target.__dict__.pop(name, None)

@@ -1,0 +1,217 @@
+"""tofu_triton.patch.diffusers on Stable Diffusion UNets built from the published SD 1.5 / 2.1 / SDXL
+configs (block layout as published, widths shrunk so a CPU runs them in milliseconds; random
+weights, nothing downloads), checked against tomesd itself."""
+import copy
+import threading
+
+import pytest
+import torch
+
+diffusers = pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e \".[test]\")")
+tomesd = pytest.importorskip("tomesd", reason="tomesd is not installed (pip install -e \".[test]\")")
+from diffusers import UNet2DConditionModel  # noqa: E402
+
+import tofu_triton.patch as tp  # noqa: E402
+from tofu_triton import reference  # noqa: E402
+from tofu_triton.patch.diffusers import cell_choice  # noqa: E402
+
+# The published configs' layout (block types, layers, projections, SDXL's added conditioning)...
+SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2)
+SD21 = dict(SD15, use_linear_projection=True, upcast_attention=True)
+SDXL = dict(down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), layers_per_block=2,
+            transformer_layers_per_block=(1, 2, 3), use_linear_projection=True, addition_embed_type="text_time",
+            addition_time_embed_dim=8, projection_class_embeddings_input_dim=8 * 6 + 32)
+# ... with small widths (the published ones are 320-1280 channels and 768-2048 context).
+SMALL = dict(sample_size=16, cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8)
+WIDTHS = {"sd15": (32, 32, 64, 64), "sd21": (32, 32, 64, 64), "sdxl": (32, 64, 64)}
+CONFIGS = {"sd15": SD15, "sd21": SD21, "sdxl": SDXL}
+
+
+def unet(name, seed=0):
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(**CONFIGS[name], **SMALL, block_out_channels=WIDTHS[name]).eval()
+
+
+def inputs(name, batch=2, side=16, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    args = dict(sample=torch.randn(batch, 4, side, side, generator=g), timestep=torch.tensor([500] * batch),
+                encoder_hidden_states=torch.randn(batch, 7, 32, generator=g))
+    if name == "sdxl":
+        args["added_cond_kwargs"] = dict(text_embeds=torch.randn(batch, 32, generator=g),
+                                         time_ids=torch.randn(batch, 6, generator=g))
+    return args
+
+
+def run(model, args):
+    rest = {k: v for k, v in args.items() if k != "sample"}
+    with torch.no_grad():
+        return model(args["sample"], **rest).sample  # positional: how pipelines call it (and tomesd's hook reads it)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_ratio_0_is_bitwise_unpatched(name):
+    model, args = unet(name), inputs(name)
+    expected = run(model, args)
+    tp.diffusers(model, ratio=0.0)
+    assert torch.equal(run(model, args), expected)
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("kwargs", [dict(), dict(max_downsample=2), dict(merge_crossattn=True, merge_mlp=True),
+                                    dict(ratio=0.7, sx=3, sy=2)])
+def test_tome_mode_reproduces_tomesd(name, kwargs):
+    ours, theirs, args = unet(name), unet(name), inputs(name)
+    settings = dict(dict(ratio=0.5, max_downsample=1, sx=2, sy=2), **kwargs)
+    tp.diffusers(ours, mode="tome", use_rand=False, **settings)
+    tomesd.apply_patch(theirs, use_rand=False, **settings)
+    got, want = run(ours, args), run(theirs, args)
+    unpatched = run(unet(name), args)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if any(p.mode for p in tp.plan(ours)):
+        assert (got - unpatched).abs().max() > 1e-3  # merging did happen
+    else:  # SDXL has no transformer block at full resolution: max_downsample=1 merges nothing, as in tomesd
+        assert name == "sdxl" and torch.equal(got, unpatched)
+
+
+def test_the_step_matches_tomesd_merge_and_unmerge():
+    # Odd grids, cells that do not divide them, and a per-token sub-layer in between.
+    from tomesd import merge as tm
+
+    layer = torch.nn.Linear(16, 16)
+    for h, w, sx, sy in [(8, 8, 2, 2), (7, 9, 2, 2), (6, 6, 3, 2)]:
+        x = torch.randn(2, h * w, 16, generator=torch.Generator().manual_seed(h * w))
+        r = int(h * w * 0.5)
+        m, u = tm.bipartite_soft_matching_random2d(x, w, h, sx, sy, r, no_rand=True)
+        part = reference.spatial_partition(h, w, sx, sy)
+        match = reference.spatial_match(x, part, r)
+        with torch.no_grad():
+            want = u(layer(m(x, mode="mean")))
+            got = reference.spatial_unmerge(layer(reference.spatial_merge(x, match, part, "mean")), match, part)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_published_sd15_layout_plans_the_highest_resolution_blocks():
+    with torch.device("meta"):  # the full SD 1.5 config: 860M parameters, never allocated
+        model = UNet2DConditionModel(**SD15, block_out_channels=(320, 640, 1280, 1280), cross_attention_dim=768,
+                                     attention_head_dim=8, sample_size=64)
+    tp.diffusers(model, ratio=0.5, mode="tofu")
+    plan = tp.plan(model)
+    assert [p.downsample for p in plan] == [1, 1, 2, 2, 4, 4, 8, 4, 4, 4, 2, 2, 2, 1, 1, 1]
+    assert [p.mode for p in plan if p.mode] == ["prune", "prune", "mlerp", "mlerp", "mlerp"]  # 5 blocks at 1x
+    model.max_downsample = 2
+    assert sum(p.mode is not None for p in tp.plan(model)) == 10
+
+
+@pytest.mark.parametrize("mode", ["tofu", "mlerp", "prune"])
+def test_every_mode_runs_and_differs(mode):
+    model, args = unet("sd15"), inputs("sd15")
+    tp.diffusers(model, ratio=0.5, mode="tome", use_rand=False)
+    tome = run(model, args)
+    model.tofu_mode = mode
+    out = run(model, args)
+    assert out.shape == tome.shape and torch.isfinite(out).all()
+    assert (out - tome).abs().max() > 1e-4
+
+
+def test_random_destinations_are_seeded_and_shared_by_the_batch():
+    model, args = unet("sd15"), inputs("sd15", batch=2)
+    tp.diffusers(model, ratio=0.5, mode="tome", use_rand=True, seed=7)
+    first, again = run(model, args), run(model, args)
+    assert torch.equal(first, again)  # no hidden generator state between calls
+    model.seed = 8
+    assert (run(model, args) - first).abs().max() > 1e-5
+    model.seed = 7
+    twice = dict(args, sample=args["sample"][:1].repeat(2, 1, 1, 1),
+                 encoder_hidden_states=args["encoder_hidden_states"][:1].repeat(2, 1, 1))
+    out = run(model, twice)
+    assert torch.equal(out[0], out[1])  # one choice of destinations for every image of the batch
+
+
+def test_cell_choice_is_a_uniform_counter_based_hash():
+    step = torch.tensor(123)
+    a = cell_choice(5, step, 2, (32, 32), 4)
+    assert a.shape == (32, 32) and a.min() >= 0 and a.max() <= 3
+    assert torch.equal(a, cell_choice(5, step, 2, (32, 32), 4))
+    for other in (cell_choice(6, step, 2, (32, 32), 4), cell_choice(5, torch.tensor(124), 2, (32, 32), 4),
+                  cell_choice(5, step, 3, (32, 32), 4)):
+        assert (other != a).float().mean() > 0.5
+    counts = torch.bincount(a.flatten(), minlength=4).float()
+    assert ((counts - 256) ** 2 / 256).sum() < 16.3  # chi-square, 3 degrees of freedom, p = 0.001
+
+
+def test_latent_size_travels_with_each_call_across_threads():
+    model = tp.diffusers(unet("sd15"), ratio=0.5, mode="tofu", seed=1)
+    jobs = [inputs("sd15", side=side, seed=side) for side in (16, 24, 32, 16)]
+    expected = [run(model, args) for args in jobs]
+    results, errors = [None] * len(jobs), []
+
+    def work(i):
+        try:
+            for _ in range(2):
+                results[i] = run(model, jobs[i])
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(torch.equal(a, b) for a, b in zip(results, expected))
+
+
+def test_ratio_can_change_between_calls_and_pipelines_work():
+    class Pipeline(torch.nn.Module):  # what matters of a diffusers pipeline: its .unet
+        def __init__(self):
+            super().__init__()
+            self.unet = unet("sd15")
+
+    pipe, args = Pipeline(), inputs("sd15")
+    reference_out = run(copy.deepcopy(pipe.unet), args)
+    assert tp.diffusers(pipe, ratio=0.3) is pipe and tp.is_patched(pipe)
+    merged = run(pipe.unet, args)
+    pipe.unet.ratio = 0.0
+    assert torch.equal(run(pipe.unet, args), reference_out)
+    pipe.unet.ratio = 0.3
+    assert torch.equal(run(pipe.unet, args), merged)
+    tp.unpatch(pipe)
+    assert not tp.is_patched(pipe) and type(pipe.unet) is UNet2DConditionModel
+    assert all(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules() if "Transformer" in
+               type(m).__name__ and "Block" in type(m).__name__)
+    assert torch.equal(run(pipe.unet, args), reference_out)
+
+
+def test_torch_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    model, args = tp.diffusers(unet("sd15"), ratio=0.5, seed=2), inputs("sd15")
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True)
+    with torch.no_grad():
+        out = compiled(args["sample"], **{k: v for k, v in args.items() if k != "sample"}).sample
+    torch.testing.assert_close(out, run(model, args), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, err, match", [
+    (dict(ratio=1.0), ValueError, "ratio must be a number in"),
+    (dict(mode="fast"), ValueError, "mode must be one of"),
+    (dict(max_downsample=3), ValueError, "max_downsample"),
+    (dict(sx=0), ValueError, "sx must be"),
+    (dict(backend="triton"), ValueError, "fused kernels do not cover"),
+    (dict(use_rand="yes"), TypeError, "use_rand"),
+])
+def test_bad_settings_are_refused_and_leave_the_model_as_it_was(kwargs, err, match):
+    model = unet("sd15")
+    with pytest.raises(err, match=match):
+        tp.diffusers(model, **kwargs)
+    assert not tp.is_patched(model)
+    assert all(type(m).__name__ in ("UNet2DConditionModel",) or not type(m).__name__.startswith("Tofu")
+               for m in model.modules())
+
+
+def test_models_that_cannot_be_patched():
+    with pytest.raises(TypeError, match="UNet2DConditionModel"):
+        tp.diffusers(torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="no transformer blocks"):
+        tp.diffusers(UNet2DConditionModel(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
+                                          block_out_channels=(32, 32), norm_num_groups=8, mid_block_type=None))
