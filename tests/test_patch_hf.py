@@ -355,6 +355,29 @@ def test_siglip_uses_sizes_in_its_pooling_once_tokens_merge():
     assert (out.pooler_output - unweighted).abs().max() > 1e-4
 
 
+def test_siglip_reentrant_threads():
+    model = tp.transformers(siglip(), r=3, mode="tofu")
+    batches = [images(2, seed=s) for s in range(4)]
+    with torch.no_grad():
+        expected = [model(pixel_values=x).pooler_output for x in batches]
+    results, errors = [None] * 4, []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(3):
+                    results[i] = model(pixel_values=batches[i]).pooler_output
+        except Exception as e:  # reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(torch.equal(a, b) for a, b in zip(results, expected))
+
+
 def test_siglip_triton_backend_and_compile_match_reference():
     model, x = tp.transformers(siglip().to(DEVICE), r=3, mode="tofu", backend="reference"), images().to(DEVICE)
     with torch.no_grad():

@@ -179,8 +179,9 @@ def test_torch_compile_fullgraph_matches_eager(family):
         assert_close(compiled(x), model(x), torch.float32, "compiled vs eager")
 
 
-def test_eva_is_reentrant_across_threads():
-    model = tp.timm(build("eva02"), r=3, mode="tofu")
+@pytest.mark.parametrize("family", ["eva02", "siglip"])
+def test_reentrant_across_threads(family):
+    model = tp.timm(build(family), r=3, mode="tofu")
     inputs = [images(2, seed=s) for s in range(4)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]
