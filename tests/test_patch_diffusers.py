@@ -2,7 +2,6 @@
 configs (block layout as published, widths shrunk so a CPU runs them in milliseconds; random
 weights, nothing downloads), checked against tomesd itself."""
 import copy
-import threading
 
 import pytest
 import torch
@@ -14,6 +13,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 import tofu_triton.patch as tp  # noqa: E402
 from tofu_triton import reference  # noqa: E402
 from tofu_triton.patch.diffusers import cell_choice  # noqa: E402
+from tofu_triton.testing import run_in_threads  # noqa: E402
 
 # The published configs' layout (block types, layers, projections, SDXL's added conditioning)...
 SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
@@ -145,21 +145,8 @@ def test_latent_size_travels_with_each_call_across_threads():
     model = tp.diffusers(unet("sd15"), ratio=0.5, mode="tofu", seed=1)
     jobs = [inputs("sd15", side=side, seed=side) for side in (16, 24, 32, 16)]
     expected = [run(model, args) for args in jobs]
-    results, errors = [None] * len(jobs), []
-
-    def work(i):
-        try:
-            for _ in range(2):
-                results[i] = run(model, jobs[i])
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(jobs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and all(torch.equal(a, b) for a, b in zip(results, expected))
+    results = run_in_threads(lambda args: run(model, args), jobs, repeats=2)
+    assert all(torch.equal(a, b) for a, b in zip(results, expected))
 
 
 def test_ratio_can_change_between_calls_and_pipelines_work():

@@ -3,7 +3,6 @@ import copy
 import importlib
 import subprocess
 import sys
-import threading
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
-from tofu_triton.testing import load_minilm, minilm_path  # noqa: E402
+from tofu_triton.testing import load_minilm, minilm_path, run_in_threads  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
 
@@ -204,22 +203,7 @@ def test_bert_reentrant_threads():
     ids, mask = ids_and_mask()
     with torch.no_grad():
         expected = model(input_ids=ids, attention_mask=mask).last_hidden_state
-    results, errors = [], []
-
-    def run():
-        try:
-            with torch.no_grad():
-                for _ in range(3):
-                    results.append(model(input_ids=ids, attention_mask=mask).last_hidden_state)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run) for _ in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and len(results) == 12
+    results = run_in_threads(lambda _: model(input_ids=ids, attention_mask=mask).last_hidden_state, range(4))
     assert all(torch.equal(r, expected) for r in results)
 
 
@@ -360,22 +344,8 @@ def test_siglip_reentrant_threads():
     batches = [images(2, seed=s) for s in range(4)]
     with torch.no_grad():
         expected = [model(pixel_values=x).pooler_output for x in batches]
-    results, errors = [None] * 4, []
-
-    def work(i):
-        try:
-            with torch.no_grad():
-                for _ in range(3):
-                    results[i] = model(pixel_values=batches[i]).pooler_output
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and all(torch.equal(a, b) for a, b in zip(results, expected))
+    results = run_in_threads(lambda x: model(pixel_values=x).pooler_output, batches)
+    assert all(torch.equal(a, b) for a, b in zip(results, expected))
 
 
 def test_siglip_triton_backend_and_compile_match_reference():

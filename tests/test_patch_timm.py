@@ -1,7 +1,6 @@
 """tofu_triton.patch.timm on tiny timm ViTs (random init, CPU, eval mode unless stated)."""
 import copy
 import pickle
-import threading
 
 import pytest
 import torch
@@ -12,7 +11,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 import tofu_triton.patch as tp
 from tofu_triton import reference
 from tofu_triton.patch.timm import attention_forward, proportional_mask
-from tofu_triton.testing import assert_close
+from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
 
@@ -225,22 +224,7 @@ def test_reentrant_across_threads():
     inputs = [images(b, seed=b) for b in (1, 2, 5, 3)]
     with torch.no_grad():
         expected = [tp.forward_with_info(model, x, trace_source=True) for x in inputs]
-    results, errors = {}, []
-
-    def run(i):
-        try:
-            with torch.no_grad():
-                for _ in range(5):
-                    results[i] = tp.forward_with_info(model, inputs[i], trace_source=True)
-        except Exception as e:  # pragma: no cover - reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(inputs))]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors
+    results = run_in_threads(lambda x: tp.forward_with_info(model, x, trace_source=True), inputs, repeats=5)
     for i, (logits, info) in enumerate(expected):
         assert torch.equal(results[i][0], logits)
         assert torch.equal(results[i][1].source, info.source) and results[i][1].tokens == info.tokens

@@ -3,8 +3,6 @@
 Tiny random models built from the families' real timm configs (``timm.create_model(name,
 pretrained=False, ...)`` with a small width and depth), CPU, eval mode.
 """
-import threading
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,7 +12,7 @@ from timm.models.eva import EvaAttention
 import tofu_triton.patch as tp
 from tofu_triton import reference
 from tofu_triton.patch.timm import merge_positions, rope_attention_forward
-from tofu_triton.testing import assert_close
+from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
 
@@ -185,22 +183,8 @@ def test_reentrant_across_threads(family):
     inputs = [images(2, seed=s) for s in range(4)]
     with torch.no_grad():
         expected = [model(x) for x in inputs]
-    results, errors = [None] * 4, []
-
-    def run(i):
-        try:
-            with torch.no_grad():
-                for _ in range(3):
-                    results[i] = model(inputs[i])
-        except Exception as e:  # reported below
-            errors.append(e)
-
-    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert not errors and all(torch.equal(a, b) for a, b in zip(results, expected))
+    results = run_in_threads(model, inputs)
+    assert all(torch.equal(a, b) for a, b in zip(results, expected))
 
 
 def test_models_that_cannot_be_patched_say_why():

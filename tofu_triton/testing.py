@@ -3,7 +3,8 @@ one comparison rule, the ToMe-style baseline step, and the real-weights text
 model. Imported by ``tests/`` and ``bench/``.
 """
 import os
-from typing import Callable, Optional, Tuple
+import threading
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -104,6 +105,30 @@ def check_match_against_scores(match, metric: Tensor, tie: float) -> None:
         worst_src = src_best.min(dim=1).values
         best_unm = best.gather(1, match.unm_idx).max(dim=1).values
         assert (best_unm <= worst_src + tie).all(), "an unmerged token scores clearly above a source"
+
+
+def run_in_threads(fn: Callable, inputs: Sequence, repeats: int = 3) -> List:
+    """``fn(x)`` for every ``x`` of ``inputs`` at once, one thread each, ``repeats``
+    times over (under ``torch.no_grad``); returns each thread's last result.
+    An exception in any thread is raised here."""
+    results, errors = [None] * len(inputs), []
+
+    def work(i):
+        try:
+            with torch.no_grad():
+                for _ in range(repeats):
+                    results[i] = fn(inputs[i])
+        except Exception as e:  # re-raised below, in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(inputs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 # --------------------------------------------------------------------------- real weights

@@ -329,6 +329,12 @@ def _run_layers(model: nn.Module, layer_fn, x: Tensor, size: Tensor, padded: boo
     return x, size, steps
 
 
+def _run_vision(model: nn.Module, layer_fn, x: Tensor):
+    """The layers of a vision model on unpadded tokens x [B, N, C]: (x, size, steps)."""
+    size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
+    return _run_layers(model, layer_fn, x, size, False)
+
+
 def _output(x: Tensor, pooled, size: Tensor, steps, return_dict) -> TofuModelOutput:
     out = TofuModelOutput(last_hidden_state=x, pooler_output=pooled, token_size=size,
                           token_mask=(size[..., 0] > 0).long(), tokens=token_counts(steps))
@@ -368,8 +374,7 @@ class _PatchedViT:
             pixel_values = pixel_values.to(expected)
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos,
                             interpolate_pos_encoding=interpolate_pos_encoding)
-        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-        x, size, steps = _run_layers(self, vit_layer_forward, x, size, False)
+        x, size, steps = _run_vision(self, vit_layer_forward, x)
         x = self.layernorm(x)
         pooled = self.pooler(x) if self.pooler is not None else None
         return _output(x, pooled, size, steps, return_dict)
@@ -382,8 +387,7 @@ class _PatchedCLIPVision:
             raise NotImplementedError("a ToFu-patched CLIPVisionModel does not take attention_mask")
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         x = self.pre_layrnorm(x)
-        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-        x, size, steps = _run_layers(self, clip_layer_forward, x, size, False)
+        x, size, steps = _run_vision(self, clip_layer_forward, x)
         pooled = self.post_layernorm(x[:, 0, :])
         return _output(x, pooled, size, steps, return_dict)
 
@@ -394,8 +398,7 @@ class _PatchedDinov2:
         if attention_mask is not None:
             raise NotImplementedError("a ToFu-patched Dinov2Model does not take attention_mask")
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
-        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-        x, size, steps = _run_layers(self, dinov2_layer_forward, x, size, False)
+        x, size, steps = _run_vision(self, dinov2_layer_forward, x)
         x = self.layernorm(x)
         return _output(x, x[:, 0, :], size, steps, return_dict)
 
@@ -406,8 +409,7 @@ class _PatchedSiglipVision:
         if kwargs.get("attention_mask") is not None:
             raise NotImplementedError("a ToFu-patched SiglipVisionModel does not take attention_mask")
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
-        size = torch.ones(x.shape[0], x.shape[1], 1, dtype=torch.float32, device=x.device)
-        x, size, steps = _run_layers(self, clip_layer_forward, x, size, False)
+        x, size, steps = _run_vision(self, clip_layer_forward, x)
         x = self.post_layernorm(x)
         pooled = None
         if self.use_head:  # unweighted (transformers' own head) while every size is 1
