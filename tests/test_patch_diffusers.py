@@ -167,6 +167,7 @@ def test_ratio_can_change_between_calls_and_pipelines_work():
     assert not tp.is_patched(pipe) and type(pipe.unet) is UNet2DConditionModel
     assert all(type(m).__name__ == "BasicTransformerBlock" for m in pipe.unet.modules() if "Transformer" in
                type(m).__name__ and "Block" in type(m).__name__)
+    assert not any("_tofu_layer" in vars(m) for m in pipe.unet.modules())  # structural attributes removed too
     assert torch.equal(run(pipe.unet, args), reference_out)
 
 

@@ -230,19 +230,13 @@ class _Distributed:
 
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
-    """Load a state dict saved with ``torch.save`` (plain, or under a ``state_dict`` / ``model`` key)."""
+    """:func:`tofu_triton.models.load_weights`, as a one-line SystemExit for the CLI."""
+    from .models import load_weights
+
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # missing, truncated, not a torch file, or not weights-only: all a user mistake here
-        first = str(e).splitlines()[0] if str(e) else ""
-        raise SystemExit(f"--checkpoint {path}: cannot read it ({type(e).__name__}: {first})") from None
-    for key in ("state_dict", "model"):
-        if isinstance(state, dict) and isinstance(state.get(key), dict):
-            state = state[key]
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, TypeError) as e:
-        raise SystemExit(f"--checkpoint {path}: does not fit the model ({str(e).splitlines()[0]})") from None
+        load_weights(model, path)
+    except ValueError as e:
+        raise SystemExit(f"--checkpoint {e}") from None
 
 
 def run(args) -> int:

@@ -55,3 +55,21 @@ def create_vit(name: str, pretrained: bool = False, seed: int = 0, img_size: Opt
         raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer or Eva "
                          "(ToFu patches ViT, DeiT, SigLIP, EVA-02 and their variants)")
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a state dict saved with ``torch.save`` (plain, or under a ``state_dict`` /
+    ``model`` key) into ``model``; ValueError saying what is wrong with the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # missing, truncated, not a torch file, or not weights-only
+        first = str(e).splitlines()[0] if str(e) else ""
+        raise ValueError(f"{path}: cannot read it ({type(e).__name__}: {first})") from None
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
+    return model

@@ -80,14 +80,14 @@ def build_app(model: str = "vit_base_patch16_224", tokens: int = 16, mode: str =
     class ViT:
         def __init__(self):
             import tofu_triton.patch as tp
-            from tofu_triton.models import create_vit
+            from tofu_triton.models import create_vit, load_weights
 
             self.device = "cuda" if torch.cuda.is_available() else "cpu"
             if self.device == "cpu":
                 torch.set_num_threads(max(1, int(cpus_per_replica)))  # one replica must not take every core
             net = create_vit(model, pretrained=pretrained, seed=seed)
             if checkpoint:
-                net.load_state_dict(torch.load(checkpoint, map_location="cpu", weights_only=True))
+                load_weights(net, checkpoint)
             use = DTYPES.get(dtype, torch.float16 if self.device == "cuda" else torch.float32)
             self.dtype = use
             self.model = net.to(self.device, use)

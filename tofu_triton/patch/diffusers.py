@@ -208,6 +208,8 @@ def _grid(call: Call, factor: int, n: int) -> Tuple[int, int]:
 class _PatchedBlock:
     """``BasicTransformerBlock.forward`` with merge / sub-layer / unmerge (layer_norm blocks)."""
 
+    _tofu_attrs = ("_tofu_layer",)  # (index in forward order, downsampling factor), set at patch time
+
     def forward(self, hidden_states, attention_mask=None, encoder_hidden_states=None, encoder_attention_mask=None,
                 timestep=None, cross_attention_kwargs=None, class_labels=None, added_cond_kwargs=None):
         kwargs = dict(cross_attention_kwargs or {})

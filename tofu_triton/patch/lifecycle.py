@@ -29,8 +29,9 @@ class Family(NamedTuple):
     validate: Callable[[nn.Module], None]  # target -> None; TypeError/ValueError on bad settings
     plan: Callable[[nn.Module, Optional[int]], list]  # (target, n_tokens or None) -> per-layer plan
     # target -> [(submodule, mixin, {attribute: value})]: submodules whose class is
-    # swapped too (and the fixed, structural attributes they get), for families
-    # whose work happens deep inside the target (diffusers' transformer blocks).
+    # swapped too (and the fixed, structural attributes they get, whose names the
+    # mixin lists in ``_tofu_attrs`` so unpatch removes them), for families whose
+    # work happens deep inside the target (diffusers' transformer blocks).
     parts: Optional[Callable[[nn.Module], List[Tuple[nn.Module, type, Dict[str, object]]]]] = None
 
 
@@ -94,7 +95,6 @@ def apply(model: nn.Module, family: Family, mixin: type, values: Dict[str, objec
             for name, value in attrs.items():
                 setattr(part, name, value)
             part.__class__ = _patched_class(type(part), part_mixin, family, part_mixin.__module__)
-            part.__class__._tofu_part_attrs = tuple(attrs)
         target.__class__ = _patched_class(type(target), mixin, family, mixin.__module__)
     return model
 
@@ -135,7 +135,7 @@ def unpatch(model: nn.Module) -> nn.Module:
         family = type(target)._tofu_family
         for part in list(target.modules())[1:]:
             if isinstance(part, Patched) and type(part)._tofu_family is family:
-                for name in getattr(type(part), "_tofu_part_attrs", ()):
+                for name in getattr(type(part), "_tofu_attrs", ()):
                     part.__dict__.pop(name, None)
                 part.__class__ = type(part)._tofu_base
         target.__class__ = type(target)._tofu_base
