@@ -1,10 +1,14 @@
-"""The one place that builds the timm ViTs the CLI, the evaluation and the benchmarks run.
+"""The one place that builds the models the CLI, the evaluation and the benchmarks run.
 
     model = create_vit("vit_base_patch16_224")              # random init, seeded: same weights every run
     model = create_vit("vit_base_patch16_224", pretrained=True)
     model = create_vit("tiny")                              # 6 blocks at 64 px: seconds on a CPU
+
+    unet = create_unet("sd15", device="cuda", dtype=torch.float16)   # SD 1.5's UNet layout, random weights
+    unet = create_unet("tiny")                              # SD 1.5's layout at 32-64 channels: a CPU runs it
+    out = unet_step(unet, unet_inputs(unet, batch=2, size=64))     # one denoising step's UNet forward
 """
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from torch import nn
@@ -73,3 +77,132 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
     except (RuntimeError, TypeError) as e:
         raise ValueError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
     return model
+
+
+# --------------------------------------------------------------------------- Stable Diffusion UNets
+
+# The UNet configs of Stable Diffusion 1.5 (runwayml/stable-diffusion-v1-5, unet/config.json) and SDXL
+# base 1.0 (stabilityai/stable-diffusion-xl-base-1.0, unet/config.json), written out so that a
+# random-weight model of the published size and layout can be built without downloading anything.
+# Keys left out are UNet2DConditionModel's defaults, which are the published values.
+SD15_UNET = dict(
+    sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280, 1280),
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    cross_attention_dim=768, attention_head_dim=8, norm_num_groups=32, norm_eps=1e-5, act_fn="silu",
+    flip_sin_to_cos=True, freq_shift=0, downsample_padding=1, mid_block_scale_factor=1,
+)
+SDXL_UNET = dict(
+    sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
+    block_out_channels=(320, 640, 1280),
+    down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    transformer_layers_per_block=(1, 2, 10),
+    # diffusers reads attention_head_dim as the number of heads here (a historical misnomer): 64-wide heads.
+    attention_head_dim=(5, 10, 20), cross_attention_dim=2048, use_linear_projection=True,
+    # Added conditioning: pooled text embedding (1280) + 6 size/crop numbers embedded at 256 each = 2816.
+    addition_embed_type="text_time", addition_time_embed_dim=256, projection_class_embeddings_input_dim=2816,
+    norm_num_groups=32, norm_eps=1e-5, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+)
+# The same layouts at 32-64 channels (the widths tests/test_patch_diffusers.py uses), for CPU runs and
+# tests: every block type, resolution and added-conditioning path of the full models, in milliseconds.
+_TINY = dict(block_out_channels=(32, 32, 64, 64), cross_attention_dim=32, attention_head_dim=8, norm_num_groups=8,
+             sample_size=32)
+UNET_PRESETS: Dict[str, dict] = {
+    "tiny": dict(SD15_UNET, **_TINY),
+    "tiny-xl": dict(SDXL_UNET, block_out_channels=(32, 64, 64), transformer_layers_per_block=(1, 2, 3),
+                    attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8, sample_size=32,
+                    addition_time_embed_dim=8, projection_class_embeddings_input_dim=6 * 8 + 32),
+    "sd15": SD15_UNET,
+    "sdxl": SDXL_UNET,
+}
+TEXT_TOKENS = 77  # CLIP's context length: the encoder_hidden_states every SD pipeline passes
+TIMESTEP = 500  # a mid-schedule step of the 1000 training steps
+
+
+def unet_config(name: str) -> dict:
+    """A copy of :data:`UNET_PRESETS` ``[name]``; ValueError naming the presets for an unknown name."""
+    if name not in UNET_PRESETS:
+        raise ValueError(f"unknown UNet preset {name!r}: choose one of {', '.join(UNET_PRESETS)}")
+    return dict(UNET_PRESETS[name])
+
+
+def latent_multiple(name: str) -> int:
+    """The latent side must be a multiple of this: the UNet halves it once per down block but the last."""
+    return 2 ** (len(unet_config(name)["block_out_channels"]) - 1)
+
+
+def attention_downsample(name: str) -> int:
+    """How far below the latent's resolution the highest-resolution transformer blocks run: 1 for SD 1.x/2.x,
+    2 for SDXL (its first down block has no attention). tomesd's ``max_downsample`` must be at least this
+    for anything to merge."""
+    types = unet_config(name)["down_block_types"]
+    return 2 ** next(i for i, kind in enumerate(types) if "CrossAttn" in kind)
+
+
+def create_unet(name: str, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A diffusers ``UNet2DConditionModel`` of preset ``name`` with random weights, in eval mode.
+
+    Built directly on ``device`` (default CPU; on a GPU that takes seconds
+    where initialising SDXL's 2.6 G parameters on a CPU takes a minute),
+    seeded with ``seed`` without touching the global RNGs, in float32 and
+    then cast to ``dtype``. Attention runs through diffusers' default
+    processor (``AttnProcessor2_0``: PyTorch SDPA). Nothing is downloaded.
+    Needs diffusers (``pip install "tofu-triton[diffusers]"``).
+    """
+    config = unet_config(name)
+    from diffusers import UNet2DConditionModel
+
+    device = torch.device(device or "cpu")
+    cuda = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        with device:
+            model = UNet2DConditionModel(**config)
+    # nn.Module.to, not ModelMixin.to: the latter warns about keeping modules in float32 for
+    # from_pretrained, a list that is empty for this UNet.
+    return nn.Module.to(model, dtype=dtype or torch.float32).eval()
+
+
+def unet_inputs(model: nn.Module, batch: int, size: int, seed: int = 0, device=None,
+                dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """Random inputs of one denoising step of ``model`` (a UNet2DConditionModel), as a pipeline passes them.
+
+    Returns ``sample`` [batch, in_channels, size, size] (the latent,
+    standard normal), ``timestep`` [batch] int64 (:data:`TIMESTEP`),
+    ``encoder_hidden_states`` [batch, 77, cross_attention_dim] (stand-in text
+    embeddings) and, for SDXL's ``text_time`` conditioning,
+    ``added_cond_kwargs`` with ``text_embeds`` [batch, pooled width] and
+    ``time_ids`` [batch, 6] (original size, crop corner, target size, in
+    pixels). Floats in ``dtype`` (default float32) on ``device``; drawn on the
+    CPU from ``seed``, so they do not depend on the device.
+    """
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    out: Dict[str, object] = dict(
+        sample=normal(batch, cfg.in_channels, size, size),
+        timestep=torch.full((batch,), TIMESTEP, dtype=torch.int64, device=device),
+        encoder_hidden_states=normal(batch, TEXT_TOKENS, cfg.cross_attention_dim),
+    )
+    if cfg.addition_embed_type == "text_time":
+        pooled = cfg.projection_class_embeddings_input_dim - 6 * cfg.addition_time_embed_dim
+        pixels = 8 * size  # the VAE's 8x: the image size the latent stands for
+        time_ids = torch.tensor([pixels, pixels, 0, 0, pixels, pixels], dtype=dtype, device=device)
+        out["added_cond_kwargs"] = dict(text_embeds=normal(batch, pooled), time_ids=time_ids.repeat(batch, 1))
+    return out
+
+
+def unet_step(model: nn.Module, inputs: Dict[str, object]) -> torch.Tensor:
+    """``model``'s noise prediction [batch, out_channels, size, size] for :func:`unet_inputs`.
+
+    The latent goes in positionally, as pipelines pass it: tomesd's size hook
+    reads it from the positional arguments.
+    """
+    rest = {k: v for k, v in inputs.items() if k != "sample"}
+    return model(inputs["sample"], **rest).sample
