@@ -81,3 +81,101 @@ def save_merge_picture(
     """Write :func:`merge_figure` to a PNG at ``path``; returns ``path``."""
     merge_figure(image, source, grid, title).savefig(path, dpi=100)
     return path
+
+
+# --------------------------------------------------------------------------- Stable Diffusion latents
+
+KEPT, MERGED, DESTINATION = 0, 1, 2  # roles of a latent token in one merge step (merge_roles)
+_ROLE_NAMES = ("kept (not merged)", "merged into a destination", "destination")
+_ROLE_COLOURS = ((0.85, 0.85, 0.85), (0.93, 0.55, 0.15), (0.12, 0.30, 0.65))
+
+
+def merge_roles(partition, match, image: int = 0) -> Tuple[Tensor, Tensor]:
+    """Role and holder of every grid position in one spatial merge step.
+
+    partition, match: :func:`tofu_triton.reference.spatial_partition` and
+    :func:`~tofu_triton.reference.spatial_match` of the step (match for a
+    batch; ``image`` picks its row). Returns ``role`` [N] int64, one of
+    :data:`KEPT` (an A token left alone), :data:`MERGED` (an A token folded
+    into a destination), :data:`DESTINATION` (a B token), and ``holder`` [N]
+    int64: the grid position whose token carries this position after the
+    merge (the destination for a merged source, the position itself
+    otherwise). Positions are row-major over the block's grid.
+    """
+    a_pos, b_pos = partition.a_pos.cpu(), partition.b_pos.cpu()
+    n = a_pos.numel() + b_pos.numel()
+    role = torch.full((n,), KEPT, dtype=torch.int64)
+    holder = torch.arange(n)
+    role[b_pos] = DESTINATION
+    if match.r:
+        # Read from the CSR lists (dst_start, dst_src): entry k of dst_src merges into the B token j
+        # with dst_start[j] <= k < dst_start[j + 1].
+        start = match.dst_start[image].cpu()
+        dst = torch.repeat_interleave(torch.arange(b_pos.numel()), start[1:] - start[:-1])
+        sources = a_pos[match.dst_src[image].cpu()]
+        role[sources] = MERGED
+        holder[sources] = b_pos[dst]
+    return role, holder
+
+
+def _holder_picture(holder: Tensor, role: Tensor, grid: Tuple[int, int], cell: int) -> np.ndarray:
+    """[rows*cell, cols*cell, 3]: each group (a destination and its sources) in one colour, kept tokens
+    light grey, white lines between groups. Colours follow the holder's grid position through a golden-ratio
+    hue walk, so neighbouring groups differ."""
+    import colorsys
+
+    rows, cols = grid
+    colours = np.empty((rows * cols, 3))
+    for p in range(rows * cols):
+        if role[p] == KEPT:
+            colours[p] = _ROLE_COLOURS[KEPT]
+        else:
+            h = int(holder[p])
+            colours[p] = colorsys.hsv_to_rgb((h * 0.6180339887) % 1.0, 0.65, 0.55 + 0.35 * ((h // cols) % 2))
+    picture = colours.reshape(rows, cols, 3).repeat(cell, 0).repeat(cell, 1)
+    owner = holder.reshape(rows, cols).numpy().repeat(cell, 0).repeat(cell, 1)
+    if cell >= 3:  # at smaller cells the lines would hide the tokens
+        edge = np.zeros(owner.shape, dtype=bool)
+        edge[1:] |= owner[1:] != owner[:-1]
+        edge[:, 1:] |= owner[:, 1:] != owner[:, :-1]
+        picture[edge] = 1.0
+    return picture
+
+
+def latent_merge_figure(partition, match, grid: Tuple[int, int], title: Optional[str] = None, image: int = 0):
+    """A matplotlib Figure of one spatial merge step on a ``grid`` = (rows, cols) of latent tokens:
+    ``[role of each token | groups]`` (see :func:`merge_roles`), with a legend of the roles."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Patch
+
+    rows, cols = grid
+    role, holder = merge_roles(partition, match, image)
+    if role.numel() != rows * cols:
+        raise ValueError(f"the partition covers {role.numel()} tokens, grid {grid} has {rows * cols}")
+    cell = max(1, 256 // max(rows, cols))
+    roles = np.asarray(_ROLE_COLOURS)[role.numpy()].reshape(rows, cols, 3).repeat(cell, 0).repeat(cell, 1)
+    fig = Figure(figsize=(7.0, 3.9))
+    FigureCanvasAgg(fig)
+    left, right = fig.subplots(1, 2)
+    counts = [int((role == k).sum()) for k in range(3)]
+    left.imshow(roles, interpolation="nearest")
+    left.set_title(f"{rows}x{cols} tokens: {counts[MERGED]} merged", fontsize=9)
+    right.imshow(_holder_picture(holder, role, grid, cell), interpolation="nearest")
+    right.set_title(f"{rows * cols - counts[MERGED]} tokens after merging", fontsize=9)
+    handles = [Patch(facecolor=_ROLE_COLOURS[k], edgecolor="black", label=f"{_ROLE_NAMES[k]} ({counts[k]})")
+               for k in (DESTINATION, MERGED, KEPT)]
+    fig.legend(handles=handles, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    for ax in (left, right):
+        ax.axis("off")
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
+    return fig
+
+
+def save_latent_merge_picture(path: str, partition, match, grid: Tuple[int, int], title: Optional[str] = None,
+                              image: int = 0) -> str:
+    """Write :func:`latent_merge_figure` to a PNG at ``path``; returns ``path``."""
+    latent_merge_figure(partition, match, grid, title, image).savefig(path, dpi=100)
+    return path
