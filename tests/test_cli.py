@@ -122,3 +122,105 @@ def test_demo_without_matplotlib_says_what_to_install(tmp_path):
     assert done.returncode == 0, done.stderr
     assert 'no merge pictures: matplotlib is not installed (pip install "tofu-triton[demo]")' in done.stdout
     assert done.stdout.count("no merge pictures") == 1 and not list(tmp_path.glob("*.png"))
+
+
+# --------------------------------------------------------------------------- demo-sd (Stable Diffusion UNet step)
+
+SD_ARGS = ["demo-sd", "--model", "tiny", "--device", "cpu", "--size", "16", "--batch", "1", "--iters", "1"]
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread while a test runs the UNet: on a CPU shared with other jobs (pytest-xdist, a second
+    suite) OpenMP threads waiting on each other made the tiny UNet's step 50-100x slower; one thread is quick."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sd_rows(out):
+    """{first word of the label: the columns after it} for the table rows of demo-sd."""
+    rows = {}
+    for line in out.splitlines():
+        for label in ("unpatched", "tomesd", "ToMe (tome)", "ToFu (tofu)"):
+            if line.startswith(label + " "):
+                rows[label.split()[0]] = line[len(label):].split()
+    return rows
+
+
+def test_demo_sd_prints_the_table_and_saves_the_picture(tmp_path, capsys, one_thread):
+    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e \".[test]\")")
+    pytest.importorskip("tomesd", reason="tomesd is not installed (pip install -e \".[test]\")")
+    assert main([*SD_ARGS, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "ms/step" in out and "speed-up" in out and "rel. L2 err" in out and "cosine" in out
+    assert "RANDOM weights" in out.splitlines()[0] and "only show that the machinery runs" in out
+    rows = _sd_rows(out)
+    assert set(rows) == {"unpatched", "tomesd", "ToMe", "ToFu"}
+    assert rows["unpatched"][1:4] == ["1.00x", "0.0000", "1.0000"]
+    # use_rand=False everywhere: tomesd and our tome mode compute the same step.
+    assert rows["tomesd"][2:4] == rows["ToMe"][2:4]
+    assert 0 < float(rows["ToFu"][2]) < 1 and 0 < float(rows["ToFu"][3]) <= 1
+    # SD 1.5 layout: 5 of 16 blocks run at full resolution (2 down, 3 up).
+    assert "merges in 5 of 16 transformer blocks" in out
+    with open(tmp_path / "merge_sd.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert f"merge picture: {tmp_path / 'merge_sd.png'}" in out and "CPU figures" in out
+
+
+def test_demo_sd_without_tomesd_says_so(tmp_path, capsys, monkeypatch, one_thread):
+    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e \".[test]\")")
+    monkeypatch.setitem(sys.modules, "tomesd", None)  # makes `import tomesd` raise ImportError
+    assert main([*SD_ARGS, "--model", "tiny-xl", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    tomesd_line = next(line for line in out.splitlines() if line.startswith("tomesd "))
+    assert tomesd_line.endswith("not installed (pip install tomesd==0.1.3)")
+    assert set(_sd_rows(out)) == {"unpatched", "tomesd", "ToMe", "ToFu"}
+    # SDXL layout: no attention at full resolution, so the default max_downsample is 2 and the picture is at 1/2.
+    assert "max_downsample 2" in out.splitlines()[0] and "merges in 10 of 28 transformer blocks" in out
+    assert (tmp_path / "merge_sd.png").exists()
+
+
+@pytest.mark.parametrize("argv", [["--ratio", "1.5"], ["--ratio", "-0.1"], ["--size", "7"], ["--size", "0"],
+                                  ["--model", "tiny-xl", "--size", "6"], ["--batch", "0"], ["--iters", "0"],
+                                  ["--model", "sd3"], ["--max-downsample", "3"], ["--dtype", "bf16"]])
+def test_demo_sd_rejects_bad_arguments(argv):
+    with pytest.raises(SystemExit) as e:
+        main(["demo-sd", *argv])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["--ratio", "1.5"], 2, "--ratio must be in [0, 1), got 1.5"),
+    (["--size", "7"], 2, "--size must be a positive multiple of 8"),
+    (["--dtype", "fp16"], 1, "--dtype fp16 is for CUDA only"),
+])
+def test_demo_sd_user_mistakes_are_one_line_errors(argv, code, message, tmp_path):
+    done = _run_cli("demo-sd", "--device", "cpu", "--out", str(tmp_path), *argv)
+    assert done.returncode == code
+    assert "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1]
+    assert not list(tmp_path.iterdir())  # refused before doing anything
+
+
+def test_latent_merge_picture_shows_roles_and_groups(tmp_path):
+    from tofu_triton import reference
+    from tofu_triton.visualize import DESTINATION, KEPT, MERGED, merge_roles, save_latent_merge_picture
+
+    h, w, r = 4, 6, 9
+    x = torch.randn(2, h * w, 8, generator=torch.Generator().manual_seed(3))
+    partition = reference.spatial_partition(h, w, 2, 2)
+    match = reference.spatial_match(x, partition, r)
+    role, holder = merge_roles(partition, match, image=1)
+    assert torch.bincount(role, minlength=3).tolist() == [h * w - 6 - r, r, 6]  # 6 cells of 2x2
+    assert (role[[0, 2, 4, 12, 14, 16]] == DESTINATION).all()  # top-left of each cell (no choice given)
+    # A grid position is carried by the token that prune-and-unmerge copies back into it.
+    positions = torch.arange(h * w, dtype=torch.float32).expand(2, -1)[..., None]
+    back = reference.spatial_unmerge(reference.spatial_merge(positions, match, partition, "prune"), match, partition)
+    assert torch.equal(holder, back[1, :, 0].long())
+    assert (role[holder[role == MERGED]] == DESTINATION).all() and torch.equal(holder[role == KEPT],
+                                                                               torch.nonzero(role == KEPT)[:, 0])
+    path = save_latent_merge_picture(str(tmp_path / "m.png"), partition, match, (h, w), "t")
+    assert os.path.getsize(path) > 0
+    with pytest.raises(ValueError, match="grid"):
+        save_latent_merge_picture(str(tmp_path / "n.png"), partition, match, (5, 5))

@@ -1,4 +1,6 @@
-"""Command line: ``python -m tofu_triton demo`` (or ``tofu-triton demo``), and
+"""Command line: ``python -m tofu_triton demo`` (or ``tofu-triton demo``),
+``python -m tofu_triton demo-sd`` (one Stable Diffusion UNet step, unpatched /
+tomesd / ToMe / ToFu, see :mod:`tofu_triton.sd_demo`), and
 ``python -m tofu_triton eval --data PATH ...`` (top-1/top-5 on an ImageFolder,
 see :mod:`tofu_triton.eval`).
 
@@ -172,6 +174,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     d.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     d.add_argument("--seed", type=int, default=0, help="seed of the random init and the synthetic images")
     d.add_argument("--out", default="tofu_demo", help="folder for the merge pictures (created; default ./tofu_demo)")
+    from . import sd_demo
+
+    s = sub.add_parser("demo-sd", help="one Stable Diffusion UNet step (random weights) unpatched, with tomesd, "
+                                       "ToMe and ToFu; print a table, save a merge picture")
+    sd_demo.add_arguments(s)
     e = sub.add_parser("eval", help="top-1/top-5 and images/s of a timm ViT on an ImageFolder, per (mode, r)")
     from .eval import add_arguments
 
@@ -189,6 +196,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.batch is not None and args.batch < 1:
             parser.error("--batch must be >= 1")
         return demo(args)
+    if args.command == "demo-sd":
+        sd_demo.check_arguments(s, args)
+        return sd_demo.run(args)
     return 2
 
 

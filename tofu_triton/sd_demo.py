@@ -1,0 +1,269 @@
+"""``python -m tofu_triton demo-sd``: one Stable Diffusion denoising step, unpatched, with tomesd and with ours.
+
+Builds a diffusers ``UNet2DConditionModel`` from a preset of
+:data:`tofu_triton.models.UNET_PRESETS` with random weights (nothing is
+downloaded), runs the UNet forward of one step on a random latent with random
+text embeddings, and prints per variant the median step time, the speed-up
+over the unpatched UNet and how close its noise prediction is to the
+unpatched one (relative L2 error, cosine). Saves a picture of which latent
+tokens the first transformer block merges. With random weights the agreement
+numbers only show that the machinery runs, not what images would look like.
+
+Every variant uses ``use_rand=False`` (each 2x2 cell's destination is its
+top-left token), so tomesd and our ``tome`` mode compute the same step and
+the picture shows exactly the tokens every variant merges in that block.
+"""
+import argparse
+import importlib.util
+import math
+import os
+import statistics
+import time
+from typing import Callable, Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+
+PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl")
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
+CPU_SIZE = 32  # latent side on the CPU by default: 256 px images, a fraction of a second per step for "tiny"
+DEFAULT_OUT = "tofu_sd_demo"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", choices=PRESET_CHOICES, default=None,
+                   help="UNet preset, random weights (default: sd15 on GPU, tiny on CPU; tiny/tiny-xl are the SD 1.5 / "
+                        "SDXL layouts at 32-64 channels)")
+    p.add_argument("--size", type=int, default=None,
+                   help=f"latent side in tokens, image side / 8 (default: the preset's own on GPU, {CPU_SIZE} on CPU)")
+    p.add_argument("--batch", type=int, default=2, help="latents per step (default 2: classifier-free guidance)")
+    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens merged in each merging block")
+    p.add_argument("--max-downsample", type=int, default=None, choices=(1, 2, 4, 8),
+                   help="merge in blocks at most this far below the latent's resolution (default: the highest "
+                        "resolution with attention: 1 for SD 1.5, 2 for SDXL)")
+    p.add_argument("--iters", type=int, default=None, help="timed steps per variant (default: 10 on GPU, 3 on CPU)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    p.add_argument("--dtype", choices=("auto",) + tuple(DTYPES), default="auto",
+                   help="auto: fp16 on GPU, fp32 on CPU (fp16 is for CUDA only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--out", default=DEFAULT_OUT,
+                   help=f"folder for the merge picture (created; default ./{DEFAULT_OUT})")
+
+
+def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """parser.error (one line, exit 2) for values out of range; needs no diffusers."""
+    from .models import latent_multiple
+
+    if not 0 <= args.ratio < 1:
+        parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
+    if args.iters is not None and args.iters < 1:
+        parser.error("--iters must be >= 1")
+    if args.size is not None:
+        multiple = latent_multiple(args.model or "tiny")
+        if args.size < multiple or args.size % multiple:
+            unet = f"the {args.model} UNet" if args.model else "the UNet"
+            parser.error(f"--size must be a positive multiple of {multiple} ({unet} halves the latent "
+                         f"{multiple.bit_length() - 1} times), got {args.size}")
+
+
+def package_version(name: str) -> str:
+    """The installed version of distribution ``name``, or "?" (tomesd has no ``__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
+def time_step(fn: Callable[[], torch.Tensor], iters: int, cuda: bool, warmup: int = 1) -> float:
+    """Median ms of ``iters`` calls, each timed alone (synchronised on CUDA), after ``warmup`` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        if cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        fn()
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def agreement(out: torch.Tensor, base: torch.Tensor) -> Dict[str, float]:
+    """Relative L2 error of the whole batch and mean per-latent cosine, computed in float32."""
+    out, base = out.float(), base.float()
+    return dict(rel_l2=float((out - base).norm() / base.norm().clamp_min(1e-12)),
+                cosine=float(F.cosine_similarity(out.flatten(1), base.flatten(1), dim=1).mean()))
+
+
+def _first_block(unet: torch.nn.Module) -> torch.nn.Module:
+    """The first BasicTransformerBlock a forward reaches (modules() lists down blocks first, as they run)."""
+    from diffusers.models.attention import BasicTransformerBlock
+
+    return next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+
+
+def _unpatch(unet: torch.nn.Module, tomesd) -> None:
+    import tofu_triton.patch as tp
+
+    tp.unpatch(unet)
+    if tomesd is not None:
+        tomesd.remove_patch(unet)
+
+
+def run(args: argparse.Namespace) -> int:
+    from .__main__ import resolve_device
+
+    if importlib.util.find_spec("diffusers") is None:
+        raise SystemExit('demo-sd needs diffusers, which is not installed: pip install "tofu-triton[diffusers]"')
+    device = resolve_device(args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
+    if dtype_name == "fp16" and device != "cuda":
+        raise SystemExit("--dtype fp16 is for CUDA only (CPU half-precision convolutions are slow); "
+                         "use --dtype fp32 on the CPU")
+    dtype = DTYPES[dtype_name]
+
+    import tofu_triton
+    import tofu_triton.patch as tp
+
+    from .models import attention_downsample, create_unet, unet_config, unet_inputs, unet_step
+
+    name = args.model or ("sd15" if device == "cuda" else "tiny")
+    size = args.size or (unet_config(name)["sample_size"] if device == "cuda" else CPU_SIZE)
+    iters = args.iters or (10 if device == "cuda" else 3)
+    max_down = args.max_downsample or attention_downsample(name)
+    try:
+        import tomesd
+    except ImportError:
+        tomesd = None
+    cuda = device == "cuda"
+
+    unet = create_unet(name, seed=args.seed, device=device, dtype=dtype)
+    inputs = unet_inputs(unet, args.batch, size, seed=args.seed + 1, device=device, dtype=dtype)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {name} UNet ({params:.1f}M parameters, RANDOM weights), "
+          f"{device} {dtype_name}, batch {args.batch}, {size}x{size} latent ({8 * size} px images), "
+          f"ratio {args.ratio}, max_downsample {max_down}")
+
+    # The unpatched step, capturing what the first transformer block sees for the merge picture.
+    captured = {}
+
+    def capture(module, a, kw):
+        captured.setdefault("x", (a[0] if a else kw["hidden_states"]).detach())
+
+    hook = _first_block(unet).register_forward_pre_hook(capture, with_kwargs=True)
+    with torch.no_grad():
+        base = unet_step(unet, inputs)
+    hook.remove()
+
+    def step():
+        with torch.no_grad():
+            return unet_step(unet, inputs)
+
+    settings = dict(ratio=args.ratio, max_downsample=max_down, use_rand=False)
+    rows: List[Dict] = []
+    notes: List[str] = []
+    for label, variant in (("unpatched", None), ("tomesd", "tomesd"), ("ToMe (tome)", "tome"),
+                           ("ToFu (tofu)", "tofu")):
+        _unpatch(unet, tomesd)
+        row = dict(label=label)
+        if variant == "tomesd":
+            if tomesd is None:
+                rows.append(dict(row, note="not installed (pip install tomesd==0.1.3)"))
+                continue
+            tomesd.apply_patch(unet, **settings)
+        elif variant is not None:
+            tp.diffusers(unet, mode=variant, seed=args.seed, **settings)
+        # The first call of a variant is its output and its first warm-up; CUDA gets two more (Triton
+        # compiles on first use, cuDNN and the allocator settle), the CPU none (keeps the tests quick).
+        try:
+            out = base if variant is None else step()
+        except Exception as e:  # tomesd is third-party code written for older diffusers: report, go on
+            if variant != "tomesd":
+                raise
+            first = str(e).splitlines()[0][:120] if str(e) else ""
+            rows.append(dict(row, note=f"failed with diffusers {package_version('diffusers')}: "
+                                       f"{type(e).__name__}: {first}"))
+            continue
+        row.update(agreement(out, base), ms=time_step(step, iters, cuda, warmup=2 if cuda else 0))
+        if variant is None:
+            row["note"] = "the reference"
+        elif variant == "tomesd":
+            row["note"] = f"tomesd {package_version('tomesd')}"
+        else:
+            plan = tp.plan(unet)
+            merging = sum(p.mode is not None for p in plan)
+            row["note"] = f"merges in {merging} of {len(plan)} transformer blocks"
+            if merging == 0 and variant == "tome":
+                notes.append(f"max_downsample {max_down} reaches no transformer block of this UNet: "
+                             "nothing was merged")
+        rows.append(row)
+    _unpatch(unet, tomesd)
+
+    base_ms = rows[0]["ms"]
+    print()
+    print(f"{'variant':<12} {'ms/step':>9} {'speed-up':>8} {'rel. L2 err':>11} {'cosine':>8}  note")
+    for row in rows:
+        if "ms" not in row:
+            print(f"{row['label']:<12} {'-':>9} {'-':>8} {'-':>11} {'-':>8}  {row['note']}")
+            continue
+        print(f"{row['label']:<12} {row['ms']:>9.2f} {base_ms / row['ms']:>7.2f}x {row['rel_l2']:>11.4f} "
+              f"{row['cosine']:>8.4f}  {row.get('note', '')}")
+    print()
+
+    picture = save_picture(args.out, captured["x"], size, args.ratio, max_down, name, notes)
+    for note in notes:
+        print(note)
+    if picture:
+        print(f"merge picture: {picture}")
+    print("use_rand=False in every variant (each 2x2 cell's destination is its top-left token): tomesd and ToMe "
+          "(tome) compute the same step; ToFu prunes in the first half of the merging blocks and merges with "
+          "MLERP in the second.")
+    if device == "cpu":
+        steps = f"{iters} step{'s' if iters > 1 else ''}"
+        print(f"(CPU figures: median of {steps}; on the CPU our patch runs the PyTorch reference, so this says "
+              "little about GPU speed)")
+    print("(RANDOM weights, nothing downloaded: the error and cosine columns only show that the machinery runs; "
+          "they say nothing about image quality)")
+    return 0
+
+
+def save_picture(out_dir: str, hidden: torch.Tensor, size: int, ratio: float, max_downsample: int, name: str,
+                 notes: List[str]) -> Optional[str]:
+    """The merge picture of the first transformer block, from its input ``hidden`` [batch, N, C] (first latent).
+
+    The step's partition and match are recomputed here with the PyTorch
+    reference on the same input, which is what every variant does with
+    ``use_rand=False``. Returns the path, or None (with a note) when that
+    block does not merge or matplotlib is missing.
+    """
+    from .reference import spatial_match, spatial_partition
+
+    n = hidden.shape[1]
+    factor = 1
+    while math.ceil(size / factor) ** 2 > n:  # the block's resolution: the latent's divided by a power of 2
+        factor *= 2
+    side = math.ceil(size / factor)
+    if factor > max_downsample:
+        notes.append(f"no merge picture: the first transformer block runs at 1/{factor} of the latent, "
+                     f"beyond max_downsample {max_downsample}, so it merges nothing")
+        return None
+    partition = spatial_partition(side, side, 2, 2, device=hidden.device)
+    match = spatial_match(hidden[:1], partition, int(n * ratio))
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "merge_sd.png")
+    title = (f"{name}, first transformer block ({side}x{side} tokens, 1/{factor} of the latent), ratio {ratio}, "
+             "random weights")
+    try:
+        from .visualize import save_latent_merge_picture
+
+        return save_latent_merge_picture(path, partition, match, (side, side), title)
+    except ModuleNotFoundError as e:  # matplotlib is the [demo] extra
+        notes.append(f"no merge picture: {(e.name or 'matplotlib').split('.')[0]} is not installed "
+                     '(pip install "tofu-triton[demo]")')
+        return None
