@@ -8,21 +8,24 @@
 #   4. bench       pytest bench/ (scope "gpu", time-budgeted) -> benchmark.json, microbench.jsonl
 #   5. probe       bench/probe.py: proportional-attention mask cost, host-sync check, launches per block
 #   6. export      bench/export_check.py: a patched ViT with the Triton kernels through torch.export + AOTInductor
-#   7. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
-#   8. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
+#   7. sd          bench/throughput_sd.py: one Stable Diffusion UNet step (SD 1.5 512 px, SDXL 1024 px, B=2, fp16),
+#                  unpatched vs tomesd vs ToMe / ToFu at ratio 0.5 (needs diffusers; tomesd for its rows)
+#   8. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
+#   9. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
 #
 #   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
 #   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh       # a longer run
 #   GPU_CHECK_SKIP_TESTS=1 bash bench/gpu_check.sh       # benchmarks only
 #   GPU_CHECK_TESTS="tests/test_kernels.py" ...          # only these tests
 #   GPU_CHECK_SKIP_INSTALL=1 ...                          # already installed
+#   GPU_CHECK_SKIP_SD=1 ...                               # no Stable Diffusion stage (its time goes to the others)
 #
 # Every stage runs under `timeout`, and the benchmark stages also get an
 # internal budget, so no stage eats the others' time; the whole run ends by
 # GPU_CHECK_BUDGET_S (default 540 s) after it starts. Files in OUTPUT_DIR:
 # gpu_check.log, tests.log, microbench.{jsonl,md,png}, benchmark.json,
-# probe.{json,md}, export_check.json, throughput.{json,md,png}, and all of them packed into
-# gpu_check.tar.gz. A compact summary is printed last.
+# probe.{json,md}, export_check.json, throughput_sd_<card>.{json,md}, throughput.{json,md,png},
+# and all of them packed into gpu_check.tar.gz. A compact summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
@@ -92,17 +95,30 @@ if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
     | tee '$RESULTS/tests.log'"
 fi
 
-# Leave ~230 s for probe + export + throughput + summary; pytest itself stops
-# starting cases 30 s before its limit so it can write benchmark.json.
+# Leave ~230 s for probe + export + throughput + summary, and SD_RESERVE more for
+# the Stable Diffusion stage (estimated ~40 s on an H100-class card, not yet
+# measured: two UNet builds and ~140 forwards each); pytest itself stops starting cases 30 s before its limit
+# so it can write benchmark.json. The CPU smoke tests of the scripts are left out.
+SD_RESERVE=60
+if [ -n "${GPU_CHECK_SKIP_SD:-}" ]; then SD_RESERVE=0; fi
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
-BENCH_LIMIT=$(min 220 $(($(remaining) - 230)))
-stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider -k "not throughput_cpu_smoke" \
+BENCH_LIMIT=$(min 220 $(($(remaining) - 230 - SD_RESERVE)))
+stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider \
+  -k "not throughput_cpu_smoke and not throughput_sd_smoke" \
   --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
   --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
 
-stage probe "$(min 60 $(($(remaining) - 170)))" "$PY" bench/probe.py --out "$RESULTS"
+stage probe "$(min 60 $(($(remaining) - 170 - SD_RESERVE)))" "$PY" bench/probe.py --out "$RESULTS"
 
-stage export "$(min 90 $(($(remaining) - 110)))" "$PY" bench/export_check.py --out "$RESULTS"
+stage export "$(min 90 $(($(remaining) - 110 - SD_RESERVE)))" "$PY" bench/export_check.py --out "$RESULTS"
+
+# Up to 90 s, leaving the throughput stage its ~110 s; SDXL (the slower model)
+# is not started with less than 45 s of the stage left.
+if [ -z "${GPU_CHECK_SKIP_SD:-}" ]; then
+  SD_LIMIT=$(min 90 $(($(remaining) - 110)))
+  stage sd "$SD_LIMIT" "$PY" bench/throughput_sd.py --budget-s $((SD_LIMIT > 45 ? SD_LIMIT - 45 : 0)) \
+    --out "$RESULTS"
+fi
 
 TP_LIMIT=$(min 300 $(($(remaining) - 20)))
 stage throughput "$TP_LIMIT" "$PY" bench/throughput.py --quick --budget-s $((TP_LIMIT - 35)) --out "$RESULTS"
@@ -122,6 +138,7 @@ stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   grep -E "[0-9]+ (passed|failed|skipped|error)" "$LOG" | tail -n 3
   grep -E "^(sync|launches|attention B=(64|256) N=197|export check)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
+  grep -E "^target SD " "$LOG"
   cat "$SUMMARY_FILE"
 } | tee -a "$LOG"
 rm -f "$SUMMARY_FILE"
