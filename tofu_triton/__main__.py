@@ -161,7 +161,8 @@ def demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="tofu-triton", description="Token Fusion (ToFu/ToMe) for timm ViTs")
+    parser = argparse.ArgumentParser(prog="tofu-triton",
+                                     description="Token Fusion (ToFu/ToMe) for timm ViTs and Stable Diffusion UNets")
     sub = parser.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="run a timm ViT unpatched, with ToMe and with ToFu; print a table")
     d.add_argument("--model", default=None,

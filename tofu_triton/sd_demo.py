@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--size", type=int, default=None,
                    help=f"latent side in tokens, image side / 8 (default: the preset's own on GPU, {CPU_SIZE} on CPU)")
     p.add_argument("--batch", type=int, default=2, help="latents per step (default 2: classifier-free guidance)")
-    p.add_argument("--ratio", type=float, default=0.5, help="fraction of tokens merged in each merging block")
+    p.add_argument("--ratio", type=float, default=0.5,
+                   help="fraction of tokens merged in each merging block (default 0.5)")
     p.add_argument("--max-downsample", type=int, default=None, choices=(1, 2, 4, 8),
                    help="merge in blocks at most this far below the latent's resolution (default: the highest "
                         "resolution with attention: 1 for SD 1.5, 2 for SDXL)")
