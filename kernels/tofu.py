@@ -48,19 +48,38 @@ def interpreting() -> bool:
 
 
 @triton.jit
+def _a_position(a_pos_ptr, i, mask, P, POS: tl.constexpr):
+    """Token position (int64) of A token ``i``: ``P + 2i`` in the alternating
+    partition, ``a_pos[i]`` when the partition is given as arrays (POS)."""
+    if POS:
+        return tl.load(a_pos_ptr + i, mask=mask, other=0)
+    else:
+        return (P + 2 * i).to(tl.int64)
+
+
+@triton.jit
+def _b_position(b_pos_ptr, j, mask, P, POS: tl.constexpr):
+    """Token position (int64) of B token ``j``: ``P + 2j + 1``, or ``b_pos[j]`` (POS)."""
+    if POS:
+        return tl.load(b_pos_ptr + j, mask=mask, other=0)
+    else:
+        return (P + 2 * j + 1).to(tl.int64)
+
+
+@triton.jit
 def _match_kernel(
-    metric_ptr, node_max_ptr, node_idx_ptr,
+    metric_ptr, a_pos_ptr, b_pos_ptr, node_max_ptr, node_idx_ptr,
     stride_b, stride_n, stride_d,
     NA, NB, D, P, num_a_blocks,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr, POS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = pid // num_a_blocks
     offs_a = (pid % num_a_blocks) * BLOCK_A + tl.arange(0, BLOCK_A)
     mask_a = offs_a < NA
     base = metric_ptr + batch.to(tl.int64) * stride_b
-    rows_a = base + (P + 2 * offs_a)[:, None].to(tl.int64) * stride_n
+    rows_a = base + _a_position(a_pos_ptr, offs_a, mask_a, P, POS)[:, None] * stride_n
 
     sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
@@ -79,7 +98,7 @@ def _match_kernel(
     for b0 in range(0, NB, BLOCK_B):
         offs_b = b0 + tl.arange(0, BLOCK_B)
         mask_b = offs_b < NB
-        rows_b = base + (P + 2 * offs_b + 1)[None, :].to(tl.int64) * stride_n
+        rows_b = base + _b_position(b_pos_ptr, offs_b, mask_b, P, POS)[None, :] * stride_n
         dot = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
         sq_b = tl.zeros([BLOCK_B], dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -207,7 +226,8 @@ def _select_kernel(
 
 
 @triton.jit
-def _locate_output_row(unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, NB, R):
+def _locate_output_row(unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos_ptr, pid, N, P, NA, NB, R,
+                       POS: tl.constexpr):
     """For program ``pid`` (one output row of one batch): the batch, the output
     row ``o``, the input row that feeds it, and the range of its sources in
     this batch's ``dst_src`` (empty for prefix and unmerged rows).
@@ -222,10 +242,12 @@ def _locate_output_row(unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, N
     is_unm = (o >= P) & (o < P + n_unm)
     is_b = o >= P + n_unm
     j = o - P - n_unm
-    a_pos = tl.load(unm_idx_ptr + (o - P), mask=is_unm, other=0)
+    i = tl.load(unm_idx_ptr + (o - P), mask=is_unm, other=0)
     k_start = tl.load(dst_start_ptr + j, mask=is_b, other=0)
     k_end = tl.load(dst_start_ptr + j + 1, mask=is_b, other=0)
-    row = tl.where(o < P, o, tl.where(is_b, P + 2 * j + 1, P + 2 * a_pos))
+    row_b = _b_position(b_pos_ptr, j, is_b, P, POS)
+    row_a = _a_position(a_pos_ptr, i, is_unm, P, POS)
+    row = tl.where(o < P, o, tl.where(is_b, row_b, row_a))
     return batch, o, row, k_start, k_end, dst_src_ptr
 
 
@@ -239,14 +261,14 @@ def _load_size(size_ptr, row, HAS_SIZE: tl.constexpr):
 
 @triton.jit
 def _merge_kernel(
-    x_ptr, size_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, out_ptr, size_out_ptr,
+    x_ptr, size_ptr, a_pos_ptr, b_pos_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, out_ptr, size_out_ptr,
     stride_xb, stride_xn, stride_xc,
     N, C, P, NA, NB, R,
-    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, POS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
-        unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, NB, R)
+        unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos_ptr, pid, N, P, NA, NB, R, POS)
     x_ptr += batch * stride_xb
     size_ptr += batch * N
     offs_c = tl.arange(0, BLOCK_C)
@@ -265,13 +287,16 @@ def _merge_kernel(
         s_total = s
         norm_max = tl.sqrt(tl.sum(b_row * b_row, axis=0))
         for k in range(k_start, k_end):
-            src_row = P + 2 * tl.load(dst_src_ptr + k)
+            src_row = _a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
             a = tl.load(x_ptr + src_row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
             s_a = _load_size(size_ptr, src_row, HAS_SIZE)
             total += a * s_a
             s_total += s_a
             norm_max = tl.maximum(norm_max, tl.sqrt(tl.sum(a * a, axis=0)))
-        merged = total / s_total
+        if MODE == 3:
+            merged = total
+        else:
+            merged = total / s_total
         if MODE == 1:
             merged = merged / tl.maximum(tl.sqrt(tl.sum(merged * merged, axis=0)), EPS) * norm_max
         tl.store(out_row, merged.to(out_ptr.dtype.element_ty), mask=mask_c)
@@ -280,14 +305,14 @@ def _merge_kernel(
 
 @triton.jit
 def _merge_backward_kernel(
-    grad_out_ptr, x_ptr, size_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, grad_x_ptr,
+    grad_out_ptr, x_ptr, size_ptr, a_pos_ptr, b_pos_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, grad_x_ptr,
     stride_gb, stride_gn, stride_gc, stride_xb, stride_xn, stride_xc,
     N, C, P, NA, NB, R,
-    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr,
+    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, POS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
-        unm_idx_ptr, dst_start_ptr, dst_src_ptr, pid, N, P, NA, NB, R)
+        unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos_ptr, pid, N, P, NA, NB, R, POS)
     x_ptr += batch * stride_xb
     size_ptr += batch * N
     grad_x_ptr += batch * N * C
@@ -298,7 +323,7 @@ def _merge_backward_kernel(
     if (MODE == 2) | (k_end == k_start):
         tl.store(grad_x_ptr + row * C + offs_c, g.to(dtype), mask=mask_c)
         for k in range(k_start, k_end):  # prune: sources get zero
-            src_row = P + 2 * tl.load(dst_src_ptr + k)
+            src_row = _a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
             tl.store(grad_x_ptr + src_row * C + offs_c, tl.zeros([BLOCK_C], dtype), mask=mask_c)
     else:
         gf = g.to(tl.float32)
@@ -312,7 +337,7 @@ def _merge_backward_kernel(
             norm_max = tl.sqrt(tl.sum(v * v, axis=0))
             arg_row = row
             for k in range(k_start, k_end):
-                src_row = P + 2 * tl.load(dst_src_ptr + k)
+                src_row = _a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
                 a = tl.load(x_ptr + src_row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
                 s_a = _load_size(size_ptr, src_row, HAS_SIZE)
                 total += a * s_a
@@ -333,17 +358,20 @@ def _merge_backward_kernel(
                 gf = gf * (norm_max / EPS)
         else:
             for k in range(k_start, k_end):
-                s_total += _load_size(size_ptr, P + 2 * tl.load(dst_src_ptr + k), HAS_SIZE)
-        # gf is now the gradient of the weighted mean; every contributor gets
-        # its share, and in mlerp the largest one also gets the norm's.
-        gf = gf / s_total
+                s_total += _load_size(
+                    size_ptr, _a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS), HAS_SIZE)
+        # gf is now the gradient of the weighted mean (of the sum, MODE 3);
+        # every contributor gets its share, and in mlerp the largest one also
+        # gets the norm's.
+        if MODE != 3:
+            gf = gf / s_total
         grad = gf * s
         if MODE == 1:
             if arg_row == row:
                 grad += arg_scale * v
         tl.store(grad_x_ptr + row * C + offs_c, grad.to(dtype), mask=mask_c)
         for k in range(k_start, k_end):
-            src_row = P + 2 * tl.load(dst_src_ptr + k)
+            src_row = _a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
             s_a = _load_size(size_ptr, src_row, HAS_SIZE)
             grad = gf * s_a
             if MODE == 1:
@@ -351,6 +379,178 @@ def _merge_backward_kernel(
                     a = tl.load(x_ptr + src_row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
                     grad += arg_scale * a
             tl.store(grad_x_ptr + src_row * C + offs_c, grad.to(dtype), mask=mask_c)
+
+
+# --------------------------------------------------------------------------- the Stable Diffusion step
+# docs/design.md §5.1. The partition comes as position arrays (a_pos, b_pos);
+# the match kernel above reads rows through them (POS). Selection has to scale
+# to Na ~ 50k tokens per image, so it runs NPROG programs per image, each
+# doing O(Na) work, with no communication between programs: every program
+# finds the same threshold on its own, then handles its slice of A and its
+# slice of B.
+
+
+@triton.jit
+def _spatial_key(node_max_ptr, offs, mask, IDX_BITS: tl.constexpr):
+    """Non-negative int64 keys, unique per A token, ordered as the selection:
+    higher score first, then lower index (the score's bits made unsigned
+    order-preserving, then the index reversed in the low IDX_BITS bits).
+    -0.0 is folded into +0.0 so that they tie, as in torch's sort."""
+    v = tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")) + 0.0
+    bits = v.to(tl.int32, bitcast=True)
+    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
+    score = bits.to(tl.int64) + 2147483648  # ... as unsigned order, in [0, 2^32)
+    return (score << IDX_BITS) | ((1 << IDX_BITS) - 1 - offs.to(tl.int64))
+
+
+@triton.jit
+def _radix_threshold(node_max_ptr, NA, R, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The key of the R-th best A token (1 <= R <= NA): a most-significant-digit
+    radix select, 8 bits a pass. Each pass histograms the next digit of the
+    keys that share the digits found so far and picks the digit holding the
+    R-th largest, so the cost is O(NA) per pass whatever the data."""
+    prefix = tl.zeros([], dtype=tl.int64)
+    k = R  # rank of the wanted key among the keys that share the prefix
+    bins = tl.arange(0, 256)
+    lanes = tl.arange(0, BLOCK)
+    for d in tl.static_range((32 + IDX_BITS) // 8):
+        shift = 24 + IDX_BITS - 8 * d  # of this digit (constexpr)
+        hist = tl.zeros([256], dtype=tl.int32)
+        for i0 in range(0, NA, BLOCK):
+            offs = i0 + lanes
+            mask = offs < NA
+            key = _spatial_key(node_max_ptr, offs, mask, IDX_BITS)
+            same = mask & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with this digit or larger
+        digit = tl.max(tl.where(at_least >= k, bins, -1), axis=0)
+        k -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = prefix | (digit.to(tl.int64) << shift)
+    return prefix
+
+
+@triton.jit
+def _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshold, NA, a_lo, b_lo, b_hi,
+                   IDX_BITS: tl.constexpr, PLACE: tl.constexpr, BLOCK: tl.constexpr):
+    """One pass over all A tokens in index order, handling the sources whose
+    destination is in ``[b_lo, b_hi)``: ``cursor[j]`` is advanced by one per
+    source of j, and with PLACE each source is written at ``dst_src[cursor]``
+    first. So the sources of one destination land in index order after its
+    start. Also returns how many A tokens before ``a_lo`` are kept and how
+    many sources go to destinations before ``b_lo``.
+
+    ``cursor`` is this program's own scratch; other threads of the program
+    read what one thread wrote, hence the barriers."""
+    lanes = tl.arange(0, BLOCK)
+    kept_before = 0
+    dst_before = 0
+    for i0 in range(0, NA, BLOCK):
+        offs = i0 + lanes
+        mask = offs < NA
+        is_src = mask & (_spatial_key(node_max_ptr, offs, mask, IDX_BITS) >= threshold)
+        dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+        kept_before += tl.sum((mask & ~is_src & (offs < a_lo)).to(tl.int32), axis=0)
+        dst_before += tl.sum((is_src & (dst < b_lo)).to(tl.int32), axis=0)
+        mine = is_src & (dst >= b_lo) & (dst < b_hi)
+        if tl.sum(mine.to(tl.int32), axis=0) > 0:
+            # Rank of each of my sources among the earlier ones with the same
+            # destination in this tile; the last of each group moves the cursor.
+            same = (dst[:, None] == dst[None, :]) & mine[:, None] & mine[None, :]
+            rank = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
+            later = tl.sum((same & (lanes[None, :] > lanes[:, None])).to(tl.int32), axis=1)
+            cur = tl.load(cursor_ptr + dst, mask=mine, other=0)
+            if PLACE:
+                tl.store(dst_src_ptr + cur + rank, offs.to(tl.int64), mask=mine)
+            tl.debug_barrier()  # every read of a cursor before its update
+            tl.store(cursor_ptr + dst, cur + rank + 1, mask=mine & (later == 0))
+            tl.debug_barrier()  # the update before the next tile reads it
+    return kept_before, dst_before
+
+
+@triton.jit
+def _spatial_select_kernel(
+    node_max_ptr, node_idx_ptr, cursor_ptr,
+    unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_row_ptr,
+    NA, NB, R, NPROG, SLICE_A, SLICE_B,
+    IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ROUTE: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = (pid // NPROG).to(tl.int64)
+    p = pid % NPROG
+    node_max_ptr += batch * NA
+    node_idx_ptr += batch * NA
+    cursor_ptr += batch * NB
+    unm_idx_ptr += batch * (NA - R)
+    dst_start_ptr += batch * (NB + 1)
+    dst_src_ptr += batch * R
+    a_row_ptr += batch * NA
+    lanes = tl.arange(0, BLOCK)
+    a_lo = p * SLICE_A
+    a_hi = tl.minimum(a_lo + SLICE_A, NA)
+    b_lo = p * SLICE_B
+    b_hi = tl.minimum(b_lo + SLICE_B, NB)
+
+    # A token i is a source iff its key >= the R-th largest key.
+    threshold = _radix_threshold(node_max_ptr, NA, R, IDX_BITS, BLOCK)
+
+    # My destinations: count their sources, turn the counts into CSR offsets
+    # (after every source of an earlier destination), then place the sources.
+    for j0 in range(b_lo, b_hi, BLOCK):
+        offs_j = j0 + lanes
+        tl.store(cursor_ptr + offs_j, tl.zeros([BLOCK], dtype=tl.int32), mask=offs_j < b_hi)
+    tl.debug_barrier()
+    kept_before, start = _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshold,
+                                        NA, a_lo, b_lo, b_hi, IDX_BITS, False, BLOCK_ROUTE)
+    for j0 in range(b_lo, b_hi, BLOCK):
+        offs_j = j0 + lanes
+        mask_j = offs_j < b_hi
+        count = tl.load(cursor_ptr + offs_j, mask=mask_j, other=0)
+        first = start + tl.cumsum(count, axis=0) - count
+        tl.store(dst_start_ptr + offs_j, first.to(tl.int64), mask=mask_j)
+        tl.store(cursor_ptr + offs_j, first, mask=mask_j)
+        start += tl.sum(count, axis=0)
+    if p == 0:
+        tl.store(dst_start_ptr + NB, tl.zeros([], dtype=tl.int64) + R)
+    tl.debug_barrier()
+    _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshold,
+                   NA, a_lo, b_lo, b_hi, IDX_BITS, True, BLOCK_ROUTE)
+
+    # My slice of A: kept tokens in ascending order, and every token's output row.
+    n_kept = kept_before
+    for i0 in range(a_lo, a_hi, BLOCK):
+        offs = i0 + lanes
+        mask = offs < a_hi
+        keep = mask & (_spatial_key(node_max_ptr, offs, mask, IDX_BITS) < threshold)
+        pos = n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(unm_idx_ptr + pos, offs.to(tl.int64), mask=keep)
+        dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+        tl.store(a_row_ptr + offs, tl.where(keep, pos.to(tl.int64), NA - R + dst), mask=mask)
+        n_kept += tl.sum(keep.to(tl.int32), axis=0)
+
+
+@triton.jit
+def _unmerge_kernel(
+    y_ptr, res_ptr, slot_ptr, a_row_ptr, out_ptr,
+    stride_yb, stride_yn, stride_yc, stride_rb, stride_rn, stride_rc,
+    N, C, NA, R,
+    HAS_RES: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """One program per output row (batch, position n): out[n] = y[row(n)] (+ res[n])."""
+    pid = tl.program_id(0).to(tl.int64)
+    batch = pid // N
+    n = pid % N
+    slot = tl.load(slot_ptr + n)
+    is_a = slot < NA
+    a_row = tl.load(a_row_ptr + batch * NA + slot, mask=is_a, other=0)
+    row = tl.where(is_a, a_row, slot - R)  # B token j = slot - NA sits at row NA - R + j
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    v = tl.load(y_ptr + batch * stride_yb + row * stride_yn + offs_c * stride_yc, mask=mask_c)
+    if HAS_RES:
+        # As torch adds two fp16/bf16 tensors: in fp32, rounded once.
+        res = tl.load(res_ptr + batch * stride_rb + n * stride_rn + offs_c * stride_rc, mask=mask_c)
+        v = (v.to(tl.float32) + res.to(tl.float32)).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + pid * C + offs_c, v, mask=mask_c)
 
 
 # --------------------------------------------------------------------------- launchers
@@ -409,11 +609,11 @@ def match(metric: torch.Tensor, r: int, protected: int, wrap=_plain):
     block_a, block_b, block_d = _match_blocks(d, dot_fp32)
     num_a_blocks = triton.cdiv(na, block_a)
     wrap(_match_kernel)[(batch * num_a_blocks,)](
-        metric, node_max, node_idx,
+        metric, node_max, node_max, node_max, node_idx,  # no position arrays (POS=False)
         metric.stride(0), metric.stride(1), metric.stride(2),
         na, nb, d, protected, num_a_blocks,
         BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d,
-        DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, num_warps=4,
+        DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, POS=False, num_warps=4,
     )
     unm_idx = _empty(batch, na - r, dtype=torch.int64, device=dev)
     src_idx = _empty(batch, r, dtype=torch.int64, device=dev)
@@ -440,10 +640,10 @@ def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: st
     size_arg = size.contiguous() if size is not None else size_out  # unused when HAS_SIZE=False
     block_c = _block_c(c)
     wrap(_merge_kernel)[(batch * (n - r),)](
-        x, size_arg, unm_idx, dst_start, dst_src, out, size_out,
+        x, size_arg, x, x, unm_idx, dst_start, dst_src, out, size_out,
         x.stride(0), x.stride(1), x.stride(2),
         n, c, protected, na, nb, r,
-        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_C=block_c,
+        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_C=block_c, POS=False,
         num_warps=_merge_num_warps(block_c),
     )
     return out, size_out
@@ -458,11 +658,141 @@ def merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected: in
     size_arg = size.contiguous() if size is not None else grad_x
     block_c = _block_c(c)
     _merge_backward_kernel[(batch * (n - r),)](
-        grad_out, x, size_arg, unm_idx, dst_start, dst_src, grad_x,
+        grad_out, x, size_arg, x, x, unm_idx, dst_start, dst_src, grad_x,
         grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
         x.stride(0), x.stride(1), x.stride(2),
         n, c, protected, na, nb, r,
-        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_C=block_c,
+        MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_C=block_c, POS=False,
         num_warps=_merge_num_warps(block_c),
     )
     return grad_x
+
+
+# --------------------------------------------------------------------------- launchers, Stable Diffusion step
+
+SPATIAL_BLOCK = 256  # A tokens per tile of the select kernel's threshold and slice passes
+SPATIAL_ROUTE_BLOCK = 64  # ... of its routing passes (a BLOCK x BLOCK compare per tile)
+SPATIAL_SLICE = 1024  # A tokens per select program; at most SPATIAL_MAX_PROGRAMS programs per image
+SPATIAL_MAX_PROGRAMS = 64
+SPATIAL_MODE_IDS = {**MODE_IDS, "sum": 3}  # "sum": the gradient of the unmerge
+
+
+def _idx_bits(na: int) -> int:
+    """Bits of the select key's index part: the smallest multiple of 8 that holds ``na - 1``."""
+    for bits in (8, 16, 24):
+        if na <= 1 << bits:
+            return bits
+    raise ValueError(f"the spatial select supports up to {1 << 24} A tokens per image, got {na}")
+
+
+def spatial_match(metric: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor, r: int, wrap=_plain):
+    """Launch match + select for a partition given as position arrays.
+
+    metric: [B, N, D] fp32/fp16/bf16, any strides; a_pos [Na], b_pos [Nb]
+    int64 (contiguous); ``r`` in ``[1, Na]``, Nb >= 1. Returns
+    (unm_idx [B, Na-r], dst_start [B, Nb+1], dst_src [B, r], a_row [B, Na]),
+    int64 (see reference.SpatialMatch).
+    """
+    node_max, node_idx = spatial_scores(metric, a_pos, b_pos, wrap)
+    return spatial_select(node_max, node_idx, r, b_pos.numel(), wrap)
+
+
+def spatial_scores(metric: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor, wrap=_plain):
+    """The match kernel on a given partition: (node_max [B, Na] fp32, node_idx [B, Na] int64)."""
+    batch, _, d = metric.shape
+    na, nb = a_pos.numel(), b_pos.numel()
+    node_max = _empty(batch, na, dtype=torch.float32, device=metric.device)
+    node_idx = _empty(batch, na, dtype=torch.int64, device=metric.device)
+    dot_fp32 = metric.dtype == torch.float32 or (interpreting() and metric.dtype == torch.bfloat16)
+    block_a, block_b, block_d = _match_blocks(d, dot_fp32)
+    num_a_blocks = triton.cdiv(na, block_a)
+    wrap(_match_kernel)[(batch * num_a_blocks,)](
+        metric, a_pos, b_pos, node_max, node_idx,
+        metric.stride(0), metric.stride(1), metric.stride(2),
+        na, nb, d, 0, num_a_blocks,
+        BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d,
+        DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, POS=True, num_warps=4,
+    )
+    return node_max, node_idx
+
+
+def spatial_select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=_plain):
+    """The select kernel: node_max [B, Na] fp32 (no NaN), node_idx [B, Na] int64
+    in [0, nb) (contiguous), ``r`` in [1, Na] -> the four tensors of :func:`spatial_match`."""
+    batch, na = node_max.shape
+    dev = node_max.device
+    nprog = max(1, min(SPATIAL_MAX_PROGRAMS, triton.cdiv(na, SPATIAL_SLICE)))
+    unm_idx = _empty(batch, na - r, dtype=torch.int64, device=dev)
+    dst_start = _empty(batch, nb + 1, dtype=torch.int64, device=dev)
+    dst_src = _empty(batch, r, dtype=torch.int64, device=dev)
+    a_row = _empty(batch, na, dtype=torch.int64, device=dev)
+    cursor = torch.empty(batch, nb, dtype=torch.int32, device=dev)  # scratch; each program zeroes its slice
+    wrap(_spatial_select_kernel)[(batch * nprog,)](
+        node_max, node_idx, cursor, unm_idx, dst_start, dst_src, a_row,
+        na, nb, r, nprog, triton.cdiv(na, nprog), triton.cdiv(nb, nprog),
+        IDX_BITS=_idx_bits(na), BLOCK=SPATIAL_BLOCK, BLOCK_ROUTE=SPATIAL_ROUTE_BLOCK, num_warps=4,
+    )
+    return unm_idx, dst_start, dst_src, a_row
+
+
+def spatial_merge_forward(x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode: str, wrap=_plain):
+    """Launch the merge for a spatial partition. x: [B, N, C] any strides.
+
+    Returns [B, N - r, C] in x's dtype, contiguous: [unmerged A ascending, B].
+    ``mode`` may also be "sum" (B rows plus their sources, unweighted: the
+    gradient of :func:`spatial_unmerge`).
+    """
+    batch, n, c = x.shape
+    r = dst_src.shape[1]
+    na, nb = unm_idx.shape[1] + r, dst_start.shape[1] - 1
+    out = _empty(batch, n - r, c, dtype=x.dtype, device=x.device)
+    size_out = torch.empty(batch * (n - r), dtype=torch.float32, device=x.device)  # written, not returned
+    block_c = _block_c(c)
+    wrap(_merge_kernel)[(batch * (n - r),)](
+        x, size_out, a_pos, b_pos, unm_idx, dst_start, dst_src, out, size_out,
+        x.stride(0), x.stride(1), x.stride(2),
+        n, c, 0, na, nb, r,
+        MODE=SPATIAL_MODE_IDS[mode], HAS_SIZE=False, BLOCK_C=block_c, POS=True,
+        num_warps=_merge_num_warps(block_c),
+    )
+    return out
+
+
+def spatial_merge_backward(grad_out, x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode: str):
+    """Gradient of :func:`spatial_merge_forward` w.r.t. x: [B, N, C] in x's dtype."""
+    batch, n, c = x.shape
+    r = dst_src.shape[1]
+    na, nb = unm_idx.shape[1] + r, dst_start.shape[1] - 1
+    grad_x = _empty(batch, n, c, dtype=x.dtype, device=x.device)
+    block_c = _block_c(c)
+    _merge_backward_kernel[(batch * (n - r),)](
+        grad_out, x, grad_x, a_pos, b_pos, unm_idx, dst_start, dst_src, grad_x,
+        grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+        x.stride(0), x.stride(1), x.stride(2),
+        n, c, 0, na, nb, r,
+        MODE=SPATIAL_MODE_IDS[mode], HAS_SIZE=False, BLOCK_C=block_c, POS=True,
+        num_warps=_merge_num_warps(block_c),
+    )
+    return grad_x
+
+
+def spatial_unmerge(y, residual, slot, a_row, wrap=_plain):
+    """Launch the unmerge: y [B, N - r, C] -> [B, N, C] (+ residual [B, N, C], y's
+    dtype, when not None), any strides; slot [N], a_row [B, Na] int64."""
+    batch, n_out, c = y.shape
+    n, na = slot.numel(), a_row.shape[1]
+    out = _empty(batch, n, c, dtype=y.dtype, device=y.device)
+    res = residual if residual is not None else y  # unused when HAS_RES=False
+    block_c = _block_c(c)
+    wrap(_unmerge_kernel)[(batch * n,)](
+        y, res, slot, a_row, out,
+        y.stride(0), y.stride(1), y.stride(2), res.stride(0), res.stride(1), res.stride(2),
+        n, c, na, n - n_out,
+        HAS_RES=residual is not None, BLOCK_C=block_c,
+        num_warps=_unmerge_num_warps(block_c),
+    )
+    return out
+
+
+def _unmerge_num_warps(block_c: int) -> int:
+    return max(1, min(8, block_c // 256))

@@ -29,6 +29,8 @@ PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 # Hidden sizes we ship for (ViT-Ti/S/B/L/H widths, SD latents' 320 shares 384's
 # block size, 1024 shares 768's), up to MERGE_MAX_C = 4096; and head dims.
 WIDTHS = [192, 384, 768, 1280, 4096]
+# Stable Diffusion's transformer widths (320, 640, 1280) by the block sizes they use.
+SD_WIDTHS = [384, 768, 1280]
 HEAD_DIMS = [32, 64, 128, 256]
 
 
@@ -47,30 +49,45 @@ def _signature(fn, pointers, constexprs):
 def _configs():
     """(name, kernel, pointer types, constexprs, num_warps): what the launchers launch."""
     out = []
+    positions = {"a_pos_ptr": "*i64", "b_pos_ptr": "*i64"}  # the spatial partition's arrays (POS=True)
     for dt in PTR:
         for d in HEAD_DIMS:
-            ba, bb, bd = K._match_blocks(d, dot_fp32=dt == "fp32")
-            const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd)
-            ptrs = {"metric_ptr": PTR[dt], "node_max_ptr": "*fp32", "node_idx_ptr": "*i64"}
-            out.append((f"match {dt} D={d}", K._match_kernel, ptrs, const, 4))
+            for pos in (False, True):
+                ba, bb, bd = K._match_blocks(d, dot_fp32=dt == "fp32")
+                const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd, POS=pos)
+                ptrs = dict(positions, metric_ptr=PTR[dt], node_max_ptr="*fp32", node_idx_ptr="*i64")
+                out.append((f"match {dt} D={d}" + (" spatial" if pos else ""), K._match_kernel, ptrs, const, 4))
     idx = {n: "*i64" for n in ["node_idx_ptr", "unm_idx_ptr", "src_idx_ptr", "dst_idx_ptr", "dst_start_ptr",
                                "dst_src_ptr"]}
     out.append(("select", K._select_kernel, dict(idx, node_max_ptr="*fp32"),
                 dict(BLOCK=K.SELECT_BLOCK), 4))
+    for bits in (8, 16, 24):
+        ptrs = dict(idx, node_max_ptr="*fp32", cursor_ptr="*i32", a_row_ptr="*i64")
+        const = dict(IDX_BITS=bits, BLOCK=K.SPATIAL_BLOCK, BLOCK_ROUTE=K.SPATIAL_ROUTE_BLOCK)
+        out.append((f"spatial_select IDX_BITS={bits}", K._spatial_select_kernel, ptrs, const, 4))
     for dt in PTR:
-        for mode, mode_id in K.MODE_IDS.items():
+        for mode, mode_id in K.SPATIAL_MODE_IDS.items():
             for c in WIDTHS:
-                for has_size in (True, False):  # size=None compiles a different kernel
+                for has_size, pos in ((True, False), (False, False), (False, True)):
+                    if (pos and c not in SD_WIDTHS) or (mode == "sum" and not pos):
+                        continue
                     bc = K._block_c(c)
-                    const = dict(MODE=mode_id, HAS_SIZE=has_size, BLOCK_C=bc)
-                    common = {"size_ptr": "*fp32", "unm_idx_ptr": "*i64", "dst_start_ptr": "*i64",
-                              "dst_src_ptr": "*i64"}
+                    const = dict(MODE=mode_id, HAS_SIZE=has_size, BLOCK_C=bc, POS=pos)
+                    common = dict(positions, size_ptr="*fp32", unm_idx_ptr="*i64", dst_start_ptr="*i64",
+                                  dst_src_ptr="*i64")
                     fwd = dict(common, x_ptr=PTR[dt], out_ptr=PTR[dt], size_out_ptr="*fp32")
                     bwd = dict(common, x_ptr=PTR[dt], grad_out_ptr=PTR[dt], grad_x_ptr=PTR[dt])
                     warps = K._merge_num_warps(bc)
-                    tag = f"{mode} {dt} C={c}" + ("" if has_size else " size=None")
+                    tag = f"{mode} {dt} C={c}" + ("" if has_size else " size=None") + (" spatial" if pos else "")
                     out.append((f"merge {tag}", K._merge_kernel, fwd, const, warps))
                     out.append((f"merge_backward {tag}", K._merge_backward_kernel, bwd, const, warps))
+        for c in SD_WIDTHS:
+            for has_res in (False, True):
+                bc = K._block_c(c)
+                ptrs = {"y_ptr": PTR[dt], "res_ptr": PTR[dt], "out_ptr": PTR[dt], "slot_ptr": "*i64",
+                        "a_row_ptr": "*i64"}
+                out.append((f"unmerge {dt} C={c}" + (" +residual" if has_res else ""), K._unmerge_kernel, ptrs,
+                            dict(HAS_RES=has_res, BLOCK_C=bc), K._unmerge_num_warps(bc)))
     return out
 
 

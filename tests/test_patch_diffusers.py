@@ -171,6 +171,23 @@ def test_ratio_can_change_between_calls_and_pipelines_work():
     assert torch.equal(run(pipe.unet, args), reference_out)
 
 
+@pytest.mark.parametrize("kwargs", [dict(mode="tofu", use_rand=True), dict(mode="tome", merge_crossattn=True,
+                                                                       merge_mlp=True, ratio=0.7, sx=3)])
+def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch):
+    # The whole patched UNet on the Triton kernels (the interpreter here) against the reference backend.
+    from tofu_triton.kernels import tofu as kernels
+
+    calls, real = [], kernels.spatial_unmerge
+    monkeypatch.setattr(kernels, "spatial_unmerge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model, args = unet("sd15"), inputs("sd15", side=8)
+    settings = dict(dict(ratio=0.5, seed=3), **kwargs)
+    want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)
+    got = run(tp.diffusers(model, backend="triton", **settings), args)
+    merges = 3 if kwargs.get("merge_mlp") else 1
+    assert len(calls) == merges * sum(p.mode is not None for p in tp.plan(model))
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     torch._dynamo.reset()
     model, args = tp.diffusers(unet("sd15"), ratio=0.5, seed=2), inputs("sd15")
@@ -185,7 +202,7 @@ def test_torch_compile_fullgraph_matches_eager():
     (dict(mode="fast"), ValueError, "mode must be one of"),
     (dict(max_downsample=3), ValueError, "max_downsample"),
     (dict(sx=0), ValueError, "sx must be"),
-    (dict(backend="triton"), ValueError, "fused kernels do not cover"),
+    (dict(backend="cuda"), ValueError, "backend must be one of"),
     (dict(use_rand="yes"), TypeError, "use_rand"),
 ])
 def test_bad_settings_are_refused_and_leave_the_model_as_it_was(kwargs, err, match):

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import MODES, Match, effective_r, split_sizes
+from .reference import MODES, Match, Partition, SpatialMatch, effective_r, split_sizes
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -152,6 +152,91 @@ def _merge_backward(ctx, grad_out, grad_size_out):
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
+# --------------------------------------------------------------------------- Stable Diffusion step ops
+# The same pattern for the spatial partition (docs/design.md §5): the
+# partition travels as position arrays, shapes depend only on N, Na, Nb, r.
+
+
+@torch.library.custom_op("tofu_triton::spatial_match", mutates_args=())
+def _spatial_match_op(metric: Tensor, a_pos: Tensor, b_pos: Tensor, r: int) -> List[Tensor]:
+    return list(_kernels().spatial_match(metric, a_pos, b_pos, r))
+
+
+@_spatial_match_op.register_fake
+def _(metric, a_pos, b_pos, r):
+    batch, na, nb = metric.shape[0], a_pos.shape[0], b_pos.shape[0]
+    new = lambda *shape: metric.new_empty(shape, dtype=torch.int64)  # noqa: E731
+    return [new(batch, na - r), new(batch, nb + 1), new(batch, r), new(batch, na)]
+
+
+@torch.library.custom_op("tofu_triton::spatial_merge", mutates_args=())
+def _spatial_merge_op(x: Tensor, a_pos: Tensor, b_pos: Tensor, unm_idx: Tensor, dst_start: Tensor,
+                      dst_src: Tensor, mode: str) -> Tensor:
+    return _kernels().spatial_merge_forward(x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode)
+
+
+@_spatial_merge_op.register_fake
+def _(x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode):
+    return x.new_empty(x.shape[0], x.shape[1] - dst_src.shape[1], x.shape[2])
+
+
+@torch.library.custom_op("tofu_triton::spatial_merge_backward", mutates_args=())
+def _spatial_merge_backward_op(grad_out: Tensor, x: Tensor, a_pos: Tensor, b_pos: Tensor, unm_idx: Tensor,
+                               dst_start: Tensor, dst_src: Tensor, mode: str) -> Tensor:
+    return _kernels().spatial_merge_backward(grad_out, x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode)
+
+
+@_spatial_merge_backward_op.register_fake
+def _(grad_out, x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _spatial_merge_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:6])
+    ctx.mode = inputs[6]
+
+
+def _spatial_merge_backward(ctx, grad_out):
+    x, *index = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        grad_x = _spatial_merge_backward_op(grad_out, x, *index, ctx.mode)
+    return grad_x, None, None, None, None, None, None
+
+
+_spatial_merge_op.register_autograd(_spatial_merge_backward, setup_context=_spatial_merge_setup_context)
+
+
+@torch.library.custom_op("tofu_triton::spatial_unmerge", mutates_args=())
+def _spatial_unmerge_op(y: Tensor, residual: Optional[Tensor], a_pos: Tensor, b_pos: Tensor, slot: Tensor,
+                        unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor, a_row: Tensor) -> Tensor:
+    return _kernels().spatial_unmerge(y, residual, slot, a_row)
+
+
+@_spatial_unmerge_op.register_fake
+def _(y, residual, a_pos, b_pos, slot, unm_idx, dst_start, dst_src, a_row):
+    return y.new_empty(y.shape[0], slot.shape[0], y.shape[2])
+
+
+def _spatial_unmerge_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[2:4], *inputs[5:8])
+    ctx.has_residual = inputs[1] is not None
+
+
+def _spatial_unmerge_backward(ctx, grad_out):
+    # The unmerge copies row y[o] to every position it holds, so its gradient
+    # sums those positions' gradients: the merge's gather in mode "sum".
+    a_pos, b_pos, unm_idx, dst_start, dst_src = ctx.saved_tensors
+    grad_y = None
+    if ctx.needs_input_grad[0]:
+        grad_y = _spatial_merge_op(grad_out, a_pos, b_pos, unm_idx, dst_start, dst_src, "sum")
+    grad_res = grad_out if ctx.has_residual and ctx.needs_input_grad[1] else None
+    return grad_y, grad_res, None, None, None, None, None, None, None
+
+
+_spatial_unmerge_op.register_autograd(_spatial_unmerge_backward, setup_context=_spatial_unmerge_setup_context)
+
+
 # --------------------------------------------------------------------------- export
 # torch.export + AOTInductor cannot call a Python custom op from the packaged
 # model; they compile user Triton kernels only when the op is a
@@ -277,3 +362,97 @@ def token_fusion(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     match = bipartite_match(metric, r, protected, backend)
     return merge_tokens(x, match, size, mode, backend)
+
+
+# --------------------------------------------------------------------------- public API, Stable Diffusion step
+
+
+def _check_partition(partition, n: int, device) -> Partition:
+    if not isinstance(partition, Partition):
+        raise TypeError(f"partition must be a tofu_triton.reference.Partition (from spatial_partition), "
+                        f"got {type(partition).__name__}")
+    na, nb = partition.a_pos.numel(), partition.b_pos.numel()
+    if na + nb != n or partition.slot.numel() != n:
+        raise ValueError(f"partition covers {na} + {nb} = {na + nb} tokens but the tensor has N = {n}: "
+                         "build it with spatial_partition(h, w, ...) for this grid (h * w = N)")
+    if partition.a_pos.device != device:
+        raise ValueError(f"partition is on {partition.a_pos.device} but the tokens are on {device}")
+    return Partition(*(t.contiguous() for t in partition))
+
+
+def _check_spatial_match(match, batch: int, partition: Partition, device) -> None:
+    if not isinstance(match, SpatialMatch):
+        raise TypeError(f"match must be a tofu_triton.reference.SpatialMatch (from spatial_match), "
+                        f"got {type(match).__name__}")
+    na, nb = partition.a_pos.numel(), partition.b_pos.numel()
+    if (match.a_row.shape[0] != batch or match.a_row.shape[1] != na or match.dst_start.shape[1] != nb + 1
+            or match.unm_idx.shape[1] + match.r != na):
+        raise ValueError(f"match was made for a different shape: it has B={match.a_row.shape[0]}, "
+                         f"Na={match.a_row.shape[1]}, Nb={match.dst_start.shape[1] - 1}; the tokens have "
+                         f"B={batch}, Na={na}, Nb={nb}")
+    if match.a_row.device != device:
+        raise ValueError(f"match is on {match.a_row.device} but the tokens are on {device}")
+
+
+def spatial_match(metric: Tensor, partition: Partition, r: int, backend: str = "auto") -> SpatialMatch:
+    """Which ``r`` A tokens of a spatial partition merge into which B tokens (docs/design.md §5).
+
+    metric: [B, N, D] float32/float16/bfloat16 (float64 on the reference
+    backend), any strides; partition from :func:`tofu_triton.reference.spatial_partition`
+    on metric's device. ``r`` is clamped to Na (to 0 when Nb = 0); the returned
+    match has ``r`` = the clamped value. No gradient flows into ``metric``.
+    """
+    _check_3d("metric", metric)
+    check_int("r", r)
+    partition = _check_partition(partition, metric.shape[1], metric.device)
+    use_triton = _use_triton(metric, backend)
+    _check_float("metric", metric, use_triton)
+    na, nb = partition.a_pos.numel(), partition.b_pos.numel()
+    r = min(r, na) if nb else 0
+    metric = metric.detach()
+    if r == 0 or not use_triton:
+        return reference.spatial_match(metric, partition, r)
+    return SpatialMatch(*_spatial_match_op(metric, partition.a_pos, partition.b_pos, r))
+
+
+def spatial_merge(x: Tensor, match: SpatialMatch, partition: Partition, mode: str = "mean",
+                  backend: str = "auto") -> Tensor:
+    """x [B, N, C] -> [B, N - r, C] in x's dtype: [unmerged A ascending, B] (sizes all 1).
+
+    ``mode``: "mean" (ToMe), "mlerp" (ToFu) or "prune". Returns ``x`` itself when r = 0.
+    """
+    _check_3d("x", x)
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    partition = _check_partition(partition, x.shape[1], x.device)
+    _check_spatial_match(match, x.shape[0], partition, x.device)
+    use_triton = _use_triton(x, backend)
+    _check_float("x", x, use_triton)
+    if match.r == 0 or not use_triton:
+        return reference.spatial_merge(x, match, partition, mode)
+    return _spatial_merge_op(x, partition.a_pos, partition.b_pos, match.unm_idx, match.dst_start, match.dst_src,
+                             mode)
+
+
+def spatial_unmerge(y: Tensor, match: SpatialMatch, partition: Partition, residual: Optional[Tensor] = None,
+                    backend: str = "auto") -> Tensor:
+    """y [B, N - r, C] (the order of :func:`spatial_merge`) -> [B, N, C]: each position
+    gets the row that holds it, plus ``residual`` [B, N, C] (y's dtype) if given."""
+    _check_3d("y", y)
+    n = partition.slot.numel() if isinstance(partition, Partition) else -1
+    partition = _check_partition(partition, n, y.device)
+    _check_spatial_match(match, y.shape[0], partition, y.device)
+    if y.shape[1] != n - match.r:
+        raise ValueError(f"y must have N - r = {n - match.r} rows (the merged tokens), got {y.shape[1]}")
+    use_triton = _use_triton(y, backend)
+    _check_float("y", y, use_triton)
+    if residual is not None:
+        _check_3d("residual", residual)
+        if tuple(residual.shape) != (y.shape[0], n, y.shape[2]) or residual.dtype != y.dtype:
+            raise ValueError(f"residual must be [B, N, C] = {(y.shape[0], n, y.shape[2])} in {y.dtype}; "
+                             f"got {tuple(residual.shape)} in {residual.dtype}")
+        if residual.device != y.device:
+            raise ValueError(f"residual is on {residual.device} but y is on {y.device}")
+    if match.r == 0 or not use_triton:
+        return reference.spatial_unmerge(y, match, partition, residual)
+    return _spatial_unmerge_op(y, residual, *partition, match.unm_idx, match.dst_start, match.dst_src, match.a_row)

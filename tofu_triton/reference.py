@@ -192,10 +192,27 @@ def token_fusion(
 
 
 class Partition(NamedTuple):
-    """Which grid positions form set A and set B (int64, ascending, shared by the batch)."""
+    """Which grid positions form set A and set B (int64, shared by the batch)."""
 
-    a_pos: Tensor  # [Na]
-    b_pos: Tensor  # [Nb]
+    a_pos: Tensor  # [Na] positions of the A tokens, ascending
+    b_pos: Tensor  # [Nb] positions of the B tokens, ascending
+    slot: Tensor  # [N]  inverse map: position a_pos[i] -> i, position b_pos[j] -> Na + j
+
+
+class SpatialMatch(NamedTuple):
+    """Result of :func:`spatial_match` (all int64). As :class:`Match`, indices
+    into A / B are list positions (``partition.a_pos[i]`` is the grid
+    position of A token ``i``). Merged output order: ``[unmerged A ascending, B]``."""
+
+    unm_idx: Tensor  # [B, Na - r]  A tokens that stay, ascending
+    dst_start: Tensor  # [B, Nb + 1] CSR offsets into dst_src, per B token
+    dst_src: Tensor  # [B, r]       sources grouped by destination, ascending inside a group
+    a_row: Tensor  # [B, Na]      merged-output row holding A token i: its rank among the kept,
+    #                               or Na - r + its destination for a source
+
+    @property
+    def r(self) -> int:
+        return self.dst_src.shape[1]
 
 
 def spatial_partition(h: int, w: int, sx: int, sy: int, choice: Optional[Tensor] = None,
@@ -217,50 +234,74 @@ def spatial_partition(h: int, w: int, sx: int, sy: int, choice: Optional[Tensor]
     # each ascending; sizes known from the grid, so no data-dependent shapes.
     order = torch.sort(is_b, stable=True).indices
     na = h * w - hsy * wsx
-    return Partition(order[:na], order[na:])
+    slot = torch.empty_like(order).scatter_(0, order, torch.arange(h * w, device=order.device))
+    return Partition(order[:na], order[na:], slot)
 
 
-def spatial_match(metric: Tensor, partition: Partition, r: int) -> Match:
-    """Which ``r`` A tokens merge into which B tokens (indices into the A and B lists).
+def spatial_match(metric: Tensor, partition: Partition, r: int) -> SpatialMatch:
+    """Which ``r`` A tokens merge into which B tokens.
 
-    metric: [B, N, D]; ``r`` is clamped to Na. Scores, ranking and ties as in
-    :func:`bipartite_match`.
+    metric: [B, N, D] float; ``r`` is clamped to Na (and to 0 when Nb = 0).
+    Scores, ranking and ties as in :func:`bipartite_match`.
     """
     na, nb = partition.a_pos.numel(), partition.b_pos.numel()
-    r = max(0, min(r, na))
-    batch = metric.shape[0]
-    if r == 0 or nb == 0:
-        zeros = torch.zeros(batch, na, dtype=torch.int64, device=metric.device)
-        return select(zeros.float(), zeros, 0, nb, 0)
+    r = max(0, min(r, na)) if nb else 0
+    if r == 0:
+        zeros = torch.zeros(metric.shape[0], na, dtype=torch.int64, device=metric.device)
+        return _spatial(select(zeros.float(), zeros, 0, nb, 0))
+    return _spatial(select(*spatial_scores(metric, partition), r, nb, 0))
+
+
+def spatial_scores(metric: Tensor, partition: Partition) -> Tuple[Tensor, Tensor]:
+    """Best B partner of every A token, as :func:`match_scores` (needs Nb >= 1):
+    node_max [B, Na] float32, node_idx [B, Na] int64."""
     m = metric.float()
     m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
     scores = m[:, partition.a_pos] @ m[:, partition.b_pos].transpose(1, 2)
     scores = torch.where(scores.isnan(), float("-inf"), scores)
     node_idx = scores.argmax(dim=-1)
-    node_max = scores.gather(-1, node_idx[..., None]).squeeze(-1)
-    return select(node_max, node_idx, r, nb, 0)
+    return scores.gather(-1, node_idx[..., None]).squeeze(-1), node_idx
 
 
-def spatial_merge(x: Tensor, match: Match, partition: Partition, mode: str = "mean") -> Tensor:
+def _spatial(match: Match) -> SpatialMatch:
+    """A :class:`Match` (protected = 0) as a :class:`SpatialMatch`."""
+    batch, n_unm = match.unm_idx.shape
+    a_row = torch.empty(batch, n_unm + match.r, dtype=torch.int64, device=match.unm_idx.device)
+    a_row.scatter_(1, match.unm_idx, torch.arange(n_unm, device=a_row.device).expand(batch, -1))
+    a_row.scatter_(1, match.src_idx, n_unm + match.dst_idx)
+    return SpatialMatch(match.unm_idx, match.dst_start, match.dst_src, a_row)
+
+
+def _as_match(match: SpatialMatch) -> Match:
+    """The :class:`Match` (protected = 0) with the same sources, listed in ``dst_src`` order."""
+    k = torch.arange(match.r, device=match.dst_src.device).expand_as(match.dst_src).contiguous()
+    dst_idx = torch.searchsorted(match.dst_start[:, 1:].contiguous(), k, right=True)
+    return Match(match.unm_idx, match.dst_src, dst_idx, match.dst_start, match.dst_src, 0)
+
+
+def spatial_merge(x: Tensor, match: SpatialMatch, partition: Partition, mode: str = "mean") -> Tensor:
     """x [B, N, C] -> [B, N - r, C]: [unmerged A tokens ascending, B tokens], sizes all 1."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if match.r == 0:
         return x
     ones = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
     a, b = x[:, partition.a_pos], x[:, partition.b_pos]
-    return combine(a, b, ones[:, partition.a_pos], ones[:, partition.b_pos], match, mode)[0]
+    return combine(a, b, ones[:, partition.a_pos], ones[:, partition.b_pos], _as_match(match), mode)[0]
 
 
-def spatial_unmerge(y: Tensor, match: Match, partition: Partition) -> Tensor:
-    """y [B, N - r, C] (the order of :func:`spatial_merge`) -> [B, N, C]: every grid
-    position gets the row of the token that holds it (a merged or pruned source
-    gets its destination's row)."""
-    if match.r == 0:
-        return y
+def output_rows(match: SpatialMatch, partition: Partition) -> Tensor:
+    """[B, N] int64: the merged-output row that holds each grid position (a merged
+    or pruned source is held by its destination's row)."""
     n_unm = match.unm_idx.shape[1]
-    unm, b = y[:, :n_unm], y[:, n_unm:]
-    out = y.new_empty(y.shape[0], partition.a_pos.numel() + partition.b_pos.numel(), y.shape[2])
-    out[:, partition.b_pos] = b
-    a_rows = torch.cat([unm, gather_rows(b, match.dst_idx)], dim=1)  # kept A tokens, then the sources
-    a_index = torch.cat([match.unm_idx, match.src_idx], dim=1)  # their positions in the A list
-    out[:, partition.a_pos] = a_rows.gather(1, a_index.argsort(dim=1)[..., None].expand_as(a_rows))
-    return out
+    b_rows = n_unm + torch.arange(partition.b_pos.numel(), device=match.a_row.device)
+    rows = torch.cat([match.a_row, b_rows.expand(match.a_row.shape[0], -1)], dim=1)  # indexed by slot
+    return rows[:, partition.slot]
+
+
+def spatial_unmerge(y: Tensor, match: SpatialMatch, partition: Partition, residual: Optional[Tensor] = None) -> Tensor:
+    """y [B, N - r, C] (the order of :func:`spatial_merge`) -> [B, N, C]: every grid
+    position gets the row of the token that holds it, plus ``residual`` [B, N, C]
+    if given (the block's skip connection, added in y's dtype)."""
+    out = y if match.r == 0 else gather_rows(y, output_rows(match, partition))
+    return out if residual is None else out + residual

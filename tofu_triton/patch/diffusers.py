@@ -34,9 +34,10 @@ changeable between calls: ``ratio``, ``tofu_mode``, ``max_downsample``,
 ``sx``, ``sy``, ``use_rand``, ``merge_attn``, ``merge_crossattn``,
 ``merge_mlp``, ``seed``, ``tofu_backend``.
 
-The step runs through the PyTorch reference (``tofu_triton.reference``
-``spatial_*``) on every device; fused kernels for this partition are not
-written yet, so ``backend="triton"`` is refused.
+The step runs through ``tofu_triton.ops.spatial_match`` / ``spatial_merge`` /
+``spatial_unmerge``: fused Triton kernels on CUDA (three launches to merge, one
+per unmerge, which also adds the block's residual), the PyTorch reference
+(``tofu_triton.reference.spatial_*``) on the CPU (``backend="auto"``).
 """
 import math
 import random
@@ -48,15 +49,15 @@ from torch import Tensor, nn
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-from .. import reference
-from ..reference import Match, Partition
+from .. import ops, reference
+from ..reference import Partition, SpatialMatch
 from ..schedule import MODEL_MODES
 from . import lifecycle
 
 CONFIG = ("ratio", "tofu_mode", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn",
           "merge_mlp", "seed", "tofu_backend")
 CALL_KEY = "tofu_triton"
-BACKENDS = ("auto", "reference")
+BACKENDS = ops.BACKENDS
 
 
 class Call(NamedTuple):
@@ -73,6 +74,7 @@ class Call(NamedTuple):
     use_rand: bool
     seed: int
     merges: Tuple[bool, bool, bool]  # merge before self-attention, cross-attention, MLP
+    backend: str
 
 
 # --------------------------------------------------------------------------- checks and settings
@@ -119,8 +121,7 @@ def _validate(unet: nn.Module) -> None:
     if isinstance(unet.seed, bool) or not isinstance(unet.seed, int):
         raise TypeError(f"seed must be an int or None, got {unet.seed!r}")
     if unet.tofu_backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS} (the fused kernels do not cover this partition yet), "
-                         f"got {unet.tofu_backend!r}")
+        raise ValueError(f"backend must be one of {BACKENDS}, got {unet.tofu_backend!r}")
 
 
 def _blocks(unet: nn.Module) -> List[Tuple[nn.Module, int]]:
@@ -225,18 +226,20 @@ class _PatchedBlock:
         if call.use_rand:
             choice = cell_choice(call.seed, call.step, index, (h // call.sy, w // call.sx), call.sx * call.sy)
         partition = reference.spatial_partition(h, w, call.sx, call.sy, choice, device=hidden_states.device)
-        merge = _Merge(reference.spatial_match(hidden_states, partition, int(n * call.ratio)), partition, mode)
+        backend = call.backend
+        merge = _Merge(ops.spatial_match(hidden_states, partition, int(n * call.ratio), backend), partition, mode,
+                       backend)
         on_attn, on_cross, on_mlp = call.merges
 
         norm = merge(self.norm1(hidden_states), on_attn)
         out = self.attn1(norm, encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
                          attention_mask=attention_mask, **kwargs)
-        hidden_states = merge.back(out, on_attn) + hidden_states
+        hidden_states = merge.back(out, on_attn, hidden_states)
         if self.attn2 is not None:
             norm = merge(self.norm2(hidden_states), on_cross)
             out = self.attn2(norm, encoder_hidden_states=encoder_hidden_states,
                              attention_mask=encoder_attention_mask, **kwargs)
-            hidden_states = merge.back(out, on_cross) + hidden_states
+            hidden_states = merge.back(out, on_cross, hidden_states)
         norm = merge(self.norm3(hidden_states), on_mlp)
         if self._chunk_size is not None:
             from diffusers.models.attention import _chunked_feed_forward
@@ -244,20 +247,22 @@ class _PatchedBlock:
             out = _chunked_feed_forward(self.ff, norm, self._chunk_dim, self._chunk_size)
         else:
             out = self.ff(norm)
-        return merge.back(out, on_mlp) + hidden_states
+        return merge.back(out, on_mlp, hidden_states)
 
 
 class _Merge:
-    """m(.) and u(.) of one block call; an off flag makes them identities."""
+    """m(.) and u(.) + residual of one block call; an off flag makes m the identity and u a plain add."""
 
-    def __init__(self, match: Match, partition: Partition, mode: str):
-        self.match, self.partition, self.mode = match, partition, mode
+    def __init__(self, match: SpatialMatch, partition: Partition, mode: str, backend: str):
+        self.match, self.partition, self.mode, self.backend = match, partition, mode, backend
 
     def __call__(self, x: Tensor, on: bool) -> Tensor:
-        return reference.spatial_merge(x, self.match, self.partition, self.mode) if on else x
+        return ops.spatial_merge(x, self.match, self.partition, self.mode, self.backend) if on else x
 
-    def back(self, y: Tensor, on: bool) -> Tensor:
-        return reference.spatial_unmerge(y, self.match, self.partition) if on else y
+    def back(self, y: Tensor, on: bool, residual: Tensor) -> Tensor:
+        if not on:
+            return y + residual
+        return ops.spatial_unmerge(y, self.match, self.partition, residual, self.backend)
 
 
 class _PatchedUNet:
@@ -269,7 +274,7 @@ class _PatchedUNet:
             step = torch.as_tensor(timestep, device=sample.device).reshape(-1)[:1].float()
             call = Call(sample.shape[-2], sample.shape[-1], (step * 1000).round().to(torch.int64)[0],
                         tuple(_plan(self)), self.ratio, self.sx, self.sy, self.use_rand, self.seed,
-                        (self.merge_attn, self.merge_crossattn, self.merge_mlp))
+                        (self.merge_attn, self.merge_crossattn, self.merge_mlp), self.tofu_backend)
             cross_attention_kwargs = {**(cross_attention_kwargs or {}), CALL_KEY: call}
         return super().forward(sample, timestep, encoder_hidden_states, class_labels=class_labels,
                                timestep_cond=timestep_cond, attention_mask=attention_mask,
@@ -296,7 +301,7 @@ def patch(model: nn.Module, ratio: float = 0.5, mode: str = "tofu", max_downsamp
 
     Arguments as tomesd's ``apply_patch`` (see the module docstring), plus
     ``mode`` ("tofu" | "tome" | "mlerp" | "prune"), ``seed`` for the random
-    destinations (None: drawn now) and ``backend`` ("auto" | "reference").
+    destinations (None: drawn now) and ``backend`` ("auto" | "triton" | "reference").
     Patching a patched model only updates the settings.
     """
     check_model(model)
