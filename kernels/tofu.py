@@ -19,6 +19,12 @@ run is bitwise reproducible:
 gradient of every input row that fed it (each input row feeds exactly one
 output row), so the backward needs no atomics either.
 
+The Stable Diffusion step (docs/design.md §5.1) reuses the match and merge
+kernels with the partition given as position arrays (``POS=True``), and adds
+``_spatial_select_kernel`` (many programs per image, O(Na) work each: a
+radix-select threshold, then each program's slice of A and of B) and
+``_unmerge_kernel`` (a gather back to N rows fused with the residual add).
+
 All launchers take tensors with any strides and return contiguous outputs.
 Index tensors are int64, sizes float32.
 """

@@ -4,16 +4,19 @@
 dispatches CUDA tensors to the kernels in ``tofu_triton.kernels`` and CPU
 tensors to the reference; ``tofu_triton.patch`` patches whole models: timm
 ``VisionTransformer`` and Hugging Face ``BertModel``, ``ViTModel``,
-``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``
-(imported on first use, since it imports timm).
+``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``, SigLIP,
+EVA-02, and diffusers' Stable Diffusion UNets (imported on first use, since it
+imports timm). The Stable Diffusion step's ops: ``spatial_partition``,
+``spatial_match``, ``spatial_merge``, ``spatial_unmerge``.
 """
 import importlib
 
-from .ops import BACKENDS, bipartite_match, merge_tokens, token_fusion
-from .reference import MODES, Match
+from .ops import BACKENDS, bipartite_match, merge_tokens, spatial_match, spatial_merge, spatial_unmerge, token_fusion
+from .reference import MODES, Match, Partition, SpatialMatch, spatial_partition
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "MODES", "Match", "bipartite_match", "merge_tokens", "patch", "token_fusion", "__version__"]
+__all__ = ["BACKENDS", "MODES", "Match", "Partition", "SpatialMatch", "bipartite_match", "merge_tokens", "patch",
+           "spatial_match", "spatial_merge", "spatial_partition", "spatial_unmerge", "token_fusion", "__version__"]
 
 
 def __getattr__(name):
