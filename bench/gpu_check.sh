@@ -5,13 +5,16 @@
 #   2. install     pip install --no-deps --no-build-isolation -e .  (works offline), checked by importing
 #                  tofu_triton.kernels; falls back to a non-editable install
 #   3. tests       pytest tests/ on CUDA (in parallel when pytest-xdist is there)
-#   4. bench       pytest bench/ (scope "gpu", time-budgeted) -> benchmark.json, microbench.jsonl
-#   5. probe       bench/probe.py: proportional-attention mask cost, host-sync check, launches per block
-#   6. export      bench/export_check.py: a patched ViT with the Triton kernels through torch.export + AOTInductor
-#   7. sd          bench/throughput_sd.py: one Stable Diffusion UNet step (SD 1.5 512 px, SDXL 1024 px, B=2, fp16),
+#   4. sdcheck     bench/sd_check.py: the SD step's kernels on the GPU (select repeated against the reference at
+#                  N = 4096/16384/65536, the step's values, per-kernel times); then, when compute-sanitizer is
+#                  there, its memcheck and synccheck on one small case (GPU_CHECK_SKIP_SDCHECK=1 drops the stage)
+#   5. bench       pytest bench/ (scope "gpu", time-budgeted) -> benchmark.json, microbench.jsonl
+#   6. probe       bench/probe.py: proportional-attention mask cost, host-sync check, launches per block
+#   7. export      bench/export_check.py: a patched ViT with the Triton kernels through torch.export + AOTInductor
+#   8. sd          bench/throughput_sd.py: one Stable Diffusion UNet step (SD 1.5 512 px, SDXL 1024 px, B=2, fp16),
 #                  unpatched vs tomesd vs ToMe / ToFu at ratio 0.5 (needs diffusers; tomesd for its rows)
-#   8. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
-#   9. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
+#   9. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
+#  10. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
 #
 #   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
 #   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh       # a longer run
@@ -24,7 +27,7 @@
 # internal budget, so no stage eats the others' time; the whole run ends by
 # GPU_CHECK_BUDGET_S (default 540 s) after it starts. Files in OUTPUT_DIR:
 # gpu_check.log, tests.log, microbench.{jsonl,md,png}, benchmark.json,
-# probe.{json,md}, export_check.json, throughput_sd_<card>.{json,md}, throughput.{json,md,png},
+# sd_check.{json,md}, probe.{json,md}, export_check.json, throughput_sd_<card>.{json,md}, throughput.{json,md,png},
 # and all of them packed into gpu_check.tar.gz. A compact summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -101,6 +104,16 @@ fi
 # so it can write benchmark.json. The CPU smoke tests of the scripts are left out.
 SD_RESERVE=60
 if [ -n "${GPU_CHECK_SKIP_SD:-}" ]; then SD_RESERVE=0; fi
+if [ -z "${GPU_CHECK_SKIP_SDCHECK:-}" ]; then
+  stage sdcheck "$(min 60 $(($(remaining) - 330 - SD_RESERVE)))" "$PY" bench/sd_check.py --out "$RESULTS"
+  if command -v compute-sanitizer >/dev/null; then
+    for tool in memcheck synccheck; do
+      stage "san-$tool" "$(min 40 $(($(remaining) - 330 - SD_RESERVE)))" compute-sanitizer --tool "$tool" \
+        --error-exitcode 3 "$PY" bench/sd_check.py --small
+    done
+  fi
+fi
+
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
 BENCH_LIMIT=$(min 220 $(($(remaining) - 230 - SD_RESERVE)))
 stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider \
@@ -139,6 +152,7 @@ stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   grep -E "^(sync|launches|attention B=(64|256) N=197|export check)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
   grep -E "^target SD " "$LOG"
+  grep -E "^sd_check (PASSED|FAILED)|ERROR SUMMARY" "$LOG"
   cat "$SUMMARY_FILE"
 } | tee -a "$LOG"
 rm -f "$SUMMARY_FILE"

@@ -98,7 +98,7 @@ def test_spatial_match_matches_reference(grid, rand, dtype, launched):
         assert launched == {"spatial_scores": 1, "spatial_select": 1}
         assert got.r == r and got.a_row.shape == (2, na) and got.dst_start.shape == (2, nb + 1)
         # Select: exactly the reference's on the kernel's own scores.
-        assert_same(got, ref._spatial(ref.select(node_max.cpu(), node_idx.cpu(), r, nb, 0)))
+        assert_same(got, ref.to_spatial(ref.select(node_max.cpu(), node_idx.cpu(), r, nb, 0)))
         if same_idx.all() and torch.equal(node_max.cpu(), want_max):
             assert_same(got, ref.spatial_match(metric, ref.Partition(*(t.cpu() for t in part)), r))
 
@@ -118,7 +118,7 @@ def test_spatial_select_ties_follow_the_reference(case, programs):
     node_idx[1] = 5  # every source into one destination
     for r in (1, 17, 47, 48):
         got = kernels.spatial_select(node_max.to(DEVICE), node_idx.to(DEVICE), r, nb)
-        assert_same(got, ref._spatial(ref.select(node_max, node_idx, r, nb, 0)))
+        assert_same(got, ref.to_spatial(ref.select(node_max, node_idx, r, nb, 0)))
 
 
 def test_spatial_select_on_many_programs_matches_one(programs):
@@ -129,7 +129,7 @@ def test_spatial_select_on_many_programs_matches_one(programs):
     node_idx = torch.randint(0, part.b_pos.numel(), node_max.shape, generator=g)
     for r in (1, 25, 51):
         got = kernels.spatial_select(node_max.to(DEVICE), node_idx.to(DEVICE), r, part.b_pos.numel())
-        assert_same(got, ref._spatial(ref.select(node_max, node_idx, r, part.b_pos.numel(), 0)))
+        assert_same(got, ref.to_spatial(ref.select(node_max, node_idx, r, part.b_pos.numel(), 0)))
 
 
 @pytest.mark.parametrize("side", [64, 128, 256], ids=["N4096", "N16384", "N65536"])
@@ -148,7 +148,7 @@ def test_spatial_select_at_sd_sizes(side, monkeypatch):
     node_idx = torch.randint(0, nb, (1, na), generator=g)
     for r in (side * side // 2, na):
         got = kernels.spatial_select(node_max.to(DEVICE), node_idx.to(DEVICE), r, nb)
-        assert_same(got, ref._spatial(ref.select(node_max, node_idx, r, nb, 0)))
+        assert_same(got, ref.to_spatial(ref.select(node_max, node_idx, r, nb, 0)))
 
 
 @pytest.mark.parametrize("mode", ref.MODES)

@@ -248,8 +248,8 @@ def spatial_match(metric: Tensor, partition: Partition, r: int) -> SpatialMatch:
     r = max(0, min(r, na)) if nb else 0
     if r == 0:
         zeros = torch.zeros(metric.shape[0], na, dtype=torch.int64, device=metric.device)
-        return _spatial(select(zeros.float(), zeros, 0, nb, 0))
-    return _spatial(select(*spatial_scores(metric, partition), r, nb, 0))
+        return to_spatial(select(zeros.float(), zeros, 0, nb, 0))
+    return to_spatial(select(*spatial_scores(metric, partition), r, nb, 0))
 
 
 def spatial_scores(metric: Tensor, partition: Partition) -> Tuple[Tensor, Tensor]:
@@ -263,8 +263,8 @@ def spatial_scores(metric: Tensor, partition: Partition) -> Tuple[Tensor, Tensor
     return scores.gather(-1, node_idx[..., None]).squeeze(-1), node_idx
 
 
-def _spatial(match: Match) -> SpatialMatch:
-    """A :class:`Match` (protected = 0) as a :class:`SpatialMatch`."""
+def to_spatial(match: Match) -> SpatialMatch:
+    """A :class:`Match` (protected = 0, from :func:`select`) as a :class:`SpatialMatch`."""
     batch, n_unm = match.unm_idx.shape
     a_row = torch.empty(batch, n_unm + match.r, dtype=torch.int64, device=match.unm_idx.device)
     a_row.scatter_(1, match.unm_idx, torch.arange(n_unm, device=a_row.device).expand(batch, -1))

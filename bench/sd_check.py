@@ -1,0 +1,145 @@
+"""GPU checks of the Stable Diffusion step's kernels that the CPU interpreter cannot make.
+
+1. ``select``: the fused select (many programs per image, scratch cursors
+   shared by the threads of a program) against the reference select on the
+   same scores, at N = 4096, 16384 and 65536, on random and on heavily tied
+   scores, with every source sent to few destinations (the most contention
+   on one cursor), repeated: on a GPU the threads of a program really run
+   at once, so a missing barrier would show as a run that differs.
+2. ``step``: the whole step on fp16 hidden states: match (select checked
+   exactly on the kernel's own scores), merge and unmerge + residual values
+   against the reference.
+3. ``timing``: device time of each kernel (scores, select, merge, unmerge) at
+   those sizes, B = 2, C = 320, ratio 0.5 (``triton.testing.do_bench``).
+
+``--small`` runs one small case of 1 and 2 only, for compute-sanitizer
+(memcheck, synccheck, racecheck; racecheck sees shared memory only), e.g.
+``compute-sanitizer --tool synccheck python bench/sd_check.py --small``.
+Writes ``sd_check.json`` and ``sd_check.md`` under ``--out``.
+
+    python bench/sd_check.py --out bench/results/gpu
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+from tofu_triton import ops, reference
+from tofu_triton.kernels import tofu as kernels
+
+C, BATCH, RATIO = 320, 2, 0.5
+
+
+def _equal(got, want) -> bool:
+    return all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def check_select(side: int, repeats: int, gen: torch.Generator) -> dict:
+    part = reference.spatial_partition(side, side, 2, 2, device="cuda")
+    na, nb = part.a_pos.numel(), part.b_pos.numel()
+    failures, runs = 0, 0
+    for kind in ("random", "ties", "few_destinations"):
+        node_max = torch.rand(BATCH, na, generator=gen, device="cuda")
+        node_idx = torch.randint(0, nb, (BATCH, na), generator=gen, device="cuda")
+        if kind == "ties":
+            node_max = node_max.mul(20).round().div(20)
+        if kind == "few_destinations":
+            node_idx = node_idx % 3
+        for r in (1, side * side // 2, na):
+            want = reference.to_spatial(reference.select(node_max, node_idx, r, nb, 0))
+            for _ in range(repeats):
+                runs += 1
+                failures += not _equal(kernels.spatial_select(node_max, node_idx, r, nb), want)
+    return dict(check="select", n=side * side, runs=runs, failures=failures)
+
+
+def check_step(side: int, gen: torch.Generator) -> dict:
+    part = reference.spatial_partition(side, side, 2, 2, device="cuda")
+    x = torch.randn(BATCH, side * side, C, generator=gen, device="cuda", dtype=torch.float16)
+    res = torch.randn(BATCH, side * side, C, generator=gen, device="cuda", dtype=torch.float16)
+    r = int(side * side * RATIO)
+    match = ops.spatial_match(x, part, r, backend="triton")
+    node_max, node_idx = kernels.spatial_scores(x, part.a_pos, part.b_pos)
+    select_ok = _equal(match, reference.to_spatial(reference.select(node_max, node_idx, r, part.b_pos.numel(), 0)))
+    want_max, _ = reference.spatial_scores(x, part)
+    score_err = (node_max - want_max).abs().max().item()
+    errors = {}
+    for mode in reference.MODES:
+        got = ops.spatial_merge(x, match, part, mode, backend="triton")
+        want = reference.spatial_merge(x, match, part, mode)
+        errors[mode] = ((got.double() - want.double()).norm() / want.double().norm()).item()
+    y = ops.spatial_merge(x, match, part, "mlerp", backend="triton")
+    unmerge_ok = torch.equal(ops.spatial_unmerge(y, match, part, res, backend="triton"),
+                             reference.spatial_unmerge(y, match, part, res))
+    ok = select_ok and unmerge_ok and score_err < 1e-3 and all(e < 2e-3 for e in errors.values())
+    return dict(check="step", n=side * side, select_exact=select_ok, max_score_diff=score_err,
+                merge_rel_error=errors, unmerge_exact=unmerge_ok, ok=ok)
+
+
+def timing(side: int) -> dict:
+    from triton.testing import do_bench
+
+    part = reference.spatial_partition(side, side, 2, 2, device="cuda")
+    x = torch.randn(BATCH, side * side, C, device="cuda", dtype=torch.float16)
+    r = int(side * side * RATIO)
+    node_max, node_idx = kernels.spatial_scores(x, part.a_pos, part.b_pos)
+    unm, start, src, a_row = kernels.spatial_select(node_max, node_idx, r, part.b_pos.numel())
+    y = kernels.spatial_merge_forward(x, part.a_pos, part.b_pos, unm, start, src, "mlerp")
+    fns = {
+        "scores": lambda: kernels.spatial_scores(x, part.a_pos, part.b_pos),
+        "select": lambda: kernels.spatial_select(node_max, node_idx, r, part.b_pos.numel()),
+        "merge_mlerp": lambda: kernels.spatial_merge_forward(x, part.a_pos, part.b_pos, unm, start, src, "mlerp"),
+        "unmerge_residual": lambda: kernels.spatial_unmerge(y, x, part.slot, a_row),
+        "tomesd_like_argsort": lambda: node_max.argsort(dim=-1, descending=True),  # one sort, for scale
+    }
+    return dict(check="timing", n=side * side, c=C, batch=BATCH,
+                ms={name: do_bench(fn, warmup=10, rep=40) for name, fn in fns.items()})
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--out", default="bench/results/gpu")
+    ap.add_argument("--repeats", type=int, default=5, help="runs of each select case")
+    ap.add_argument("--small", action="store_true", help="one small case (for compute-sanitizer)")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sd_check: needs a CUDA GPU", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    sides = [32] if args.small else [64, 128, 256]
+    rows, t0 = [], time.time()
+    for side in sides:
+        rows.append(check_select(side, 1 if args.small else args.repeats, gen))
+        rows.append(check_step(side, gen))
+        if not args.small:
+            rows.append(timing(side))
+        for row in rows[-3 if not args.small else -2:]:
+            print("sd_check", json.dumps(row), flush=True)
+    ok = all(row.get("failures", 0) == 0 and row.get("ok", True) for row in rows)
+    print(f"sd_check {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
+    if not args.small:
+        os.makedirs(args.out, exist_ok=True)
+        env = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
+                   triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"),
+                   command="python " + " ".join(sys.argv))
+        with open(os.path.join(args.out, "sd_check.json"), "w") as f:
+            json.dump(dict(env, ok=ok, rows=rows), f, indent=1)
+        lines = [f"# SD step kernels on {env['card']} ({env['date']}, torch {env['torch']}, triton {env['triton']})",
+                 "", f"`{env['command']}`: **{'all checks passed' if ok else 'FAILED'}**", "",
+                 "| N | scores ms | select ms | merge (mlerp) ms | unmerge + residual ms | one argsort ms |",
+                 "|---|---|---|---|---|---|"]
+        for row in rows:
+            if row["check"] == "timing":
+                ms = row["ms"]
+                lines.append(f"| {row['n']} | {ms['scores']:.3f} | {ms['select']:.3f} | {ms['merge_mlerp']:.3f} | "
+                             f"{ms['unmerge_residual']:.3f} | {ms['tomesd_like_argsort']:.3f} |")
+        with open(os.path.join(args.out, "sd_check.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
