@@ -117,7 +117,7 @@ fi
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
 BENCH_LIMIT=$(min 220 $(($(remaining) - 230 - SD_RESERVE)))
 stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider \
-  -k "not throughput_cpu_smoke and not throughput_sd_smoke" \
+  -k "not throughput_cpu_smoke and not throughput_sd_smoke and not sd_check" \
   --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
   --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
 

@@ -436,18 +436,17 @@ def _radix_threshold(node_max_ptr, NA, R, IDX_BITS: tl.constexpr, BLOCK: tl.cons
 
 
 @triton.jit
-def _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshold, NA, a_lo, b_lo, b_hi,
-                   IDX_BITS: tl.constexpr, PLACE: tl.constexpr, BLOCK: tl.constexpr):
-    """One pass over all A tokens in index order, handling the sources whose
-    destination is in ``[b_lo, b_hi)``: ``cursor[j]`` is advanced by one per
-    source of j, and with PLACE each source is written at ``dst_src[cursor]``
-    first. So the sources of one destination land in index order after its
-    start. Also returns how many A tokens before ``a_lo`` are kept and how
-    many sources go to destinations before ``b_lo``.
-
-    ``cursor`` is this program's own scratch; other threads of the program
-    read what one thread wrote, hence the barriers."""
+def _route_sources(node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, cursor, NA, a_lo, b_lo,
+                   IDX_BITS: tl.constexpr, PLACE: tl.constexpr, BLOCK: tl.constexpr, DST_BLOCK: tl.constexpr):
+    """One pass over all A tokens in index order, for the sources whose
+    destination is one of this program's ``DST_BLOCK`` destinations
+    ``b_lo + d``: ``cursor[d]`` (registers) advances by one per source of
+    ``b_lo + d``, and with PLACE each source is first written at
+    ``dst_src[cursor]``, so the sources of a destination land in index order.
+    Returns the cursors, how many A tokens before ``a_lo`` are kept and how
+    many sources go to destinations before ``b_lo``."""
     lanes = tl.arange(0, BLOCK)
+    mine = b_lo + tl.arange(0, DST_BLOCK)
     kept_before = 0
     dst_before = 0
     for i0 in range(0, NA, BLOCK):
@@ -457,72 +456,56 @@ def _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshol
         dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
         kept_before += tl.sum((mask & ~is_src & (offs < a_lo)).to(tl.int32), axis=0)
         dst_before += tl.sum((is_src & (dst < b_lo)).to(tl.int32), axis=0)
-        mine = is_src & (dst >= b_lo) & (dst < b_hi)
-        if tl.sum(mine.to(tl.int32), axis=0) > 0:
-            # Rank of each of my sources among the earlier ones with the same
-            # destination in this tile; the last of each group moves the cursor.
-            same = (dst[:, None] == dst[None, :]) & mine[:, None] & mine[None, :]
-            rank = tl.sum((same & (lanes[None, :] < lanes[:, None])).to(tl.int32), axis=1)
-            later = tl.sum((same & (lanes[None, :] > lanes[:, None])).to(tl.int32), axis=1)
-            cur = tl.load(cursor_ptr + dst, mask=mine, other=0)
-            if PLACE:
-                tl.store(dst_src_ptr + cur + rank, offs.to(tl.int64), mask=mine)
-            tl.debug_barrier()  # every read of a cursor before its update
-            tl.store(cursor_ptr + dst, cur + rank + 1, mask=mine & (later == 0))
-            tl.debug_barrier()  # the update before the next tile reads it
-    return kept_before, dst_before
+        # hit[i, d]: token i is a source of destination b_lo + d (a one-hot row, or all zeros)
+        hit = ((dst[:, None] == mine[None, :]) & is_src[:, None]).to(tl.int32)
+        if PLACE:
+            # Slot of source i: its destination's cursor plus the earlier sources
+            # of that destination in this tile.
+            slot = tl.sum((cursor[None, :] + tl.cumsum(hit, axis=0) - hit) * hit, axis=1)
+            tl.store(dst_src_ptr + slot, offs.to(tl.int64), mask=tl.sum(hit, axis=1) > 0)
+        cursor += tl.sum(hit, axis=0)
+    return cursor, kept_before, dst_before
 
 
 @triton.jit
 def _spatial_select_kernel(
-    node_max_ptr, node_idx_ptr, cursor_ptr,
+    node_max_ptr, node_idx_ptr,
     unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_row_ptr,
-    NA, NB, R, NPROG, SLICE_A, SLICE_B,
-    IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ROUTE: tl.constexpr,
+    NA, NB, R, NPROG, SLICE_A,
+    IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ROUTE: tl.constexpr, DST_BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = (pid // NPROG).to(tl.int64)
     p = pid % NPROG
     node_max_ptr += batch * NA
     node_idx_ptr += batch * NA
-    cursor_ptr += batch * NB
     unm_idx_ptr += batch * (NA - R)
     dst_start_ptr += batch * (NB + 1)
     dst_src_ptr += batch * R
     a_row_ptr += batch * NA
-    lanes = tl.arange(0, BLOCK)
     a_lo = p * SLICE_A
     a_hi = tl.minimum(a_lo + SLICE_A, NA)
-    b_lo = p * SLICE_B
-    b_hi = tl.minimum(b_lo + SLICE_B, NB)
+    b_lo = p * DST_BLOCK
 
     # A token i is a source iff its key >= the R-th largest key.
     threshold = _radix_threshold(node_max_ptr, NA, R, IDX_BITS, BLOCK)
 
     # My destinations: count their sources, turn the counts into CSR offsets
     # (after every source of an earlier destination), then place the sources.
-    for j0 in range(b_lo, b_hi, BLOCK):
-        offs_j = j0 + lanes
-        tl.store(cursor_ptr + offs_j, tl.zeros([BLOCK], dtype=tl.int32), mask=offs_j < b_hi)
-    tl.debug_barrier()
-    kept_before, start = _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshold,
-                                        NA, a_lo, b_lo, b_hi, IDX_BITS, False, BLOCK_ROUTE)
-    for j0 in range(b_lo, b_hi, BLOCK):
-        offs_j = j0 + lanes
-        mask_j = offs_j < b_hi
-        count = tl.load(cursor_ptr + offs_j, mask=mask_j, other=0)
-        first = start + tl.cumsum(count, axis=0) - count
-        tl.store(dst_start_ptr + offs_j, first.to(tl.int64), mask=mask_j)
-        tl.store(cursor_ptr + offs_j, first, mask=mask_j)
-        start += tl.sum(count, axis=0)
+    counts, kept_before, before = _route_sources(
+        node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, tl.zeros([DST_BLOCK], dtype=tl.int32),
+        NA, a_lo, b_lo, IDX_BITS, False, BLOCK_ROUTE, DST_BLOCK)
+    first = before + tl.cumsum(counts, axis=0) - counts
+    offs_j = b_lo + tl.arange(0, DST_BLOCK)
+    tl.store(dst_start_ptr + offs_j, first.to(tl.int64), mask=offs_j < NB)
     if p == 0:
         tl.store(dst_start_ptr + NB, tl.zeros([], dtype=tl.int64) + R)
-    tl.debug_barrier()
-    _route_sources(node_max_ptr, node_idx_ptr, cursor_ptr, dst_src_ptr, threshold,
-                   NA, a_lo, b_lo, b_hi, IDX_BITS, True, BLOCK_ROUTE)
+    _route_sources(node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, first,
+                   NA, a_lo, b_lo, IDX_BITS, True, BLOCK_ROUTE, DST_BLOCK)
 
     # My slice of A: kept tokens in ascending order, and every token's output row.
     n_kept = kept_before
+    lanes = tl.arange(0, BLOCK)
     for i0 in range(a_lo, a_hi, BLOCK):
         offs = i0 + lanes
         mask = offs < a_hi
@@ -676,10 +659,13 @@ def merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected: in
 
 # --------------------------------------------------------------------------- launchers, Stable Diffusion step
 
-SPATIAL_BLOCK = 256  # A tokens per tile of the select kernel's threshold and slice passes
-SPATIAL_ROUTE_BLOCK = 64  # ... of its routing passes (a BLOCK x BLOCK compare per tile)
-SPATIAL_SLICE = 1024  # A tokens per select program; at most SPATIAL_MAX_PROGRAMS programs per image
-SPATIAL_MAX_PROGRAMS = 64
+# The select runs one program per SPATIAL_DST_BLOCK destinations (each also
+# takes an equal slice of A): 16 programs per image at N = 4096 (2x2 cells),
+# 256 at N = 65536.
+SPATIAL_DST_BLOCK = 64
+SPATIAL_BLOCK = 1024  # A tokens per tile of its threshold and A-slice passes
+SPATIAL_ROUTE_BLOCK = 64  # ... of its routing passes (a ROUTE_BLOCK x DST_BLOCK one-hot per tile)
+SPATIAL_SELECT_WARPS = 8
 SPATIAL_MODE_IDS = {**MODE_IDS, "sum": 3}  # "sum": the gradient of the unmerge
 
 
@@ -727,16 +713,16 @@ def spatial_select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: i
     in [0, nb) (contiguous), ``r`` in [1, Na] -> the four tensors of :func:`spatial_match`."""
     batch, na = node_max.shape
     dev = node_max.device
-    nprog = max(1, min(SPATIAL_MAX_PROGRAMS, triton.cdiv(na, SPATIAL_SLICE)))
+    nprog = triton.cdiv(nb, SPATIAL_DST_BLOCK)
     unm_idx = _empty(batch, na - r, dtype=torch.int64, device=dev)
     dst_start = _empty(batch, nb + 1, dtype=torch.int64, device=dev)
     dst_src = _empty(batch, r, dtype=torch.int64, device=dev)
     a_row = _empty(batch, na, dtype=torch.int64, device=dev)
-    cursor = torch.empty(batch, nb, dtype=torch.int32, device=dev)  # scratch; each program zeroes its slice
     wrap(_spatial_select_kernel)[(batch * nprog,)](
-        node_max, node_idx, cursor, unm_idx, dst_start, dst_src, a_row,
-        na, nb, r, nprog, triton.cdiv(na, nprog), triton.cdiv(nb, nprog),
-        IDX_BITS=_idx_bits(na), BLOCK=SPATIAL_BLOCK, BLOCK_ROUTE=SPATIAL_ROUTE_BLOCK, num_warps=4,
+        node_max, node_idx, unm_idx, dst_start, dst_src, a_row,
+        na, nb, r, nprog, triton.cdiv(na, nprog),
+        IDX_BITS=_idx_bits(na), BLOCK=SPATIAL_BLOCK, BLOCK_ROUTE=SPATIAL_ROUTE_BLOCK,
+        DST_BLOCK=SPATIAL_DST_BLOCK, num_warps=SPATIAL_SELECT_WARPS,
     )
     return unm_idx, dst_start, dst_src, a_row
 

@@ -62,9 +62,11 @@ def _configs():
     out.append(("select", K._select_kernel, dict(idx, node_max_ptr="*fp32"),
                 dict(BLOCK=K.SELECT_BLOCK), 4))
     for bits in (8, 16, 24):
-        ptrs = dict(idx, node_max_ptr="*fp32", cursor_ptr="*i32", a_row_ptr="*i64")
-        const = dict(IDX_BITS=bits, BLOCK=K.SPATIAL_BLOCK, BLOCK_ROUTE=K.SPATIAL_ROUTE_BLOCK)
-        out.append((f"spatial_select IDX_BITS={bits}", K._spatial_select_kernel, ptrs, const, 4))
+        ptrs = dict(idx, node_max_ptr="*fp32", a_row_ptr="*i64")
+        const = dict(IDX_BITS=bits, BLOCK=K.SPATIAL_BLOCK, BLOCK_ROUTE=K.SPATIAL_ROUTE_BLOCK,
+                     DST_BLOCK=K.SPATIAL_DST_BLOCK)
+        out.append((f"spatial_select IDX_BITS={bits}", K._spatial_select_kernel, ptrs, const,
+                    K.SPATIAL_SELECT_WARPS))
     for dt in PTR:
         for mode, mode_id in K.SPATIAL_MODE_IDS.items():
             for c in WIDTHS:

@@ -47,9 +47,9 @@ def launched(monkeypatch):
 
 @pytest.fixture(params=["one", "many"])
 def programs(request, monkeypatch):
-    """Select programs per image: one, or many (a 16-token slice of A and its share of B each)."""
+    """Select programs per image: one, or many (16 destinations and their share of A each, in tiles of 16)."""
     if request.param == "many":
-        monkeypatch.setattr(kernels, "SPATIAL_SLICE", 16)
+        monkeypatch.setattr(kernels, "SPATIAL_DST_BLOCK", 16)
         monkeypatch.setattr(kernels, "SPATIAL_BLOCK", 16)
         monkeypatch.setattr(kernels, "SPATIAL_ROUTE_BLOCK", 16)
     return request.param
@@ -107,7 +107,7 @@ def test_spatial_match_matches_reference(grid, rand, dtype, launched):
 def test_spatial_select_ties_follow_the_reference(case, programs):
     # Equal scores rank by index, -0.0 ties with +0.0, -inf (a NaN score) ranks last.
     g = torch.Generator().manual_seed(3)
-    na, nb = 48, 19
+    na, nb = 48, 40
     node_max = {
         "rounded": torch.randn(3, na, generator=g).round(decimals=1),
         "signed_zeros": torch.where(torch.rand(3, na, generator=g) < 0.5, -0.0, 0.0),
@@ -122,25 +122,26 @@ def test_spatial_select_ties_follow_the_reference(case, programs):
 
 
 def test_spatial_select_on_many_programs_matches_one(programs):
-    # Random scores of a real grid, the image split over 4 programs in "many".
-    part = ref.spatial_partition(9, 7, 2, 2)
+    # Random scores of a real grid, the image split over 3 programs in "many".
+    part = ref.spatial_partition(16, 12, 2, 2)
     g = torch.Generator().manual_seed(9)
     node_max = torch.rand(2, part.a_pos.numel(), generator=g)
     node_idx = torch.randint(0, part.b_pos.numel(), node_max.shape, generator=g)
-    for r in (1, 25, 51):
+    for r in (1, 96, 144):
         got = kernels.spatial_select(node_max.to(DEVICE), node_idx.to(DEVICE), r, part.b_pos.numel())
         assert_same(got, ref.to_spatial(ref.select(node_max, node_idx, r, part.b_pos.numel(), 0)))
 
 
-@pytest.mark.parametrize("side", [64, 128, 256], ids=["N4096", "N16384", "N65536"])
+@pytest.mark.parametrize("side", [64, 128], ids=["N4096", "N16384"])
 def test_spatial_select_at_sd_sizes(side, monkeypatch):
-    # SD 1.5 at 512 px, SDXL at 1024 px, 2048 px images; 2x2 cells, ratio 0.5.
-    # The interpreter gets large tiles and few programs to stay fast; the
-    # many-program path is covered above, at small sizes.
+    # SD 1.5 at 512 px and SDXL at 1024 px; 2x2 cells, ratio 0.5 and the
+    # largest r. The interpreter gets large tiles and few programs to stay
+    # fast (the many-program path is covered above, at small sizes). N = 65536
+    # (2048 px) costs the interpreter minutes: bench/sd_check.py runs it on a GPU.
     if DEVICE == "cpu":
         monkeypatch.setattr(kernels, "SPATIAL_BLOCK", 4096)
-        monkeypatch.setattr(kernels, "SPATIAL_ROUTE_BLOCK", 256)
-        monkeypatch.setattr(kernels, "SPATIAL_SLICE", 16384)
+        monkeypatch.setattr(kernels, "SPATIAL_ROUTE_BLOCK", 64)
+        monkeypatch.setattr(kernels, "SPATIAL_DST_BLOCK", 4096)
     part = ref.spatial_partition(side, side, 2, 2)
     na, nb = part.a_pos.numel(), part.b_pos.numel()
     g = torch.Generator().manual_seed(side)
