@@ -85,6 +85,13 @@ if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
     $PY -m pip install -q --no-deps --no-build-isolation '$PWD' && $PY -c \"$IMPORT_CHECK\"; }"
 fi
 
+# Packages the GPU machine lacks (diffusers and tomesd for the SD stages) can
+# travel as wheels in .whl/ (bench/README.md says how to fetch them).
+if compgen -G ".whl/*.whl" >/dev/null; then
+  stage wheels 60 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/tofu_site .whl/*.whl && export PYTHONPATH="/tmp/tofu_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+
 if [ -z "${GPU_CHECK_SKIP_TESTS:-}" ]; then
   # The stages after the tests get at least ~5.5 minutes whatever the tests
   # leave (on an H200 the whole suite takes ~3 minutes with 12 workers; skip it
