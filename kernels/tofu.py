@@ -663,7 +663,7 @@ def merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected: in
 # takes an equal slice of A): 16 programs per image at N = 4096 (2x2 cells),
 # 256 at N = 65536.
 SPATIAL_DST_BLOCK = 64
-SPATIAL_BLOCK = 1024  # A tokens per tile of its threshold and A-slice passes
+SPATIAL_BLOCK = 2048  # A tokens per tile of its threshold and A-slice passes
 SPATIAL_ROUTE_BLOCK = 64  # ... of its routing passes (a ROUTE_BLOCK x DST_BLOCK one-hot per tile)
 SPATIAL_SELECT_WARPS = 8
 SPATIAL_MODE_IDS = {**MODE_IDS, "sum": 3}  # "sum": the gradient of the unmerge

@@ -20,3 +20,20 @@ ON_GPU = DEVICE == "cuda"
 @pytest.fixture
 def device() -> str:
     return DEVICE
+
+
+def count_calls(monkeypatch, module, names) -> dict:
+    """Wrap ``module.<name>`` for each name so calls are counted in the returned dict
+    (by name; a name never called is absent). Used on kernel launchers, each of which
+    launches one kernel, so a test fails if an op quietly took another path."""
+    counts = {}
+
+    def counting(name, fn):
+        def counted(*args, **kwargs):
+            counts[name] = counts.get(name, 0) + 1
+            return fn(*args, **kwargs)
+        return counted
+
+    for name in names:
+        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+    return counts

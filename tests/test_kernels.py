@@ -16,7 +16,7 @@ from tofu_triton.testing import (
     SCORE_TIE, assert_close, check_match_against_scores, check_match_structure, make_inputs,
 )
 
-from conftest import DEVICE, ON_GPU
+from conftest import DEVICE, ON_GPU, count_calls
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -33,16 +33,7 @@ def launched(monkeypatch):
     An effective r of 0 never reaches a kernel (the op returns the inputs);
     that dispatch is tested in test_api.py. Every case here has r >= 1.
     """
-    counts = {}
-
-    def counting(name, fn):
-        def counted(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return fn(*args, **kwargs)
-        return counted
-
-    for name in ("match", "merge_forward", "merge_backward"):
-        monkeypatch.setattr(kernels, name, counting(name, getattr(kernels, name)))
+    counts = count_calls(monkeypatch, kernels, ("match", "merge_forward", "merge_backward"))
     yield counts
 
 

@@ -15,7 +15,7 @@ from tofu_triton import reference as ref
 from tofu_triton.kernels import tofu as kernels
 from tofu_triton.testing import SCORE_TIE, assert_close
 
-from conftest import DEVICE
+from conftest import DEVICE, count_calls
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # (h, w, sx, sy): even grids, odd ones, cells that do not tile the grid, tall cells
@@ -32,17 +32,7 @@ def poison_outputs(monkeypatch):
 @pytest.fixture
 def launched(monkeypatch):
     """Counts launcher calls (each launches one kernel), so a test fails if an op took another path."""
-    counts = {}
-
-    def counting(name, fn):
-        def counted(*args, **kwargs):
-            counts[name] = counts.get(name, 0) + 1
-            return fn(*args, **kwargs)
-        return counted
-
-    for name in LAUNCHERS:
-        monkeypatch.setattr(kernels, name, counting(name, getattr(kernels, name)))
-    return counts
+    return count_calls(monkeypatch, kernels, LAUNCHERS)
 
 
 @pytest.fixture(params=["one", "many"])

@@ -15,6 +15,8 @@ from tofu_triton import reference  # noqa: E402
 from tofu_triton.patch.diffusers import cell_choice  # noqa: E402
 from tofu_triton.testing import run_in_threads  # noqa: E402
 
+from conftest import count_calls  # noqa: E402
+
 # The published configs' layout (block types, layers, projections, SDXL's added conditioning)...
 SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2)
@@ -177,14 +179,13 @@ def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch):
     # The whole patched UNet on the Triton kernels (the interpreter here) against the reference backend.
     from tofu_triton.kernels import tofu as kernels
 
-    calls, real = [], kernels.spatial_unmerge
-    monkeypatch.setattr(kernels, "spatial_unmerge", lambda *a, **k: calls.append(1) or real(*a, **k))
+    calls = count_calls(monkeypatch, kernels, ["spatial_unmerge"])
     model, args = unet("sd15"), inputs("sd15", side=8)
     settings = dict(dict(ratio=0.5, seed=3), **kwargs)
     want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)
     got = run(tp.diffusers(model, backend="triton", **settings), args)
     merges = 3 if kwargs.get("merge_mlp") else 1
-    assert len(calls) == merges * sum(p.mode is not None for p in tp.plan(model))
+    assert calls["spatial_unmerge"] == merges * sum(p.mode is not None for p in tp.plan(model))
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 
