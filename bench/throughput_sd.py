@@ -214,7 +214,9 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
     merging, blocks = merging_blocks(unet, max_down)
     processors = sorted({type(p).__name__ for p in unet.attn_processors.values()})
     common = dict(model=name, about=MODELS[name], latent=size, pixels=8 * size, batch=args.batch, dtype=args.dtype,
-                  max_downsample=max_down, blocks=blocks, build_s=round(build_s, 1), attention=",".join(processors))
+                  max_downsample=max_down, blocks=blocks, build_s=round(build_s, 1), attention=",".join(processors),
+                  # what backend="auto" runs our variants on: the fused kernels on CUDA, else the reference
+                  our_step="triton" if str(device).startswith("cuda") else "reference")
 
     cases = [("unpatched", 0.0)] if "unpatched" in args.variants else []
     cases += [(v, r) for r in args.ratios for v in args.variants if v != "unpatched"]

@@ -5,7 +5,9 @@ tensors to ``reference.py``; ``"triton"`` forces the kernels (on CPU only under
 ``TRITON_INTERPRET=1``); ``"reference"`` forces the reference.
 
 The Triton path runs inside custom ops (``tofu_triton::match``,
-``tofu_triton::merge``, ``tofu_triton::merge_backward``), so
+``tofu_triton::merge``, ``tofu_triton::merge_backward``, and for the Stable
+Diffusion step ``spatial_match``, ``spatial_merge``, ``spatial_merge_backward``,
+``spatial_unmerge``), so
 ``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque node per op
 whose output shapes depend only on ``N``, ``r`` and ``protected``. They are
 built on ``torch.library.custom_op`` rather than ``triton_op``: ``triton_op``
