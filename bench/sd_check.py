@@ -5,10 +5,11 @@
    (the interpreter stops at 16384), on random and on heavily tied scores,
    and with every source sent to three destinations, repeated (the kernel
    must be deterministic).
-2. ``step``: the whole step on fp16 hidden states: match (select checked
+2. ``step``: the whole step on fp16 hidden states: partition (random
+   destinations, exactly the reference's), match (select checked
    exactly on the kernel's own scores), merge and unmerge + residual values
    against the reference.
-3. ``timing``: device time of each kernel (scores, select, merge, unmerge) at
+3. ``timing``: device time of each kernel (partition, scores, select, merge, unmerge) at
    those sizes, B = 2, C = 320, ratio 0.5 (``triton.testing.do_bench``).
 
 ``--small`` runs one small case of 1 and 2 only, for compute-sanitizer
@@ -59,7 +60,10 @@ def check_select(side: int, repeats: int, gen: torch.Generator) -> dict:
 
 
 def check_step(side: int, gen: torch.Generator) -> dict:
-    part = reference.spatial_partition(side, side, 2, 2, device=DEVICE)
+    step = torch.tensor(421, device=DEVICE)
+    part = ops.spatial_partition(side, side, 2, 2, seed=7, step=step, block=2, backend="triton")
+    choice = reference.cell_choice(7, step, 2, (side // 2, side // 2), 4)
+    partition_ok = _equal(part, reference.spatial_partition(side, side, 2, 2, choice))
     x = torch.randn(BATCH, side * side, C, generator=gen, device=DEVICE, dtype=torch.float16)
     res = torch.randn(BATCH, side * side, C, generator=gen, device=DEVICE, dtype=torch.float16)
     r = int(side * side * RATIO)
@@ -76,9 +80,9 @@ def check_step(side: int, gen: torch.Generator) -> dict:
     y = ops.spatial_merge(x, match, part, "mlerp", backend="triton")
     unmerge_ok = torch.equal(ops.spatial_unmerge(y, match, part, res, backend="triton"),
                              reference.spatial_unmerge(y, match, part, res))
-    ok = select_ok and unmerge_ok and score_err < 1e-3 and all(e < 2e-3 for e in errors.values())
-    return dict(check="step", n=side * side, select_exact=select_ok, max_score_diff=score_err,
-                merge_rel_error=errors, unmerge_exact=unmerge_ok, ok=ok)
+    ok = partition_ok and select_ok and unmerge_ok and score_err < 1e-3 and all(e < 2e-3 for e in errors.values())
+    return dict(check="step", n=side * side, partition_exact=partition_ok, select_exact=select_ok,
+                max_score_diff=score_err, merge_rel_error=errors, unmerge_exact=unmerge_ok, ok=ok)
 
 
 def timing(side: int) -> dict:
@@ -90,7 +94,9 @@ def timing(side: int) -> dict:
     node_max, node_idx = kernels.spatial_scores(x, part.a_pos, part.b_pos)
     unm, start, src, a_row = kernels.spatial_select(node_max, node_idx, r, part.b_pos.numel())
     y = kernels.spatial_merge_forward(x, part.a_pos, part.b_pos, unm, start, src, "mlerp")
+    step = torch.tensor(421, device=DEVICE)
     fns = {
+        "partition": lambda: kernels.spatial_partition(step, side, side, 2, 2, 7, 2, True),
         "scores": lambda: kernels.spatial_scores(x, part.a_pos, part.b_pos),
         "select": lambda: kernels.spatial_select(node_max, node_idx, r, part.b_pos.numel()),
         "merge_mlerp": lambda: kernels.spatial_merge_forward(x, part.a_pos, part.b_pos, unm, start, src, "mlerp"),
@@ -99,6 +105,23 @@ def timing(side: int) -> dict:
     }
     return dict(check="timing", n=side * side, c=C, batch=BATCH,
                 ms={name: do_bench(fn, warmup=10, rep=40) for name, fn in fns.items()})
+
+
+def write_report(out: str, env: dict, ok: bool, rows: list) -> None:
+    """sd_check.json (everything) and sd_check.md (the timing table) under ``out``."""
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, "sd_check.json"), "w") as f:
+        json.dump(dict(env, ok=ok, rows=rows), f, indent=1)
+    lines = [f"# SD step kernels on {env['card']} ({env['date']}, torch {env['torch']}, triton {env['triton']})",
+             "", f"`{env['command']}`: **{'all checks passed' if ok else 'FAILED'}**", "",
+             "| N | partition ms | scores ms | select ms | merge (mlerp) ms | unmerge + residual ms | "
+             "one argsort ms |", "|---|---|---|---|---|---|---|"]
+    names = ("partition", "scores", "select", "merge_mlerp", "unmerge_residual", "tomesd_like_argsort")
+    for row in rows:
+        if row["check"] == "timing":
+            lines.append(f"| {row['n']} | " + " | ".join(f"{row['ms'][k]:.3f}" for k in names) + " |")
+    with open(os.path.join(out, "sd_check.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
 
 
 def main(argv=None) -> int:
@@ -123,23 +146,10 @@ def main(argv=None) -> int:
     ok = all(row.get("failures", 0) == 0 and row.get("ok", True) for row in rows)
     print(f"sd_check {'PASSED' if ok else 'FAILED'} in {time.time() - t0:.0f} s")
     if not args.small:
-        os.makedirs(args.out, exist_ok=True)
         env = dict(card=torch.cuda.get_device_name(), torch=torch.__version__,
                    triton=__import__("triton").__version__, date=time.strftime("%Y-%m-%d"),
                    command="python " + " ".join(sys.argv))
-        with open(os.path.join(args.out, "sd_check.json"), "w") as f:
-            json.dump(dict(env, ok=ok, rows=rows), f, indent=1)
-        lines = [f"# SD step kernels on {env['card']} ({env['date']}, torch {env['torch']}, triton {env['triton']})",
-                 "", f"`{env['command']}`: **{'all checks passed' if ok else 'FAILED'}**", "",
-                 "| N | scores ms | select ms | merge (mlerp) ms | unmerge + residual ms | one argsort ms |",
-                 "|---|---|---|---|---|---|"]
-        for row in rows:
-            if row["check"] == "timing":
-                ms = row["ms"]
-                lines.append(f"| {row['n']} | {ms['scores']:.3f} | {ms['select']:.3f} | {ms['merge_mlerp']:.3f} | "
-                             f"{ms['unmerge_residual']:.3f} | {ms['tomesd_like_argsort']:.3f} |")
-        with open(os.path.join(args.out, "sd_check.md"), "w") as f:
-            f.write("\n".join(lines) + "\n")
+        write_report(args.out, env, ok, rows)
     return 0 if ok else 1
 
 

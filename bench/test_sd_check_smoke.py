@@ -30,3 +30,17 @@ def _cuda() -> bool:
     import torch
 
     return torch.cuda.is_available()
+
+
+def test_sd_check_report_files(tmp_path):
+    sys.path.insert(0, HERE)
+    import sd_check
+
+    ms = dict(partition=0.01, scores=0.2, select=0.05, merge_mlerp=0.03, unmerge_residual=0.02,
+              tomesd_like_argsort=0.04)
+    rows = [dict(check="select", n=4096, runs=9, failures=0), dict(check="timing", n=4096, c=320, batch=2, ms=ms)]
+    env = dict(card="card", torch="t", triton="tr", date="2026-11-26", command="python bench/sd_check.py")
+    sd_check.write_report(str(tmp_path), env, True, rows)
+    table = (tmp_path / "sd_check.md").read_text()
+    assert "| 4096 | 0.010 | 0.200 | 0.050 | 0.030 | 0.020 | 0.040 |" in table and "all checks passed" in table
+    assert '"failures": 0' in (tmp_path / "sd_check.json").read_text()

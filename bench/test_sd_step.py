@@ -3,12 +3,13 @@
 One block's step on a latent grid, 2x2 cells, ratio 0.5, mean merge, C = 320
 (SD's first block), batch 2 (classifier-free guidance), three implementations:
 
-* ``triton``    the fused kernels (``tofu_triton.ops.spatial_*``, backend="triton"; CUDA only)
+* ``triton``    the fused kernels (``tofu_triton.ops.spatial_*``, backend="triton"; CUDA only): 4 launches
+  to merge (partition, scores, select, merge), 1 to unmerge
 * ``reference`` the PyTorch reference of ``tofu_triton`` (``backend="reference"``)
 * ``tomesd``    tomesd's own ``bipartite_soft_matching_random2d`` merge and unmerge (the peer;
   tests/test_patch_diffusers.py checks it equal to the reference)
 
-``stage``: ``merge`` = match + merge (what runs before the sub-layer), ``unmerge`` =
+``stage``: ``merge`` = partition + match + merge (what runs before the sub-layer), ``unmerge`` =
 the gather back to N rows plus the block's residual add (after it).
 Scope ``cpu``: a 32x32 grid; ``gpu`` / ``full``: 64x64 (SD 1.5 at 512 px, N = 4096),
 128x128 (SDXL at 1024 px, N = 16384) and 256x256 (2048 px, N = 65536).
@@ -19,7 +20,7 @@ import pytest
 import torch
 
 from measure import time_cuda, time_cuda_graph, time_loop
-from tofu_triton import ops, reference
+from tofu_triton import ops
 
 GRIDS = {"cpu": [(32, 32)], "gpu": [(64, 64), (128, 128), (256, 256)], "full": [(64, 64), (128, 128), (256, 256)]}
 C, RATIO, BATCH = 320, 0.5, 2
@@ -27,13 +28,12 @@ C, RATIO, BATCH = 320, 0.5, 2
 
 def _ours(backend):
     def steps(x, h, w, r):
-        part = reference.spatial_partition(h, w, 2, 2, device=x.device)
-
-        def merge():
+        def merge():  # the partition too, as tomesd's merge builds its own
+            part = ops.spatial_partition(h, w, 2, 2, device=x.device, backend=backend)
             match = ops.spatial_match(x, part, r, backend=backend)
-            return match, ops.spatial_merge(x, match, part, "mean", backend=backend)
+            return part, match, ops.spatial_merge(x, match, part, "mean", backend=backend)
 
-        match, y = merge()
+        part, match, y = merge()
         return merge, lambda: ops.spatial_unmerge(y, match, part, x, backend=backend)
     return steps
 

@@ -61,6 +61,10 @@ def _configs():
                                "dst_src_ptr"]}
     out.append(("select", K._select_kernel, dict(idx, node_max_ptr="*fp32"),
                 dict(BLOCK=K.SELECT_BLOCK), 4))
+    for rand in (False, True):
+        ptrs = {"step_ptr": "*i64", "a_pos_ptr": "*i64", "b_pos_ptr": "*i64", "slot_ptr": "*i64"}
+        out.append((f"spatial_partition RAND={rand}", K._partition_kernel, ptrs,
+                    dict(RAND=rand, BLOCK=K.SPATIAL_PARTITION_BLOCK), K.SPATIAL_PARTITION_WARPS))
     for bits in (8, 16, 24):
         ptrs = dict(idx, node_max_ptr="*fp32", a_row_ptr="*i64")
         const = dict(IDX_BITS=bits, BLOCK=K.SPATIAL_BLOCK, BLOCK_ROUTE=K.SPATIAL_ROUTE_BLOCK,

@@ -12,7 +12,7 @@ from diffusers import UNet2DConditionModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
 from tofu_triton import reference  # noqa: E402
-from tofu_triton.patch.diffusers import cell_choice  # noqa: E402
+from tofu_triton.reference import cell_choice  # noqa: E402
 from tofu_triton.testing import run_in_threads  # noqa: E402
 
 from conftest import count_calls  # noqa: E402
@@ -179,13 +179,14 @@ def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch):
     # The whole patched UNet on the Triton kernels (the interpreter here) against the reference backend.
     from tofu_triton.kernels import tofu as kernels
 
-    calls = count_calls(monkeypatch, kernels, ["spatial_unmerge"])
+    calls = count_calls(monkeypatch, kernels, ["spatial_partition", "spatial_unmerge"])
     model, args = unet("sd15"), inputs("sd15", side=8)
     settings = dict(dict(ratio=0.5, seed=3), **kwargs)
     want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)
     got = run(tp.diffusers(model, backend="triton", **settings), args)
     merges = 3 if kwargs.get("merge_mlp") else 1
-    assert calls["spatial_unmerge"] == merges * sum(p.mode is not None for p in tp.plan(model))
+    patched = sum(p.mode is not None for p in tp.plan(model))
+    assert calls == {"spatial_partition": patched, "spatial_unmerge": merges * patched}
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
 
 

@@ -11,8 +11,11 @@ imports timm). The Stable Diffusion step's ops: ``spatial_partition``,
 """
 import importlib
 
-from .ops import BACKENDS, bipartite_match, merge_tokens, spatial_match, spatial_merge, spatial_unmerge, token_fusion
-from .reference import MODES, Match, Partition, SpatialMatch, spatial_partition
+from .ops import (
+    BACKENDS, bipartite_match, merge_tokens, spatial_match, spatial_merge, spatial_partition, spatial_unmerge,
+    token_fusion,
+)
+from .reference import MODES, Match, Partition, SpatialMatch
 
 __version__ = "0.1.0"
 __all__ = ["BACKENDS", "MODES", "Match", "Partition", "SpatialMatch", "bipartite_match", "merge_tokens", "patch",

@@ -159,6 +159,18 @@ _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 # partition travels as position arrays, shapes depend only on N, Na, Nb, r.
 
 
+@torch.library.custom_op("tofu_triton::spatial_partition", mutates_args=())
+def _spatial_partition_op(step: Tensor, h: int, w: int, sx: int, sy: int, seed: int, block: int,
+                          rand: bool) -> List[Tensor]:
+    return list(_kernels().spatial_partition(step, h, w, sx, sy, seed, block, rand))
+
+
+@_spatial_partition_op.register_fake
+def _(step, h, w, sx, sy, seed, block, rand):
+    n, nb = h * w, (h // sy) * (w // sx)
+    return [step.new_empty(n - nb), step.new_empty(nb), step.new_empty(n)]
+
+
 @torch.library.custom_op("tofu_triton::spatial_match", mutates_args=())
 def _spatial_match_op(metric: Tensor, a_pos: Tensor, b_pos: Tensor, r: int) -> List[Tensor]:
     return list(_kernels().spatial_match(metric, a_pos, b_pos, r))
@@ -394,6 +406,32 @@ def _check_spatial_match(match, batch: int, partition: Partition, device) -> Non
                          f"B={batch}, Na={na}, Nb={nb}")
     if match.a_row.device != device:
         raise ValueError(f"match is on {match.a_row.device} but the tokens are on {device}")
+
+
+def spatial_partition(h: int, w: int, sx: int = 2, sy: int = 2, *, seed: Optional[int] = None,
+                      step: Optional[Tensor] = None, block: int = 0, device=None, backend: str = "auto") -> Partition:
+    """The partition of an ``h x w`` token grid into ``sy x sx`` cells (docs/design.md §5).
+
+    Each full cell gives one destination (set B): its top-left token, or with
+    ``seed`` the one picked by :func:`tofu_triton.reference.cell_choice` from
+    ``(seed, step, block, cell)`` (``step``: int64 scalar tensor, default 0).
+    All other tokens form set A. On CUDA one kernel launch builds it.
+    """
+    for name, value in (("h", h), ("w", w), ("sx", sx), ("sy", sy)):
+        check_int(name, value, low=1)
+    check_int("block", block)
+    if seed is not None:
+        check_int("seed", seed)
+    if step is None:
+        step = torch.zeros((), dtype=torch.int64, device=device)
+    elif not isinstance(step, Tensor) or step.numel() != 1:
+        raise TypeError(f"step must be an int64 scalar tensor, got {step!r}")
+    step = step.reshape(()).to(device=device if device is not None else step.device, dtype=torch.int64)
+    cells = (h // sy) * (w // sx)
+    if cells == 0 or not _use_triton(step, backend):
+        choice = None if seed is None else reference.cell_choice(seed, step, block, (h // sy, w // sx), sx * sy)
+        return reference.spatial_partition(h, w, sx, sy, choice, device=step.device)
+    return Partition(*_spatial_partition_op(step, h, w, sx, sy, seed or 0, block, seed is not None))
 
 
 def spatial_match(metric: Tensor, partition: Partition, r: int, backend: str = "auto") -> SpatialMatch:

@@ -215,6 +215,25 @@ class SpatialMatch(NamedTuple):
         return self.dst_src.shape[1]
 
 
+_MASK63 = (1 << 63) - 1
+
+
+def _mix(z: Tensor) -> Tensor:
+    """splitmix64's finalizer on int64 tensors (multiplications wrap; shifts made logical)."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
+    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * -7723592293110705685  # 0x94D049BB133111EB as int64
+    return z ^ ((z >> 31) & ((1 << 33) - 1))
+
+
+def cell_choice(seed: int, step: Tensor, block: int, cells: Tuple[int, int], k: int) -> Tensor:
+    """[hsy, wsx] int64 in [0, k): the random destination of each cell, a counter-based hash of
+    (seed, step, block, cell); step is an int64 scalar tensor (the denoising step)."""
+    hsy, wsx = cells
+    idx = torch.arange(hsy * wsx, device=step.device, dtype=torch.int64)
+    z = _mix(idx + _mix(step.to(torch.int64) * 1000003 + block * 7919 + seed))
+    return ((z & _MASK63) % k).reshape(hsy, wsx)
+
+
 def spatial_partition(h: int, w: int, sx: int, sy: int, choice: Optional[Tensor] = None,
                       device=None) -> Partition:
     """The partition of an ``h x w`` grid into sy x sx cells.

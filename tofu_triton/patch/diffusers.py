@@ -49,7 +49,7 @@ from torch import Tensor, nn
 from diffusers.models.attention import BasicTransformerBlock
 from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 
-from .. import ops, reference
+from .. import ops
 from ..reference import Partition, SpatialMatch
 from ..schedule import MODEL_MODES
 from . import lifecycle
@@ -174,27 +174,6 @@ def _plan(unet: nn.Module) -> List[Optional[str]]:
     return modes
 
 
-# --------------------------------------------------------------------------- random destinations
-
-
-_MASK63 = (1 << 63) - 1
-
-
-def _mix(z: Tensor) -> Tensor:
-    """splitmix64's finalizer on int64 tensors (multiplications wrap; shifts made logical)."""
-    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * -4658895280553007687  # 0xBF58476D1CE4E5B9 as int64
-    z = (z ^ ((z >> 27) & ((1 << 37) - 1))) * -7723592293110705685  # 0x94D049BB133111EB as int64
-    return z ^ ((z >> 31) & ((1 << 33) - 1))
-
-
-def cell_choice(seed: int, step: Tensor, block: int, cells: Tuple[int, int], k: int) -> Tensor:
-    """[hsy, wsx] int64 in [0, k): a counter-based hash of (seed, step, block, cell)."""
-    hsy, wsx = cells
-    idx = torch.arange(hsy * wsx, device=step.device, dtype=torch.int64)
-    z = _mix(idx + _mix(step.to(torch.int64) * 1000003 + block * 7919 + seed))
-    return ((z & _MASK63) % k).reshape(hsy, wsx)
-
-
 # --------------------------------------------------------------------------- the patched modules
 
 
@@ -222,11 +201,9 @@ class _PatchedBlock:
                                    timestep, kwargs or None, class_labels, added_cond_kwargs)
         n = hidden_states.shape[1]
         h, w = _grid(call, factor, n)
-        choice = None
-        if call.use_rand:
-            choice = cell_choice(call.seed, call.step, index, (h // call.sy, w // call.sx), call.sx * call.sy)
-        partition = reference.spatial_partition(h, w, call.sx, call.sy, choice, device=hidden_states.device)
         backend = call.backend
+        partition = ops.spatial_partition(h, w, call.sx, call.sy, seed=call.seed if call.use_rand else None,
+                                          step=call.step, block=index, device=hidden_states.device, backend=backend)
         merge = _Merge(ops.spatial_match(hidden_states, partition, int(n * call.ratio), backend), partition, mode,
                        backend)
         on_attn, on_cross, on_mlp = call.merges
