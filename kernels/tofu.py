@@ -21,9 +21,10 @@ output row), so the backward needs no atomics either.
 
 The Stable Diffusion step (docs/design.md §5.1) reuses the match and merge
 kernels with the partition given as position arrays (``POS=True``), and adds
-``_spatial_select_kernel`` (many programs per image, O(Na) work each: a
-radix-select threshold, then each program's slice of A and of B) and
-``_unmerge_kernel`` (a gather back to N rows fused with the residual add).
+``_partition_kernel`` (the cell partition, one program), ``_spatial_select_kernel``
+(one program per 64 destinations: a radix-select threshold, then its
+destinations' sources and its slice of A) and ``_unmerge_kernel`` (a gather
+back to N rows fused with the residual add).
 
 All launchers take tensors with any strides and return contiguous outputs.
 Index tensors are int64, sizes float32.
