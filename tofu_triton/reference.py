@@ -73,14 +73,22 @@ def match_scores(metric: Tensor, protected: int) -> Tuple[Tensor, Tensor]:
     Returns node_max [B, Na] float32 (cosine similarity, NaN read as -inf) and
     node_idx [B, Na] int64 (smallest B position attaining node_max).
     """
+    m = _unit_rows(metric)
+    return best_partner(m[:, protected::2], m[:, protected + 1 :: 2])
+
+
+def _unit_rows(metric: Tensor) -> Tensor:
     m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    a, b = m[:, protected::2], m[:, protected + 1 :: 2]
+    return m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
+
+
+def best_partner(a: Tensor, b: Tensor) -> Tuple[Tensor, Tensor]:
+    """a [B, Na, D], b [B, Nb, D] with unit rows: each A row's highest cosine with a
+    B row (NaN read as -inf) and the smallest B index attaining it."""
     scores = a @ b.transpose(1, 2)  # [B, Na, Nb]: the matrix the fused path never builds
-    scores = torch.where(scores.isnan(), float("-inf"), scores)
-    node_idx = scores.argmax(dim=-1)  # first maximum
-    node_max = scores.gather(-1, node_idx[..., None]).squeeze(-1)
-    return node_max, node_idx
+    scores.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    best = scores.max(dim=-1)  # the first maximum on a tie
+    return best.values, best.indices
 
 
 def select(node_max: Tensor, node_idx: Tensor, r: int, nb: int, protected: int) -> Match:
@@ -274,12 +282,8 @@ def spatial_match(metric: Tensor, partition: Partition, r: int) -> SpatialMatch:
 def spatial_scores(metric: Tensor, partition: Partition) -> Tuple[Tensor, Tensor]:
     """Best B partner of every A token, as :func:`match_scores` (needs Nb >= 1):
     node_max [B, Na] float32, node_idx [B, Na] int64."""
-    m = metric.float()
-    m = m / m.norm(dim=-1, keepdim=True).clamp_min(EPS)
-    scores = m[:, partition.a_pos] @ m[:, partition.b_pos].transpose(1, 2)
-    scores = torch.where(scores.isnan(), float("-inf"), scores)
-    node_idx = scores.argmax(dim=-1)
-    return scores.gather(-1, node_idx[..., None]).squeeze(-1), node_idx
+    m = _unit_rows(metric)
+    return best_partner(m[:, partition.a_pos], m[:, partition.b_pos])
 
 
 def to_spatial(match: Match) -> SpatialMatch:
