@@ -143,15 +143,18 @@ def _match_kernel(
 
 
 @triton.jit
-def _order_key(node_max_ptr, offs, mask):
-    """One int64 per A token whose order is the selection order: larger
-    node_max first, then smaller index. NaN never reaches here (the match
-    kernel wrote -inf for it); -0.0 is folded into +0.0 so they tie, as they
-    do in torch's sort."""
+def _order_key(node_max_ptr, offs, mask, IDX_BITS: tl.constexpr):
+    """One non-negative int64 per A token, unique, whose order is the selection
+    order: larger node_max first, then smaller index (the score's bits made
+    unsigned order-preserving, then the index reversed in the low IDX_BITS
+    bits; IDX_BITS <= 31 and 2^IDX_BITS > the largest index). NaN never
+    reaches here (the match kernel wrote -inf for it); -0.0 is folded into
+    +0.0 so they tie, as they do in torch's sort."""
     v = tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")) + 0.0
     bits = v.to(tl.int32, bitcast=True)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
-    return bits.to(tl.int64) * 4294967296 + (2147483647 - offs).to(tl.int64)
+    score = bits.to(tl.int64) + 2147483648  # ... as unsigned order, in [0, 2^32)
+    return (score << IDX_BITS) | ((1 << IDX_BITS) - 1 - offs.to(tl.int64))
 
 
 @triton.jit
@@ -180,12 +183,12 @@ def _select_kernel(
     for i0 in range(0, NA, BLOCK):
         offs_i = i0 + lanes
         mask_i = offs_i < NA
-        key_i = _order_key(node_max_ptr, offs_i, mask_i)
+        key_i = _order_key(node_max_ptr, offs_i, mask_i, 31)
         rank = tl.zeros([BLOCK], dtype=tl.int32)
         for k0 in range(0, NA, BLOCK):
             offs_k = k0 + lanes
             mask_k = offs_k < NA
-            key_k = _order_key(node_max_ptr, offs_k, mask_k)
+            key_k = _order_key(node_max_ptr, offs_k, mask_k, 31)
             beats = (key_k[None, :] > key_i[:, None]) & mask_k[None, :]
             rank += tl.sum(beats.to(tl.int32), axis=1)
         is_src = mask_i & (rank < R)
@@ -200,7 +203,7 @@ def _select_kernel(
     for i0 in range(0, NA, BLOCK):
         offs_i = i0 + lanes
         mask_i = offs_i < NA
-        is_src = mask_i & (_order_key(node_max_ptr, offs_i, mask_i) >= threshold)
+        is_src = mask_i & (_order_key(node_max_ptr, offs_i, mask_i, 31) >= threshold)
         keep = mask_i & ~is_src
         pos = n_unm + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tl.store(unm_idx_ptr + pos, offs_i.to(tl.int64), mask=keep)
@@ -211,7 +214,7 @@ def _select_kernel(
         for k0 in range(0, NA, BLOCK):
             offs_k = k0 + lanes
             mask_k = offs_k < NA
-            src_k = mask_k & (_order_key(node_max_ptr, offs_k, mask_k) >= threshold)
+            src_k = mask_k & (_order_key(node_max_ptr, offs_k, mask_k, 31) >= threshold)
             dst_k = tl.load(node_idx_ptr + offs_k, mask=mask_k, other=0)
             before = (dst_k[None, :] < dst_i[:, None]) | (
                 (dst_k[None, :] == dst_i[:, None]) & (offs_k[None, :] < offs_i[:, None]))
@@ -226,7 +229,7 @@ def _select_kernel(
         for k0 in range(0, NA, BLOCK):
             offs_k = k0 + lanes
             mask_k = offs_k < NA
-            src_k = mask_k & (_order_key(node_max_ptr, offs_k, mask_k) >= threshold)
+            src_k = mask_k & (_order_key(node_max_ptr, offs_k, mask_k, 31) >= threshold)
             dst_k = tl.load(node_idx_ptr + offs_k, mask=mask_k, other=0)
             start += tl.sum(((dst_k[None, :] < offs_j[:, None]) & src_k[None, :]).to(tl.int32), axis=1)
         tl.store(dst_start_ptr + offs_j, start.to(tl.int64), mask=offs_j <= NB)
@@ -442,19 +445,6 @@ def _partition_kernel(
 
 
 @triton.jit
-def _spatial_key(node_max_ptr, offs, mask, IDX_BITS: tl.constexpr):
-    """Non-negative int64 keys, unique per A token, ordered as the selection:
-    higher score first, then lower index (the score's bits made unsigned
-    order-preserving, then the index reversed in the low IDX_BITS bits).
-    -0.0 is folded into +0.0 so that they tie, as in torch's sort."""
-    v = tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")) + 0.0
-    bits = v.to(tl.int32, bitcast=True)
-    bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
-    score = bits.to(tl.int64) + 2147483648  # ... as unsigned order, in [0, 2^32)
-    return (score << IDX_BITS) | ((1 << IDX_BITS) - 1 - offs.to(tl.int64))
-
-
-@triton.jit
 def _radix_threshold(node_max_ptr, NA, R, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
     """The key of the R-th best A token (1 <= R <= NA): a most-significant-digit
     radix select, 8 bits a pass. Each pass histograms the next digit of the
@@ -470,7 +460,7 @@ def _radix_threshold(node_max_ptr, NA, R, IDX_BITS: tl.constexpr, BLOCK: tl.cons
         for i0 in range(0, NA, BLOCK):
             offs = i0 + lanes
             mask = offs < NA
-            key = _spatial_key(node_max_ptr, offs, mask, IDX_BITS)
+            key = _order_key(node_max_ptr, offs, mask, IDX_BITS)
             same = mask & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
             hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
         at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with this digit or larger
@@ -497,7 +487,7 @@ def _route_sources(node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, cursor, N
     for i0 in range(0, NA, BLOCK):
         offs = i0 + lanes
         mask = offs < NA
-        is_src = mask & (_spatial_key(node_max_ptr, offs, mask, IDX_BITS) >= threshold)
+        is_src = mask & (_order_key(node_max_ptr, offs, mask, IDX_BITS) >= threshold)
         dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
         kept_before += tl.sum((mask & ~is_src & (offs < a_lo)).to(tl.int32), axis=0)
         dst_before += tl.sum((is_src & (dst < b_lo)).to(tl.int32), axis=0)
@@ -554,7 +544,7 @@ def _spatial_select_kernel(
     for i0 in range(a_lo, a_hi, BLOCK):
         offs = i0 + lanes
         mask = offs < a_hi
-        keep = mask & (_spatial_key(node_max_ptr, offs, mask, IDX_BITS) < threshold)
+        keep = mask & (_order_key(node_max_ptr, offs, mask, IDX_BITS) < threshold)
         pos = n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
         tl.store(unm_idx_ptr + pos, offs.to(tl.int64), mask=keep)
         dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)

@@ -319,6 +319,13 @@ def _refuse_kwargs(kwargs: dict, config=None) -> None:
             raise NotImplementedError(f"{name} is not supported by a ToFu-patched encoder")
 
 
+def _refuse_vision_kwargs(model: nn.Module, kwargs: dict, attention_mask, name: str) -> None:
+    """:func:`_refuse_kwargs`, and an attention mask, which no patched vision model takes."""
+    _refuse_kwargs(kwargs, model.config)
+    if attention_mask is not None:
+        raise NotImplementedError(f"a ToFu-patched {name} does not take attention_mask")
+
+
 def _run_layers(model: nn.Module, layer_fn, x: Tensor, size: Tensor, padded: bool):
     steps = _plan(model, x.shape[1])
     if padded and any(s.r > 0 for s in steps):
@@ -366,9 +373,7 @@ class _PatchedBert:
 class _PatchedViT:
     def forward(self, pixel_values=None, bool_masked_pos=None, interpolate_pos_encoding=None,
                 attention_mask=None, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs, self.config)
-        if attention_mask is not None:
-            raise NotImplementedError("a ToFu-patched ViTModel does not take attention_mask")
+        _refuse_vision_kwargs(self, kwargs, attention_mask, "ViTModel")
         expected = self.embeddings.patch_embeddings.projection.weight.dtype
         if pixel_values.dtype != expected:
             pixel_values = pixel_values.to(expected)
@@ -382,9 +387,7 @@ class _PatchedViT:
 
 class _PatchedCLIPVision:
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs, self.config)
-        if kwargs.get("attention_mask") is not None:
-            raise NotImplementedError("a ToFu-patched CLIPVisionModel does not take attention_mask")
+        _refuse_vision_kwargs(self, kwargs, kwargs.get("attention_mask"), "CLIPVisionModel")
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         x = self.pre_layrnorm(x)
         x, size, steps = _run_vision(self, clip_layer_forward, x)
@@ -394,9 +397,7 @@ class _PatchedCLIPVision:
 
 class _PatchedDinov2:
     def forward(self, pixel_values=None, bool_masked_pos=None, attention_mask=None, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs, self.config)
-        if attention_mask is not None:
-            raise NotImplementedError("a ToFu-patched Dinov2Model does not take attention_mask")
+        _refuse_vision_kwargs(self, kwargs, attention_mask, "Dinov2Model")
         x = self.embeddings(pixel_values, bool_masked_pos=bool_masked_pos)
         x, size, steps = _run_vision(self, dinov2_layer_forward, x)
         x = self.layernorm(x)
@@ -405,9 +406,7 @@ class _PatchedDinov2:
 
 class _PatchedSiglipVision:
     def forward(self, pixel_values=None, interpolate_pos_encoding=False, return_dict=None, **kwargs):
-        _refuse_kwargs(kwargs, self.config)
-        if kwargs.get("attention_mask") is not None:
-            raise NotImplementedError("a ToFu-patched SiglipVisionModel does not take attention_mask")
+        _refuse_vision_kwargs(self, kwargs, kwargs.get("attention_mask"), "SiglipVisionModel")
         x = self.embeddings(pixel_values, interpolate_pos_encoding=interpolate_pos_encoding)
         x, size, steps = _run_vision(self, clip_layer_forward, x)
         x = self.post_layernorm(x)
