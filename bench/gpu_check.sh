@@ -78,7 +78,7 @@ stage env 20 bash -c "nvidia-smi --query-gpu=name,driver_version,memory.total,cl
 # An egg-link install made by an old pip without PEP 517 loses the
 # package_dir mapping (kernels/ -> tofu_triton.kernels): check the import,
 # not pip's exit code.
-IMPORT_CHECK="import tofu_triton.kernels.tofu, tofu_triton.patch; print('import ok', tofu_triton.__file__)"
+IMPORT_CHECK="import tofu_triton.kernels.step, tofu_triton.patch; print('import ok', tofu_triton.__file__)"
 if [ -z "${GPU_CHECK_SKIP_INSTALL:-}" ]; then
   stage install 90 bash -c "cd /tmp && { $PY -m pip install -q --no-deps --no-build-isolation -e '$PWD' \
     && $PY -c \"$IMPORT_CHECK\"; } || { echo 'editable install unusable; installing a copy'; \

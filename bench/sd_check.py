@@ -28,7 +28,7 @@ import time
 import torch
 
 from tofu_triton import ops, reference
-from tofu_triton.kernels import tofu as kernels
+from tofu_triton import kernels
 
 C, BATCH, RATIO = 320, 2, 0.5
 # The CPU runs only ``--small`` in Triton's interpreter (TRITON_INTERPRET=1): it
@@ -55,7 +55,7 @@ def check_select(side: int, repeats: int, gen: torch.Generator) -> dict:
             want = reference.to_spatial(reference.select(node_max, node_idx, r, nb, 0))
             for _ in range(repeats):
                 runs += 1
-                failures += not _equal(kernels.spatial_select(node_max, node_idx, r, nb), want)
+                failures += not _equal(kernels.select.spatial_select(node_max, node_idx, r, nb), want)
     return dict(check="select", n=side * side, runs=runs, failures=failures)
 
 
@@ -68,7 +68,7 @@ def check_step(side: int, gen: torch.Generator) -> dict:
     res = torch.randn(BATCH, side * side, C, generator=gen, device=DEVICE, dtype=torch.float16)
     r = int(side * side * RATIO)
     match = ops.spatial_match(x, part, r, backend="triton")
-    node_max, node_idx = kernels.spatial_scores(x, part.a_pos, part.b_pos)
+    node_max, node_idx = kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos))
     select_ok = _equal(match, reference.to_spatial(reference.select(node_max, node_idx, r, part.b_pos.numel(), 0)))
     want_max, _ = reference.spatial_scores(x, part)
     score_err = (node_max - want_max).abs().max().item()
@@ -91,16 +91,18 @@ def timing(side: int) -> dict:
     part = reference.spatial_partition(side, side, 2, 2, device=DEVICE)
     x = torch.randn(BATCH, side * side, C, device=DEVICE, dtype=torch.float16)
     r = int(side * side * RATIO)
-    node_max, node_idx = kernels.spatial_scores(x, part.a_pos, part.b_pos)
-    unm, start, src, a_row = kernels.spatial_select(node_max, node_idx, r, part.b_pos.numel())
-    y = kernels.spatial_merge_forward(x, part.a_pos, part.b_pos, unm, start, src, "mlerp")
+    node_max, node_idx = kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos))
+    unm, start, src, a_row = kernels.select.spatial_select(node_max, node_idx, r, part.b_pos.numel())
+    y = kernels.merge.merge_forward(x, None, unm, start, src, 0, "mlerp", positions=(part.a_pos, part.b_pos),
+                                    with_size=False)
     step = torch.tensor(421, device=DEVICE)
     fns = {
-        "partition": lambda: kernels.spatial_partition(step, side, side, 2, 2, 7, 2, True),
-        "scores": lambda: kernels.spatial_scores(x, part.a_pos, part.b_pos),
-        "select": lambda: kernels.spatial_select(node_max, node_idx, r, part.b_pos.numel()),
-        "merge_mlerp": lambda: kernels.spatial_merge_forward(x, part.a_pos, part.b_pos, unm, start, src, "mlerp"),
-        "unmerge_residual": lambda: kernels.spatial_unmerge(y, x, part.slot, a_row),
+        "partition": lambda: kernels.partition.spatial_partition(step, side, side, 2, 2, 7, 2, True),
+        "scores": lambda: kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos)),
+        "select": lambda: kernels.select.spatial_select(node_max, node_idx, r, part.b_pos.numel()),
+        "merge_mlerp": lambda: kernels.merge.merge_forward(x, None, unm, start, src, 0, "mlerp",
+                                                           positions=(part.a_pos, part.b_pos), with_size=False),
+        "unmerge_residual": lambda: kernels.unmerge.spatial_unmerge(y, x, part.slot, a_row),
         "tomesd_like_argsort": lambda: node_max.argsort(dim=-1, descending=True),  # one sort, for scale
     }
     return dict(check="timing", n=side * side, c=C, batch=BATCH,

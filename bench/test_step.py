@@ -1,9 +1,12 @@
-"""Microbenchmarks of one token-reduction step (match + merge), three ways.
+"""Microbenchmarks of one token-reduction step (match + merge), four ways.
 
-Implementations, side by side on the same inputs:
+Implementations, side by side on inputs of the same shapes:
 
-* ``triton``    the fused path, ``tofu_triton.token_fusion(..., backend="triton")``
-                (CUDA only: 3 launches forward, no score matrix in memory);
+* ``step``      the one-launch ViT step, ``tofu_triton.token_fusion_step(..., backend="triton")``
+                from the block's keys [B, H, N, 64] (a view of a qkv projection; H = C / 64),
+                averaged over heads inside the kernel (CUDA only; N <= 1025);
+* ``triton``    the three-launch path, ``tofu_triton.token_fusion(..., backend="triton")``
+                on a given metric (CUDA only: match, select, merge; no score matrix in memory);
 * ``reference`` ``tofu_triton.reference.token_fusion``: the op's definition;
 * ``tome``      ``tome_baseline.tome_step``: unfused PyTorch the way ToMe writes it.
 
@@ -39,7 +42,7 @@ from tofu_triton import reference
 from tofu_triton.testing import make_inputs
 from tofu_triton.testing import tome_step
 
-IMPLS = ("triton", "reference", "tome")
+IMPLS = ("step", "triton", "reference", "tome")
 # (N, C, r): C and r fixed per N so the GPU case count stays sane.
 SHAPES = ((197, 768, 16), (577, 1024, 48), (1025, 1280, 96), (4096, 320, 1024))
 BATCHES = (1, 8, 64, 256)
@@ -79,6 +82,8 @@ def cases(scope: str):
         for (n, c, r), batch, dtype, mode, backward in itertools.product(shapes, batches, dtypes, modes, passes):
             for impl in IMPLS:
                 case = StepCase(impl, n, c, r, batch, dtype, mode, backward)
+                if impl == "step" and n > 1025:
+                    continue  # the one-launch step is for ViT token counts
                 if case not in out:
                     out.append(case)
 
@@ -101,6 +106,9 @@ def pytest_generate_tests(metafunc):
 
 
 def _step_fn(case: StepCase):
+    if case.impl == "step":  # the metric argument is the keys here
+        return lambda x, k, s: tofu_triton.token_fusion_step(x, k, case.r, s, case.mode, PROTECTED, backend="triton",
+                                                             with_match=False)[:2]
     if case.impl == "triton":
         return lambda x, m, s: tofu_triton.token_fusion(x, m, case.r, s, case.mode, PROTECTED, backend="triton")
     if case.impl == "reference":
@@ -116,16 +124,19 @@ _LAUNCHES = {}
 
 
 def test_step(case, device, copy_bw, within_budget, record_case, benchmark):
-    if case.impl == "triton":
+    if case.impl in ("triton", "step"):
         if device != "cuda":
             pytest.skip("the fused Triton step needs CUDA (bench never uses the interpreter)")
-        from tofu_triton.kernels import tofu as kernels
+        from tofu_triton.kernels.common import interpreting
 
-        if kernels.interpreting():
+        if interpreting():
             pytest.skip("TRITON_INTERPRET=1 is set: interpreted kernels are not worth timing")
 
     dtype = DTYPES[case.dtype]
     x, metric, size = make_inputs(case.batch, case.n, case.c, D, dtype, device)
+    if case.impl == "step":  # the block's keys, laid out as a qkv projection leaves them
+        qkv = torch.randn(case.batch, case.n, 3 * case.c, device=device, dtype=dtype)
+        metric = qkv.view(case.batch, case.n, 3, case.c // D, D).permute(2, 0, 3, 1, 4)[1]
     step = _step_fn(case)
     if case.backward:
         x.requires_grad_(True)
@@ -149,7 +160,8 @@ def test_step(case, device, copy_bw, within_budget, record_case, benchmark):
     benchmark.pedantic(run_synced, rounds=rounds, warmup_rounds=2, iterations=1)
 
     info = dict(asdict(case), d=D, protected=PROTECTED, device=device, copy_gbps=copy_bw,
-                bytes=step_bytes(case.batch, case.n, case.c, D, case.r, dtype, case.mode, case.backward, PROTECTED))
+                bytes=step_bytes(case.batch, case.n, case.c, case.c if case.impl == "step" else D, case.r, dtype,
+                                 case.mode, case.backward, PROTECTED))
     if benchmark.disabled:
         info["timer"] = "none (--benchmark-disable: ran once)"
     elif device == "cuda":

@@ -22,10 +22,20 @@ def device() -> str:
     return DEVICE
 
 
+@pytest.fixture
+def poisoned(monkeypatch):
+    """Every kernel output filled with NaN (floats) or -1 (indices) before the kernel
+    runs, so an element a kernel forgets to write fails the test."""
+    from tofu_triton.kernels import common
+
+    monkeypatch.setattr(common, "POISON_OUTPUTS", True)
+
+
 def count_calls(monkeypatch, module, names) -> dict:
     """Wrap ``module.<name>`` for each name so calls are counted in the returned dict
     (by name; a name never called is absent). Used on kernel launchers, each of which
-    launches one kernel, so a test fails if an op quietly took another path."""
+    launches one kernel, so a test fails if an op quietly took another path.
+    ``module`` may be a list of modules, each holding some of the names."""
     counts = {}
 
     def counting(name, fn):
@@ -34,6 +44,51 @@ def count_calls(monkeypatch, module, names) -> dict:
             return fn(*args, **kwargs)
         return counted
 
+    modules = module if isinstance(module, (list, tuple)) else [module]
     for name in names:
-        monkeypatch.setattr(module, name, counting(name, getattr(module, name)))
+        owner = next(m for m in modules if hasattr(m, name))
+        monkeypatch.setattr(owner, name, counting(name, getattr(owner, name)))
     return counts
+
+
+def assert_match(km, rm, metric, n):
+    """A kernel's Match ``km`` equals the reference's ``rm`` on ``metric`` [B, N, D]: exactly,
+    or where they differ only by choices between scores within rounding of each other."""
+    from tofu_triton.testing import SCORE_TIE, check_match_against_scores, check_match_structure
+
+    check_match_structure(km, n, rm.r)
+    if all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(km[:5], rm[:5])):
+        return
+    check_match_against_scores(km._replace(**{f: getattr(km, f).cpu() for f in km._fields[:5]}),
+                               metric.cpu(), SCORE_TIE[metric.dtype])
+
+
+# --------------------------------------------------------------------------- the Stable Diffusion step
+
+
+def make_partition(h, w, sx, sy, rand, seed=0):
+    """reference.spatial_partition on the test device, with random destinations when ``rand``."""
+    choice = None
+    if rand:
+        g = torch.Generator().manual_seed(seed)
+        choice = torch.randint(0, sx * sy, (h // sy, w // sx), generator=g)
+    from tofu_triton import reference as ref
+
+    part = ref.spatial_partition(h, w, sx, sy, choice)
+    return ref.Partition(*(t.to(DEVICE) for t in part))
+
+
+def to_cpu(match):
+    """A Match / SpatialMatch / Partition with its tensors on the CPU."""
+    return type(match)(*(t.cpu() for t in match))
+
+
+def r_values(na):
+    """r to test for Na source candidates: one, half, all."""
+    return sorted({1, max(1, na // 2), na})
+
+
+def assert_same(got, want):
+    """Every field of two (Spatial)Match or Partition tuples bitwise equal."""
+    for name, a, b in zip(want._fields, got, want):
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} differs"

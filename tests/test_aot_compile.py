@@ -21,17 +21,19 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tofu_triton.kernels import tofu as K
+from tofu_triton.kernels import common, match, merge, partition, select, step, unmerge
 
 ARCHS = [80, 90]
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
 
 # Hidden sizes we ship for (ViT-Ti/S/B/L/H widths, SD latents' 320 shares 384's
-# block size, 1024 shares 768's), up to MERGE_MAX_C = 4096; and head dims.
+# block size, 1024 shares 768's), up to common.MAX_ROW_C = 4096; and head dims.
 WIDTHS = [192, 384, 768, 1280, 4096]
 # Stable Diffusion's transformer widths (320, 640, 1280) by the block sizes they use.
 SD_WIDTHS = [384, 768, 1280]
 HEAD_DIMS = [32, 64, 128, 256]
+# The step's head dims by the tiles they use: 64 (the metric in one tile), 128 (80 and 96 alike: a loop over D).
+STEP_HEAD_DIMS = [64, 128]
 
 
 def _signature(fn, pointers, constexprs):
@@ -41,59 +43,85 @@ def _signature(fn, pointers, constexprs):
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointers[name]
+        elif name == "inv_h":
+            sig[name] = "fp32"
         else:
             sig[name] = "i32"
     return sig
 
 
+def _step_configs():
+    out = []
+    settings = step.StepSettings()
+    for dt in PTR:
+        for d in STEP_HEAD_DIMS:
+            for mode in ("mean", "mlerp", "prune"):
+                for has_size, bias in ((True, True), (False, False)):
+                    if not has_size and (mode != "prune" or dt != "fp16"):
+                        continue  # only the first step of a model runs without sizes: one config for it
+                    ba, bb, bd = match.match_blocks(d, dot_fp32=dt == "fp32")
+                    const = dict(MODE=common.MODE_IDS[mode], HAS_SIZE=has_size, BIAS=bias,
+                                 BLOCK_N=settings.block_n, BLOCK_H=d, BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd,
+                                 DOT_FP32=dt == "fp32", SINGLE_D=d <= bd, BLOCK_SEL=select.SELECT_BLOCK,
+                                 BLOCK_R=settings.block_rows, BLOCK_M=settings.block_merged,
+                                 BLOCK_C=settings.block_c)
+                    ptrs = dict(x_ptr=PTR[dt], keys_ptr=PTR[dt], size_ptr="*fp32", out_ptr=PTR[dt],
+                                size_out_ptr="*fp32", bias_ptr=PTR[dt], index_ptr="*i64", metric_ptr=PTR[dt],
+                                node_max_ptr="*fp32", node_idx_ptr="*i64")
+                    tag = f"step {mode} {dt} D={d}" + ("" if has_size else " size=None no-bias")
+                    out.append((tag, step._step_kernel, ptrs, const, settings.num_warps))
+    return out
+
+
 def _configs():
     """(name, kernel, pointer types, constexprs, num_warps): what the launchers launch."""
-    out = []
+    out = _step_configs()
     positions = {"a_pos_ptr": "*i64", "b_pos_ptr": "*i64"}  # the spatial partition's arrays (POS=True)
     for dt in PTR:
         for d in HEAD_DIMS:
             for pos in (False, True):
-                ba, bb, bd = K._match_blocks(d, dot_fp32=dt == "fp32")
+                ba, bb, bd = match.match_blocks(d, dot_fp32=dt == "fp32")
                 const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd, POS=pos)
                 ptrs = dict(positions, metric_ptr=PTR[dt], node_max_ptr="*fp32", node_idx_ptr="*i64")
-                out.append((f"match {dt} D={d}" + (" spatial" if pos else ""), K._match_kernel, ptrs, const, 4))
+                out.append((f"match {dt} D={d}" + (" spatial" if pos else ""), match._match_kernel, ptrs, const,
+                            match.MATCH_WARPS))
     idx = {n: "*i64" for n in ["node_idx_ptr", "unm_idx_ptr", "src_idx_ptr", "dst_idx_ptr", "dst_start_ptr",
                                "dst_src_ptr"]}
-    out.append(("select", K._select_kernel, dict(idx, node_max_ptr="*fp32"),
-                dict(BLOCK=K.SELECT_BLOCK), 4))
+    out.append(("select", select._select_kernel, dict(idx, node_max_ptr="*fp32"),
+                dict(BLOCK=select.SELECT_BLOCK), select.SELECT_WARPS))
     for rand in (False, True):
         ptrs = {"step_ptr": "*i64", "a_pos_ptr": "*i64", "b_pos_ptr": "*i64", "slot_ptr": "*i64"}
-        out.append((f"spatial_partition RAND={rand}", K._partition_kernel, ptrs,
-                    dict(RAND=rand, BLOCK=K.SPATIAL_PARTITION_BLOCK), K.SPATIAL_PARTITION_WARPS))
+        out.append((f"spatial_partition RAND={rand}", partition._partition_kernel, ptrs,
+                    dict(RAND=rand, BLOCK=partition.PARTITION_BLOCK), partition.PARTITION_WARPS))
+    spatial = select.SpatialSelectSettings()
     for bits in (8, 16, 24):
         ptrs = dict(idx, node_max_ptr="*fp32", a_row_ptr="*i64")
-        const = dict(IDX_BITS=bits, BLOCK=K.SPATIAL_BLOCK, BLOCK_ROUTE=K.SPATIAL_ROUTE_BLOCK,
-                     DST_BLOCK=K.SPATIAL_DST_BLOCK)
-        out.append((f"spatial_select IDX_BITS={bits}", K._spatial_select_kernel, ptrs, const,
-                    K.SPATIAL_SELECT_WARPS))
+        const = dict(IDX_BITS=bits, BLOCK=spatial.block, BLOCK_ROUTE=spatial.route_block, DST_BLOCK=spatial.dst_block)
+        out.append((f"spatial_select IDX_BITS={bits}", select._spatial_select_kernel, ptrs, const,
+                    spatial.num_warps))
     for dt in PTR:
-        for mode, mode_id in K.SPATIAL_MODE_IDS.items():
+        for mode, mode_id in common.MODE_IDS.items():
             for c in WIDTHS:
                 for has_size, pos in ((True, False), (False, False), (False, True)):
                     if (pos and c not in SD_WIDTHS) or (mode == "sum" and not pos):
                         continue
-                    bc = K._block_c(c)
+                    bc = common.row_block(c)
                     const = dict(MODE=mode_id, HAS_SIZE=has_size, BLOCK_C=bc, POS=pos)
-                    common = dict(positions, size_ptr="*fp32", unm_idx_ptr="*i64", dst_start_ptr="*i64",
+                    shared = dict(positions, size_ptr="*fp32", unm_idx_ptr="*i64", dst_start_ptr="*i64",
                                   dst_src_ptr="*i64")
-                    fwd = dict(common, x_ptr=PTR[dt], out_ptr=PTR[dt], size_out_ptr="*fp32")
-                    bwd = dict(common, x_ptr=PTR[dt], grad_out_ptr=PTR[dt], grad_x_ptr=PTR[dt])
-                    warps = K._merge_num_warps(bc)
+                    fwd = dict(shared, x_ptr=PTR[dt], out_ptr=PTR[dt], size_out_ptr="*fp32")
+                    bwd = dict(shared, x_ptr=PTR[dt], grad_out_ptr=PTR[dt], grad_x_ptr=PTR[dt])
+                    warps = merge.merge_num_warps(bc)
                     tag = f"{mode} {dt} C={c}" + ("" if has_size else " size=None") + (" spatial" if pos else "")
-                    out.append((f"merge {tag}", K._merge_kernel, fwd, const, warps))
-                    out.append((f"merge_backward {tag}", K._merge_backward_kernel, bwd, const, warps))
+                    out.append((f"merge {tag}", merge._merge_kernel, fwd, dict(const, WRITE_SIZE=not pos), warps))
+                    out.append((f"merge_backward {tag}", merge._merge_backward_kernel, bwd, const, warps))
         for c in SD_WIDTHS:
             for has_res in (False, True):
-                bc = K._block_c(c)
+                bc = common.row_block(c)
                 ptrs = {"y_ptr": PTR[dt], "res_ptr": PTR[dt], "out_ptr": PTR[dt], "slot_ptr": "*i64",
                         "a_row_ptr": "*i64"}
-                out.append((f"unmerge {dt} C={c}" + (" +residual" if has_res else ""), K._unmerge_kernel, ptrs,
-                            dict(HAS_RES=has_res, BLOCK_C=bc), K._unmerge_num_warps(bc)))
+                out.append((f"unmerge {dt} C={c}" + (" +residual" if has_res else ""), unmerge._unmerge_kernel, ptrs,
+                            dict(HAS_RES=has_res, BLOCK_C=bc), unmerge.unmerge_num_warps(bc)))
     return out
 
 

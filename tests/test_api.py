@@ -63,9 +63,10 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(inputs, monkeypatch)
 
 def test_auto_dispatch_follows_the_device(inputs, monkeypatch):
     calls = []
-    from tofu_triton.kernels import tofu as kernels
+    from tofu_triton.kernels import match as match_kernels
 
-    monkeypatch.setattr(kernels, "match", lambda *a: calls.append("match") or (_ for _ in ()).throw(KeyError))
+    monkeypatch.setattr(match_kernels, "match_scores",
+                        lambda *a, **k: calls.append("match") or (_ for _ in ()).throw(KeyError))
     x, metric, _ = inputs
     tt.token_fusion(x, metric, 3)  # CPU + auto: the reference, no kernel
     tt.token_fusion(x.to(DEVICE), metric.to(DEVICE), 3, backend="reference")

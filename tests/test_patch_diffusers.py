@@ -177,9 +177,9 @@ def test_ratio_can_change_between_calls_and_pipelines_work():
                                                                        merge_mlp=True, ratio=0.7, sx=3)])
 def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch):
     # The whole patched UNet on the Triton kernels (the interpreter here) against the reference backend.
-    from tofu_triton.kernels import tofu as kernels
+    from tofu_triton.kernels import partition, unmerge
 
-    calls = count_calls(monkeypatch, kernels, ["spatial_partition", "spatial_unmerge"])
+    calls = count_calls(monkeypatch, [partition, unmerge], ["spatial_partition", "spatial_unmerge"])
     model, args = unet("sd15"), inputs("sd15", side=8)
     settings = dict(dict(ratio=0.5, seed=3), **kwargs)
     want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)

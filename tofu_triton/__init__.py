@@ -6,20 +6,22 @@ tensors to the reference; ``tofu_triton.patch`` patches whole models: timm
 ``VisionTransformer`` and Hugging Face ``BertModel``, ``ViTModel``,
 ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``, SigLIP,
 EVA-02, and diffusers' Stable Diffusion UNets (imported on first use, since it
-imports timm). The Stable Diffusion step's ops: ``spatial_partition``,
+imports timm). ``token_fusion_step`` is a ViT block's whole step from its
+attention keys (one launch on the GPU). The Stable Diffusion step's ops: ``spatial_partition``,
 ``spatial_match``, ``spatial_merge``, ``spatial_unmerge``.
 """
 import importlib
 
 from .ops import (
     BACKENDS, bipartite_match, merge_tokens, spatial_match, spatial_merge, spatial_partition, spatial_unmerge,
-    token_fusion,
+    token_fusion, token_fusion_step,
 )
-from .reference import MODES, Match, Partition, SpatialMatch
+from .reference import MODES, Match, Partition, SpatialMatch, Step
 
 __version__ = "0.1.0"
-__all__ = ["BACKENDS", "MODES", "Match", "Partition", "SpatialMatch", "bipartite_match", "merge_tokens", "patch",
-           "spatial_match", "spatial_merge", "spatial_partition", "spatial_unmerge", "token_fusion", "__version__"]
+__all__ = ["BACKENDS", "MODES", "Match", "Partition", "SpatialMatch", "Step", "bipartite_match", "merge_tokens",
+           "patch", "spatial_match", "spatial_merge", "spatial_partition", "spatial_unmerge", "token_fusion",
+           "token_fusion_step", "__version__"]
 
 
 def __getattr__(name):

@@ -1,18 +1,32 @@
 """Public ops: input checks, backend dispatch, ``torch.library`` custom ops, autograd.
 
+Ops (each defined in ``reference.py``; its kernels in one file per op under
+``kernels/``): ``bipartite_match``, ``merge_tokens``, ``token_fusion`` (match
++ merge on a given metric), ``token_fusion_step`` (a ViT block's whole step
+from its attention keys: one launch), and for the Stable Diffusion step
+``spatial_partition``, ``spatial_match``, ``spatial_merge``, ``spatial_unmerge``.
+
 Dispatch: ``backend="auto"`` sends CUDA tensors to the Triton kernels and CPU
 tensors to ``reference.py``; ``"triton"`` forces the kernels (on CPU only under
 ``TRITON_INTERPRET=1``); ``"reference"`` forces the reference.
 
-The Triton path runs inside custom ops (``tofu_triton::match``,
-``tofu_triton::merge``, ``tofu_triton::merge_backward``, and for the Stable
-Diffusion step ``spatial_match``, ``spatial_merge``, ``spatial_merge_backward``,
-``spatial_unmerge``), so
-``torch.compile(fullgraph=True)`` and CUDA graphs see one opaque node per op
-whose output shapes depend only on ``N``, ``r`` and ``protected``. They are
-built on ``torch.library.custom_op`` rather than ``triton_op``: ``triton_op``
-does not trace under the CPU interpreter (docs/design.md §3). The reference is
-plain torch code and needs no op around it.
+The Triton path has three ways in, one per caller (docs/design.md §3.3):
+
+* ``torch.library.custom_op`` ops (``tofu_triton::match``, ``merge``,
+  ``merge_backward``, ``step``, ``spatial_partition``, ``spatial_match``,
+  ``spatial_merge``, ``spatial_merge_backward``, ``spatial_unmerge``) with
+  fake implementations and registered autograd, so ``torch.compile(fullgraph=True)``
+  and CUDA graphs see one opaque node per op whose output shapes depend only
+  on ``N``, ``r`` and ``protected``; used while compiling and whenever a
+  gradient is needed. ``custom_op`` rather than ``triton_op``: ``triton_op``
+  does not trace under the CPU interpreter.
+* The launchers themselves, called directly in eager inference (no
+  gradient, not compiling): the custom op's dispatch costs host time that
+  a batch-1 server pays on every block, and buys nothing there.
+* ``triton_op`` twins, used only while ``torch.export`` traces CUDA tensors,
+  so AOTInductor packages the kernels.
+
+The reference is plain torch code and needs no op around it.
 """
 from typing import List, Optional, Tuple
 
@@ -20,19 +34,24 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .reference import MODES, Match, Partition, SpatialMatch, effective_r, split_sizes
+from .reference import MODES, Match, Partition, SpatialMatch, Step, effective_r, log_size_bias, split_sizes
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 REFERENCE_DTYPES = TRITON_DTYPES + (torch.float64,)
 
 
-def _kernels():
-    # Imported lazily: importing triton kernels is only needed on that path,
-    # and TRITON_INTERPRET must be read when they are first imported.
-    from .kernels import tofu
+_KERNELS = []
 
-    return tofu
+
+def _kernels():
+    """The kernel package (its op modules: ``_kernels().step`` ...), imported on first use:
+    only the Triton path needs it, and TRITON_INTERPRET must be set before it is imported."""
+    if not _KERNELS:  # an import statement costs microseconds even when done: once is enough
+        from . import kernels
+
+        _KERNELS.append(kernels)
+    return _KERNELS[0]
 
 
 def _use_triton(t: Tensor, backend: str) -> bool:
@@ -43,7 +62,7 @@ def _use_triton(t: Tensor, backend: str) -> bool:
     if t.device.type == "cuda":
         return True
     if backend == "triton":
-        if t.device.type == "cpu" and _kernels().interpreting():
+        if t.device.type == "cpu" and _kernels().common.interpreting():
             return True
         raise RuntimeError(
             f"backend='triton' needs CUDA tensors (got {t.device.type}); on the CPU "
@@ -51,6 +70,15 @@ def _use_triton(t: Tensor, backend: str) -> bool:
             "in Triton's interpreter, or use backend='reference'"
         )
     return False  # auto on a non-CUDA device
+
+
+_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
+
+
+def _launch_directly(x: Tensor) -> bool:
+    """Eager inference: call the launcher itself instead of the custom op
+    (no autograd needed, nobody tracing)."""
+    return not (x.requires_grad and torch.is_grad_enabled()) and not torch.compiler.is_compiling()
 
 
 def _check_float(name: str, t: Tensor, use_triton: bool) -> None:
@@ -89,6 +117,29 @@ def _check_size(size: Optional[Tensor], x: Tensor) -> None:
         raise TypeError(f"size must be float32, got {size.dtype}")
 
 
+# --------------------------------------------------------------------------- launches
+# What each Triton op launches, given the kernels' ``wrap`` (see ops' docstring).
+
+
+def _match_launch(metric: Tensor, r: int, protected: int, wrap=None) -> List[Tensor]:
+    k = _kernels()
+    wrap = wrap or k.common.plain
+    node_max, node_idx = k.match.match_scores(metric, protected, wrap=wrap)
+    return list(k.select.select(node_max, node_idx, r, split_sizes(metric.shape[1], protected)[1], wrap=wrap))
+
+
+def _merge_launch(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor,
+                  protected: int, mode: str, wrap=None) -> Tuple[Tensor, Tensor]:
+    k = _kernels()
+    return k.merge.merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode, wrap=wrap or k.common.plain)
+
+
+def _step_launch(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
+                 bias_dtype: Optional[torch.dtype], wrap=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    k = _kernels()
+    return k.step.token_fusion_step(x, keys, size, r, protected, mode, bias_dtype, wrap=wrap or k.common.plain)
+
+
 # --------------------------------------------------------------------------- custom ops
 # Only the Triton path goes through these ops. The reference backend calls
 # reference.py directly: it is plain torch code, so autograd and
@@ -97,7 +148,7 @@ def _check_size(size: Optional[Tensor], x: Tensor) -> None:
 
 @torch.library.custom_op("tofu_triton::match", mutates_args=())
 def _match_op(metric: Tensor, r: int, protected: int) -> List[Tensor]:
-    return list(_kernels().match(metric, r, protected))
+    return _match_launch(metric, r, protected)
 
 
 @_match_op.register_fake
@@ -113,7 +164,7 @@ def _merge_op(
     x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor,
     protected: int, mode: str,
 ) -> Tuple[Tensor, Tensor]:
-    return _kernels().merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode)
+    return _merge_launch(x, size, unm_idx, dst_start, dst_src, protected, mode)
 
 
 @_merge_op.register_fake
@@ -128,7 +179,7 @@ def _merge_backward_op(
     grad_out: Tensor, x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor,
     dst_src: Tensor, protected: int, mode: str,
 ) -> Tensor:
-    return _kernels().merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected, mode)
+    return _kernels().merge.merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected, mode)
 
 
 @_merge_backward_op.register_fake
@@ -154,6 +205,48 @@ def _merge_backward(ctx, grad_out, grad_size_out):
 _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 
+@torch.library.custom_op("tofu_triton::step", mutates_args=())
+def _step_op(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
+             bias_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _step_launch(x, keys, size, r, protected, mode, bias_dtype)
+
+
+@_step_op.register_fake
+def _(x, keys, size, r, protected, mode, bias_dtype):
+    step = _kernels().step
+    batch, n, c = x.shape
+    n_out = n - r
+    bias = x.new_empty(batch, step.bias_row(n_out) if bias_dtype is not None else 0, dtype=bias_dtype or x.dtype)
+    index = x.new_empty(batch * sum(step.index_fields(n, protected, r)), dtype=torch.int64)
+    return x.new_empty(batch, n_out, c), x.new_empty(batch, n_out, 1, dtype=torch.float32), bias, index
+
+
+def _step_setup_context(ctx, inputs, output):
+    x, keys, size, r, protected, mode, bias_dtype = inputs
+    ctx.save_for_backward(x, size, output[3])
+    ctx.r, ctx.protected, ctx.mode = r, protected, mode
+    ctx.mark_non_differentiable(*output[1:])
+
+
+def _step_backward(ctx, grad_out, *_):
+    # The keys only choose the match (no gradient); x's gradient is the merge's.
+    x, size, index = ctx.saved_tensors
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        unm_idx, _, _, dst_start, dst_src = _split_index(index, x.shape[0], x.shape[1], ctx.protected, ctx.r)
+        grad_x = _merge_backward_op(grad_out, x, size, unm_idx, dst_start, dst_src, ctx.protected, ctx.mode)
+    return grad_x, None, None, None, None, None, None
+
+
+_step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
+
+
+def _split_index(index: Tensor, batch: int, n: int, protected: int, r: int) -> List[Tensor]:
+    """The five match tensors ([B, k] int64, contiguous views) of the step's flat index buffer."""
+    fields = _kernels().step.index_fields(n, protected, r)
+    return [t.view(batch, k) for t, k in zip(index.split([batch * k for k in fields]), fields)]
+
+
 # --------------------------------------------------------------------------- Stable Diffusion step ops
 # The same pattern for the spatial partition (docs/design.md §5): the
 # partition travels as position arrays, shapes depend only on N, Na, Nb, r.
@@ -162,7 +255,7 @@ _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 @torch.library.custom_op("tofu_triton::spatial_partition", mutates_args=())
 def _spatial_partition_op(step: Tensor, h: int, w: int, sx: int, sy: int, seed: int, block: int,
                           rand: bool) -> List[Tensor]:
-    return list(_kernels().spatial_partition(step, h, w, sx, sy, seed, block, rand))
+    return list(_kernels().partition.spatial_partition(step, h, w, sx, sy, seed, block, rand))
 
 
 @_spatial_partition_op.register_fake
@@ -173,7 +266,9 @@ def _(step, h, w, sx, sy, seed, block, rand):
 
 @torch.library.custom_op("tofu_triton::spatial_match", mutates_args=())
 def _spatial_match_op(metric: Tensor, a_pos: Tensor, b_pos: Tensor, r: int) -> List[Tensor]:
-    return list(_kernels().spatial_match(metric, a_pos, b_pos, r))
+    k = _kernels()
+    node_max, node_idx = k.match.match_scores(metric, positions=(a_pos, b_pos))
+    return list(k.select.spatial_select(node_max, node_idx, r, b_pos.numel()))
 
 
 @_spatial_match_op.register_fake
@@ -186,7 +281,8 @@ def _(metric, a_pos, b_pos, r):
 @torch.library.custom_op("tofu_triton::spatial_merge", mutates_args=())
 def _spatial_merge_op(x: Tensor, a_pos: Tensor, b_pos: Tensor, unm_idx: Tensor, dst_start: Tensor,
                       dst_src: Tensor, mode: str) -> Tensor:
-    return _kernels().spatial_merge_forward(x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode)
+    return _kernels().merge.merge_forward(x, None, unm_idx, dst_start, dst_src, 0, mode, positions=(a_pos, b_pos),
+                                          with_size=False)[0]
 
 
 @_spatial_merge_op.register_fake
@@ -197,7 +293,8 @@ def _(x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode):
 @torch.library.custom_op("tofu_triton::spatial_merge_backward", mutates_args=())
 def _spatial_merge_backward_op(grad_out: Tensor, x: Tensor, a_pos: Tensor, b_pos: Tensor, unm_idx: Tensor,
                                dst_start: Tensor, dst_src: Tensor, mode: str) -> Tensor:
-    return _kernels().spatial_merge_backward(grad_out, x, a_pos, b_pos, unm_idx, dst_start, dst_src, mode)
+    return _kernels().merge.merge_backward(grad_out, x, None, unm_idx, dst_start, dst_src, 0, mode,
+                                           positions=(a_pos, b_pos))
 
 
 @_spatial_merge_backward_op.register_fake
@@ -221,10 +318,14 @@ def _spatial_merge_backward(ctx, grad_out):
 _spatial_merge_op.register_autograd(_spatial_merge_backward, setup_context=_spatial_merge_setup_context)
 
 
+# The unmerge's kernel reads y, the residual, slot and a_row; the op also
+# takes the partition's positions and the match's CSR lists because its
+# gradient is the merge in mode "sum", which needs them, and register_autograd
+# can save only what the op was given.
 @torch.library.custom_op("tofu_triton::spatial_unmerge", mutates_args=())
 def _spatial_unmerge_op(y: Tensor, residual: Optional[Tensor], a_pos: Tensor, b_pos: Tensor, slot: Tensor,
                         unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor, a_row: Tensor) -> Tensor:
-    return _kernels().spatial_unmerge(y, residual, slot, a_row)
+    return _kernels().unmerge.spatial_unmerge(y, residual, slot, a_row)
 
 
 @_spatial_unmerge_op.register_fake
@@ -260,12 +361,11 @@ _spatial_unmerge_op.register_autograd(_spatial_unmerge_backward, setup_context=_
 # interpreter, and eager/compile/CUDA-graph runs are verified on the custom
 # ops). Forward only: an exported model is for inference.
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-_EXPORT_OPS = []
+_EXPORT_OPS = {}
 
 
-def _export_ops():
-    """(match, merge) as triton_ops, registered on first use."""
+def _export_ops() -> dict:
+    """{"match", "merge", "step"}: the triton_op twins, registered on first use."""
     if not _EXPORT_OPS:
         if not hasattr(torch.library, "triton_op"):
             raise RuntimeError(f"exporting the Triton path needs torch.library.triton_op (torch >= 2.6); this is "
@@ -274,23 +374,34 @@ def _export_ops():
 
         @triton_op("tofu_triton::match_export", mutates_args=())
         def match_export(metric: Tensor, r: int, protected: int) -> List[Tensor]:
-            return list(_kernels().match(metric, r, protected, wrap=wrap_triton))
+            return _match_launch(metric, r, protected, wrap=wrap_triton)
 
         @triton_op("tofu_triton::merge_export", mutates_args=())
         def merge_export(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start: Tensor, dst_src: Tensor,
                          protected: int, mode: str) -> Tuple[Tensor, Tensor]:
-            return _kernels().merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode, wrap=wrap_triton)
+            return _merge_launch(x, size, unm_idx, dst_start, dst_src, protected, mode, wrap=wrap_triton)
 
-        _EXPORT_OPS.extend([match_export, merge_export])
+        @triton_op("tofu_triton::step_export", mutates_args=())
+        def step_export(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
+                        bias_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            return _step_launch(x, keys, size, r, protected, mode, bias_dtype, wrap=wrap_triton)
+
+        _EXPORT_OPS.update(match=match_export, merge=merge_export, step=step_export)
     return _EXPORT_OPS
 
 
-def _match_impl(t: Tensor):
-    return _export_ops()[0] if t.is_cuda and _is_exporting() else _match_op
+def _triton_path(name: str, x: Tensor):
+    """The callable that runs op ``name`` on the Triton path for this caller (see
+    the module docstring): the export twin, the custom op, or the launcher itself."""
+    if x.is_cuda and _is_exporting():
+        return _export_ops()[name]
+    if _launch_directly(x):
+        return _LAUNCHES[name]
+    return _CUSTOM_OPS[name]
 
 
-def _merge_impl(t: Tensor):
-    return _export_ops()[1] if t.is_cuda and _is_exporting() else _merge_op
+_LAUNCHES = {"match": _match_launch, "merge": _merge_launch, "step": _step_launch}
+_CUSTOM_OPS = {"match": _match_op, "merge": _merge_op, "step": _step_op}
 
 
 # --------------------------------------------------------------------------- public API
@@ -316,7 +427,7 @@ def bipartite_match(metric: Tensor, r: int, protected: int = 1, backend: str = "
     metric = metric.detach()
     if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.bipartite_match(metric, r, protected)
-    return Match(*_match_impl(metric)(metric, r, protected), protected)
+    return Match(*_triton_path("match", metric)(metric, r, protected), protected)
 
 
 def merge_tokens(
@@ -349,7 +460,8 @@ def merge_tokens(
         )
     if match.r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.merge_tokens(x, match, size, mode)
-    return _merge_impl(x)(x, size, match.unm_idx, match.dst_start, match.dst_src, match.protected, mode)
+    return _triton_path("merge", x)(x, size, match.unm_idx.contiguous(), match.dst_start.contiguous(),
+                                    match.dst_src.contiguous(), match.protected, mode)
 
 
 def token_fusion(
@@ -376,6 +488,75 @@ def token_fusion(
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     match = bipartite_match(metric, r, protected, backend)
     return merge_tokens(x, match, size, mode, backend)
+
+
+def token_fusion_step(
+    x: Tensor,
+    keys: Tensor,
+    r: int,
+    size: Optional[Tensor] = None,
+    mode: str = "mlerp",
+    protected: int = 1,
+    bias_dtype: Optional[torch.dtype] = None,
+    backend: str = "auto",
+    with_match: bool = True,
+) -> Step:
+    """A ViT block's whole step from its attention keys (docs/design.md §3.1).
+
+    x: [B, N, C] float; keys: [B, H, N, D] the block's attention keys (any
+    strides, e.g. a view into the qkv projection), averaged over heads as
+    :func:`tofu_triton.reference.head_mean` into the metric; size: [B, N, 1]
+    float32 or None (ones); bias_dtype: also return the next attention's
+    bias log(size) [B, 1, 1, N - r'] in this dtype (its rows 16-element
+    aligned on the Triton path, which SDPA takes without a copy).
+    Returns a :class:`tofu_triton.reference.Step` (x, size, bias, match) with
+    r' = min(r, Nb) tokens removed; ``with_match=False`` may leave its match
+    None (the Triton path then skips building it: host time a model that
+    needs no match saves on every block).
+
+    On the Triton path this is one launch for ViT sizes (N <= 1025, head dim
+    <= 128), else match, select and merge (three); gradients reach x only.
+    """
+    _check_3d("x", x)
+    if not isinstance(keys, Tensor) or keys.dim() != 4:
+        raise ValueError(f"keys must be a [B, H, N, D] tensor; got {getattr(keys, 'shape', type(keys).__name__)}")
+    batch, n, c = x.shape
+    if keys.shape[0] != batch or keys.shape[2] != n:
+        raise ValueError(f"keys [B, H, N, D] = {tuple(keys.shape)} do not belong to x [B, N, C] = {tuple(x.shape)}")
+    if keys.device != x.device:
+        raise ValueError(f"keys are on {keys.device} but x is on {x.device}")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+    check_int("r", r)
+    check_int("protected", protected)
+    if protected > n:
+        raise ValueError(f"protected must be <= N = {n}, got {protected}")
+    if bias_dtype is not None and not (isinstance(bias_dtype, torch.dtype) and bias_dtype.is_floating_point):
+        raise TypeError(f"bias_dtype must be a floating torch.dtype or None, got {bias_dtype!r}")
+    use_triton = _use_triton(x, backend)
+    _check_float("x", x, use_triton)
+    _check_float("keys", keys, use_triton)
+    _check_size(size, x)
+    r = effective_r(n, r, protected)
+    if keys.requires_grad:
+        keys = keys.detach()
+    if r == 0 or not use_triton:  # an empty match needs no kernel
+        return reference.token_fusion_step(x, keys, r, size, mode, protected, bias_dtype)
+    if not _kernels().step.supports(n, c, keys.shape[3]):
+        match = bipartite_match(reference.head_mean(keys), r, protected, backend)
+        x, size = merge_tokens(x, match, size, mode, backend)
+        return Step(x, size, None if bias_dtype is None else log_size_bias(size, bias_dtype), match)
+    outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype)
+    return _as_step(*outputs, n, protected, r, bias_dtype is not None, with_match)
+
+
+def _as_step(x: Tensor, size: Tensor, bias: Tensor, index: Tensor, n: int, protected: int, r: int,
+             with_bias: bool, with_match: bool = True) -> Step:
+    """The step kernel's outputs as a Step: the bias [B, 1, 1, N - r] a view of its
+    aligned rows, the match (if asked for) five views of the flat index buffer."""
+    bias = bias[:, None, None, : n - r] if with_bias else None
+    match = Match(*_split_index(index, x.shape[0], n, protected, r), protected) if with_match else None
+    return Step(x, size, bias, match)
 
 
 # --------------------------------------------------------------------------- public API, Stable Diffusion step

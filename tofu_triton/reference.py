@@ -26,6 +26,7 @@ Choices made here (and followed by the kernels) where ToMe/ToFu leave it open:
 * ``x`` in float64 is accepted here (for ``gradcheck``); it accumulates in
   float64. Every other dtype accumulates in float32.
 """
+import functools
 from typing import NamedTuple, Optional, Tuple
 
 import torch
@@ -190,6 +191,44 @@ def token_fusion(
 ) -> Tuple[Tensor, Tensor]:
     """One whole step: match on ``metric``, then merge ``x`` (see merge_tokens)."""
     return merge_tokens(x, bipartite_match(metric, r, protected), size, mode)
+
+
+def head_mean(keys: Tensor) -> Tensor:
+    """The metric of a ViT step: keys [B, H, N, D] averaged over heads -> [B, N, D] in keys' dtype.
+
+    Defined to the bit, so the fused step computes exactly this: the heads
+    summed in fp32 in head order, times ``1/H`` (one fp32 multiply), rounded
+    once to the keys' dtype.
+    """
+    total = functools.reduce(torch.add, keys.float().unbind(1))
+    return (total * (1.0 / keys.shape[1])).to(keys.dtype)
+
+
+def log_size_bias(size: Tensor, dtype: torch.dtype) -> Tensor:
+    """Proportional attention's bias: size [B, N, 1] float32 -> log(size) [B, 1, 1, N] in ``dtype``,
+    added to every query's logit of each key (attending to a token of size s = attending to s copies)."""
+    return size.log()[:, None, None, :, 0].to(dtype)
+
+
+class Step(NamedTuple):
+    """Result of :func:`token_fusion_step`."""
+
+    x: Tensor  # [B, N - r, C]  the reduced tokens, in x's dtype
+    size: Tensor  # [B, N - r, 1] float32
+    bias: Optional[Tensor]  # [B, 1, 1, N - r] log(size) in the requested dtype, or None
+    match: Optional[Match]  # None only where the caller said it needs none (ops.token_fusion_step)
+
+
+def token_fusion_step(x: Tensor, keys: Tensor, r: int, size: Optional[Tensor] = None, mode: str = "mlerp",
+                      protected: int = 1, bias_dtype: Optional[torch.dtype] = None) -> Step:
+    """One step of a ViT block from its attention keys, what the one-launch
+    kernel computes: the metric is :func:`head_mean` of ``keys`` [B, H, N, D],
+    then :func:`bipartite_match` and :func:`merge_tokens` of ``x`` [B, N, C];
+    with ``bias_dtype``, also :func:`log_size_bias` of the new sizes for the
+    next block's attention. ``r`` is clamped to Nb."""
+    match = bipartite_match(head_mean(keys), r, protected)
+    x, size = merge_tokens(x, match, size, mode)
+    return Step(x, size, None if bias_dtype is None else log_size_bias(size, bias_dtype), match)
 
 
 # --------------------------------------------------------------------------- the Stable Diffusion step

@@ -1,0 +1,236 @@
+"""Merge: apply a match to the tokens (reference.merge_tokens / reference.spatial_merge,
+docs/design.md §1.5), and its gradient.
+
+``_merge_kernel``: one program per output row. It copies prefix, kept and
+untouched B rows bitwise, and combines each B row with its sources in a
+fixed order (``mean``, ``mlerp``, ``prune``; ``sum`` for the gradient of the
+spatial unmerge). Every input row is read once; a pruned source not at all.
+
+``_merge_backward_kernel``: one program per output row too, writing the
+gradient of every input row that fed it (each input row feeds exactly one
+output row), so the backward is a gather without atomics.
+
+The partition is the alternating one of a ViT (after ``P`` prefix tokens) or
+given as position arrays (``POS``: the Stable Diffusion step).
+"""
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, MODE_SUM, a_position, b_position, empty, load_size, on_device, plain,
+    row_block,
+)
+
+
+@triton.jit
+def _locate_output_row(unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos_ptr, pid, N, P, NA, NB, R,
+                       POS: tl.constexpr):
+    """For program ``pid`` (one output row of one batch): the batch, the output
+    row ``o``, the input row that feeds it, and the range of its sources in
+    this batch's ``dst_src`` (empty for prefix and unmerged rows).
+    Branch-free: masked scalar loads."""
+    n_out = N - R
+    batch = pid // n_out
+    o = pid % n_out
+    unm_idx_ptr += batch * (NA - R)
+    dst_start_ptr += batch * (NB + 1)
+    dst_src_ptr += batch * R
+    n_unm = NA - R
+    is_unm = (o >= P) & (o < P + n_unm)
+    is_b = o >= P + n_unm
+    j = o - P - n_unm
+    i = tl.load(unm_idx_ptr + (o - P), mask=is_unm, other=0)
+    k_start = tl.load(dst_start_ptr + j, mask=is_b, other=0)
+    k_end = tl.load(dst_start_ptr + j + 1, mask=is_b, other=0)
+    row_b = b_position(b_pos_ptr, j, is_b, P, POS)
+    row_a = a_position(a_pos_ptr, i, is_unm, P, POS)
+    row = tl.where(o < P, o, tl.where(is_b, row_b, row_a))
+    return batch, o, row, k_start, k_end, dst_src_ptr
+
+
+@triton.jit
+def _merge_kernel(
+    x_ptr, size_ptr, a_pos_ptr, b_pos_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, out_ptr, size_out_ptr,
+    stride_xb, stride_xn, stride_xc,
+    N, C, P, NA, NB, R,
+    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, WRITE_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, POS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
+        unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos_ptr, pid, N, P, NA, NB, R, POS)
+    x_ptr += batch * stride_xb
+    size_ptr += batch * N
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    v = tl.load(x_ptr + row * stride_xn + offs_c * stride_xc, mask=mask_c)
+    s = load_size(size_ptr, row, True, HAS_SIZE)
+    out_row = out_ptr + pid * C + offs_c
+    if (MODE == MODE_PRUNE) | (k_end == k_start):
+        # Prefix, unmerged and untouched B rows are copied bitwise; in prune
+        # mode the sources are dropped without being read.
+        tl.store(out_row, v, mask=mask_c)
+        if WRITE_SIZE:
+            tl.store(size_out_ptr + pid, s)
+    else:
+        b_row = v.to(tl.float32)
+        total = b_row * s
+        s_total = s
+        norm_max = tl.sqrt(tl.sum(b_row * b_row, axis=0))
+        for k in range(k_start, k_end):
+            src_row = a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
+            a = tl.load(x_ptr + src_row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
+            s_a = load_size(size_ptr, src_row, True, HAS_SIZE)
+            total += a * s_a
+            s_total += s_a
+            norm_max = tl.maximum(norm_max, tl.sqrt(tl.sum(a * a, axis=0)))
+        if MODE == MODE_SUM:
+            merged = total
+        else:
+            merged = total / s_total
+        if MODE == MODE_MLERP:
+            merged = merged / tl.maximum(tl.sqrt(tl.sum(merged * merged, axis=0)), EPS) * norm_max
+        tl.store(out_row, merged.to(out_ptr.dtype.element_ty), mask=mask_c)
+        if WRITE_SIZE:
+            tl.store(size_out_ptr + pid, s_total)
+
+
+@triton.jit
+def _merge_backward_kernel(
+    grad_out_ptr, x_ptr, size_ptr, a_pos_ptr, b_pos_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, grad_x_ptr,
+    stride_gb, stride_gn, stride_gc, stride_xb, stride_xn, stride_xc,
+    N, C, P, NA, NB, R,
+    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, POS: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
+        unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos_ptr, pid, N, P, NA, NB, R, POS)
+    x_ptr += batch * stride_xb
+    size_ptr += batch * N
+    grad_x_ptr += batch * N * C
+    offs_c = tl.arange(0, BLOCK_C)
+    mask_c = offs_c < C
+    dtype = grad_x_ptr.dtype.element_ty
+    g = tl.load(grad_out_ptr + batch * stride_gb + o * stride_gn + offs_c * stride_gc, mask=mask_c)
+    if (MODE == MODE_PRUNE) | (k_end == k_start):
+        tl.store(grad_x_ptr + row * C + offs_c, g.to(dtype), mask=mask_c)
+        for k in range(k_start, k_end):  # prune: sources get zero
+            src_row = a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
+            tl.store(grad_x_ptr + src_row * C + offs_c, tl.zeros([BLOCK_C], dtype), mask=mask_c)
+    else:
+        gf = g.to(tl.float32)
+        s = load_size(size_ptr, row, True, HAS_SIZE)
+        s_total = s
+        if MODE == MODE_MLERP:
+            # Recompute the forward: the weighted sum, and which contributor
+            # has the largest norm (the first one on a tie).
+            v = tl.load(x_ptr + row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
+            total = v * s
+            norm_max = tl.sqrt(tl.sum(v * v, axis=0))
+            arg_row = row
+            for k in range(k_start, k_end):
+                src_row = a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
+                a = tl.load(x_ptr + src_row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
+                s_a = load_size(size_ptr, src_row, True, HAS_SIZE)
+                total += a * s_a
+                s_total += s_a
+                norm_a = tl.sqrt(tl.sum(a * a, axis=0))
+                arg_row = tl.where(norm_a > norm_max, src_row, arg_row)
+                norm_max = tl.maximum(norm_max, norm_a)
+            merged = total / s_total
+            norm_m = tl.sqrt(tl.sum(merged * merged, axis=0))
+            # out = merged / max(|merged|, eps) * norm_max
+            d_norm_max = tl.sum(gf * merged, axis=0) / tl.maximum(norm_m, EPS)
+            # d|v|/dv = v/|v| for the largest contributor (0 at |v| = 0, as torch).
+            arg_scale = tl.where(norm_max > 0, d_norm_max / norm_max, 0.0)
+            if norm_m > EPS:
+                u = merged / norm_m
+                gf = (gf - u * tl.sum(u * gf, axis=0)) * (norm_max / norm_m)
+            else:
+                gf = gf * (norm_max / EPS)
+        else:
+            for k in range(k_start, k_end):
+                s_total += load_size(
+                    size_ptr, a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS), True, HAS_SIZE)
+        # gf is now the gradient of the weighted mean (of the sum, MODE 3);
+        # every contributor gets its share, and in mlerp the largest one also
+        # gets the norm's.
+        if MODE != MODE_SUM:
+            gf = gf / s_total
+        grad = gf * s
+        if MODE == MODE_MLERP:
+            if arg_row == row:
+                grad += arg_scale * v
+        tl.store(grad_x_ptr + row * C + offs_c, grad.to(dtype), mask=mask_c)
+        for k in range(k_start, k_end):
+            src_row = a_position(a_pos_ptr, tl.load(dst_src_ptr + k), k < k_end, P, POS)
+            s_a = load_size(size_ptr, src_row, True, HAS_SIZE)
+            grad = gf * s_a
+            if MODE == MODE_MLERP:
+                if arg_row == src_row:
+                    a = tl.load(x_ptr + src_row * stride_xn + offs_c * stride_xc, mask=mask_c).to(tl.float32)
+                    grad += arg_scale * a
+            tl.store(grad_x_ptr + src_row * C + offs_c, grad.to(dtype), mask=mask_c)
+
+
+def merge_num_warps(block_c: int) -> int:
+    # About 8 fp32 values per thread per row-sized tensor keeps mlerp's
+    # backward (five such tensors live) free of spills.
+    return max(1, min(16, block_c // 256))
+
+
+def _sets(n, r, unm_idx, dst_start, positions):
+    """(Na, Nb, a_pos, b_pos) of a launch: a_pos/b_pos are placeholders when
+    the partition is the alternating one (POS=False never reads them)."""
+    na, nb = unm_idx.shape[1] + r, dst_start.shape[1] - 1
+    a_pos, b_pos = positions if positions is not None else (unm_idx, unm_idx)
+    return na, nb, a_pos, b_pos
+
+
+def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: str, positions=None,
+                  with_size: bool = True, wrap=plain):
+    """Launch the merge.
+
+    x: [B, N, C] any strides; size: [B, N, 1] fp32 or None (all ones);
+    unm_idx [B, Na-r], dst_start [B, Nb+1], dst_src [B, r] int64; the
+    partition alternates after ``protected`` tokens, or ``positions = (a_pos,
+    b_pos)``. ``mode``: mean, mlerp, prune or sum. Returns (x_out [B, N - r, C]
+    in x's dtype, contiguous; size_out [B, N - r, 1] fp32, or None without
+    ``with_size``).
+    """
+    batch, n, c = x.shape
+    r = dst_src.shape[1]
+    na, nb, a_pos, b_pos = _sets(n, r, unm_idx, dst_start, positions)
+    out = empty(batch, n - r, c, dtype=x.dtype, device=x.device)
+    size_out = empty(batch, n - r, 1, dtype=torch.float32, device=x.device) if with_size else None
+    size_arg = size.contiguous() if size is not None else out  # unused when HAS_SIZE=False
+    block_c = row_block(c)
+    with on_device(x):
+        wrap(_merge_kernel)[(batch * (n - r),)](
+            x, size_arg, a_pos, b_pos, unm_idx, dst_start, dst_src, out, size_out if with_size else out,
+            x.stride(0), x.stride(1), x.stride(2),
+            n, c, protected, na, nb, r,
+            MODE=MODE_IDS[mode], HAS_SIZE=size is not None, WRITE_SIZE=with_size, BLOCK_C=block_c,
+            POS=positions is not None, num_warps=merge_num_warps(block_c),
+        )
+    return out, size_out
+
+
+def merge_backward(grad_out, x, size, unm_idx, dst_start, dst_src, protected: int, mode: str, positions=None):
+    """Gradient of :func:`merge_forward` w.r.t. x: [B, N, C] in x's dtype."""
+    batch, n, c = x.shape
+    r = dst_src.shape[1]
+    na, nb, a_pos, b_pos = _sets(n, r, unm_idx, dst_start, positions)
+    grad_x = empty(batch, n, c, dtype=x.dtype, device=x.device)
+    size_arg = size.contiguous() if size is not None else grad_x
+    block_c = row_block(c)
+    with on_device(x):
+        _merge_backward_kernel[(batch * (n - r),)](
+            grad_out, x, size_arg, a_pos, b_pos, unm_idx, dst_start, dst_src, grad_x,
+            grad_out.stride(0), grad_out.stride(1), grad_out.stride(2),
+            x.stride(0), x.stride(1), x.stride(2),
+            n, c, protected, na, nb, r,
+            MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BLOCK_C=block_c, POS=positions is not None,
+            num_warps=merge_num_warps(block_c),
+        )
+    return grad_x

@@ -1,0 +1,206 @@
+"""Select: which A tokens become sources, and the sources grouped by destination
+(reference.select / reference.spatial_match, docs/design.md §1.3, §3, §5.1).
+
+Two kernels, no atomics, deterministic:
+
+* ``_select_kernel`` (ViT): one program per image ranks by counting
+  (``common.rank_select``), O(Na^2) compares: nothing at ViT sizes (Na <= 513).
+* ``_spatial_select_kernel`` (Stable Diffusion, Na up to ~50k per image): one
+  program per ``dst_block`` destinations, each also owning an equal slice of
+  A, with no communication between programs: every program finds the same
+  top-r threshold on its own by a radix select (O(Na) per pass), then builds
+  its destinations' CSR lists and its slice of A.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import cdiv, empty, on_device, order_key, plain, rank_select
+
+SELECT_BLOCK = 64  # lanes of the ViT select's counting tiles
+SELECT_WARPS = 4
+
+
+class SpatialSelectSettings(NamedTuple):
+    """Tile sizes of the spatial select (the defaults are what ships and what the
+    ahead-of-time compile checks; tests pass small ones to exercise many programs)."""
+
+    dst_block: int = 64  # destinations per program: 16 programs per image at N = 4096 (2x2 cells), 256 at 65536
+    block: int = 2048  # A tokens per tile of the threshold and A-slice passes
+    route_block: int = 64  # A tokens per tile of the routing passes (a route_block x dst_block one-hot)
+    num_warps: int = 8
+
+
+SPATIAL_SELECT = SpatialSelectSettings()
+
+
+@triton.jit
+def _select_kernel(
+    node_max_ptr, node_idx_ptr,
+    unm_idx_ptr, src_idx_ptr, dst_idx_ptr, dst_start_ptr, dst_src_ptr,
+    NA, NB, R,
+    BLOCK: tl.constexpr,
+):
+    batch = tl.program_id(0).to(tl.int64)
+    rank_select(node_max_ptr + batch * NA, node_idx_ptr + batch * NA, unm_idx_ptr + batch * (NA - R),
+                src_idx_ptr + batch * R, dst_idx_ptr + batch * R, dst_start_ptr + batch * (NB + 1),
+                dst_src_ptr + batch * R, NA, NB, R, BLOCK)
+
+
+@triton.jit
+def _radix_threshold(node_max_ptr, NA, R, IDX_BITS: tl.constexpr, BLOCK: tl.constexpr):
+    """The key of the R-th best A token (1 <= R <= NA): a most-significant-digit
+    radix select, 8 bits a pass. Each pass histograms the next digit of the
+    keys that share the digits found so far and picks the digit holding the
+    R-th largest, so the cost is O(NA) per pass whatever the data."""
+    prefix = tl.zeros([], dtype=tl.int64)
+    k = R  # rank of the wanted key among the keys that share the prefix
+    bins = tl.arange(0, 256)
+    lanes = tl.arange(0, BLOCK)
+    for d in tl.static_range((32 + IDX_BITS) // 8):
+        shift = 24 + IDX_BITS - 8 * d  # of this digit (constexpr)
+        hist = tl.zeros([256], dtype=tl.int32)
+        for i0 in range(0, NA, BLOCK):
+            offs = i0 + lanes
+            mask = offs < NA
+            key = order_key(node_max_ptr, offs, mask, IDX_BITS)
+            same = mask & ((key >> (shift + 8)) == (prefix >> (shift + 8)))
+            hist += tl.histogram(((key >> shift) & 255).to(tl.int32), 256, mask=same)
+        at_least = tl.sum(hist, axis=0) - tl.cumsum(hist, axis=0) + hist  # keys with this digit or larger
+        digit = tl.max(tl.where(at_least >= k, bins, -1), axis=0)
+        k -= tl.sum(tl.where(bins > digit, hist, 0), axis=0)
+        prefix = prefix | (digit.to(tl.int64) << shift)
+    return prefix
+
+
+@triton.jit
+def _route_sources(node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, cursor, NA, a_lo, b_lo,
+                   IDX_BITS: tl.constexpr, PLACE: tl.constexpr, BLOCK: tl.constexpr, DST_BLOCK: tl.constexpr):
+    """One pass over all A tokens in index order, for the sources whose
+    destination is one of this program's ``DST_BLOCK`` destinations
+    ``b_lo + d``: ``cursor[d]`` (registers) advances by one per source of
+    ``b_lo + d``, and with PLACE each source is first written at
+    ``dst_src[cursor]``, so the sources of a destination land in index order.
+    Returns the cursors, how many A tokens before ``a_lo`` are kept and how
+    many sources go to destinations before ``b_lo``."""
+    lanes = tl.arange(0, BLOCK)
+    mine = b_lo + tl.arange(0, DST_BLOCK)
+    kept_before = 0
+    dst_before = 0
+    for i0 in range(0, NA, BLOCK):
+        offs = i0 + lanes
+        mask = offs < NA
+        is_src = mask & (order_key(node_max_ptr, offs, mask, IDX_BITS) >= threshold)
+        dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+        kept_before += tl.sum((mask & ~is_src & (offs < a_lo)).to(tl.int32), axis=0)
+        dst_before += tl.sum((is_src & (dst < b_lo)).to(tl.int32), axis=0)
+        # hit[i, d]: token i is a source of destination b_lo + d (a one-hot row, or all zeros)
+        hit = ((dst[:, None] == mine[None, :]) & is_src[:, None]).to(tl.int32)
+        if PLACE:
+            # Slot of source i: its destination's cursor plus the earlier sources
+            # of that destination in this tile.
+            slot = tl.sum((cursor[None, :] + tl.cumsum(hit, axis=0) - hit) * hit, axis=1)
+            tl.store(dst_src_ptr + slot, offs.to(tl.int64), mask=tl.sum(hit, axis=1) > 0)
+        cursor += tl.sum(hit, axis=0)
+    return cursor, kept_before, dst_before
+
+
+@triton.jit
+def _spatial_select_kernel(
+    node_max_ptr, node_idx_ptr,
+    unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_row_ptr,
+    NA, NB, R, NPROG, SLICE_A,
+    IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_ROUTE: tl.constexpr, DST_BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = (pid // NPROG).to(tl.int64)
+    p = pid % NPROG
+    node_max_ptr += batch * NA
+    node_idx_ptr += batch * NA
+    unm_idx_ptr += batch * (NA - R)
+    dst_start_ptr += batch * (NB + 1)
+    dst_src_ptr += batch * R
+    a_row_ptr += batch * NA
+    a_lo = p * SLICE_A
+    a_hi = tl.minimum(a_lo + SLICE_A, NA)
+    b_lo = p * DST_BLOCK
+
+    # A token i is a source iff its key >= the R-th largest key.
+    threshold = _radix_threshold(node_max_ptr, NA, R, IDX_BITS, BLOCK)
+
+    # My destinations: count their sources, turn the counts into CSR offsets
+    # (after every source of an earlier destination), then place the sources.
+    counts, kept_before, before = _route_sources(
+        node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, tl.zeros([DST_BLOCK], dtype=tl.int32),
+        NA, a_lo, b_lo, IDX_BITS, False, BLOCK_ROUTE, DST_BLOCK)
+    first = before + tl.cumsum(counts, axis=0) - counts
+    offs_j = b_lo + tl.arange(0, DST_BLOCK)
+    tl.store(dst_start_ptr + offs_j, first.to(tl.int64), mask=offs_j < NB)
+    if p == 0:
+        tl.store(dst_start_ptr + NB, tl.zeros([], dtype=tl.int64) + R)
+    _route_sources(node_max_ptr, node_idx_ptr, dst_src_ptr, threshold, first,
+                   NA, a_lo, b_lo, IDX_BITS, True, BLOCK_ROUTE, DST_BLOCK)
+
+    # My slice of A: kept tokens in ascending order, and every token's output row.
+    n_kept = kept_before
+    lanes = tl.arange(0, BLOCK)
+    for i0 in range(a_lo, a_hi, BLOCK):
+        offs = i0 + lanes
+        mask = offs < a_hi
+        keep = mask & (order_key(node_max_ptr, offs, mask, IDX_BITS) < threshold)
+        pos = n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(unm_idx_ptr + pos, offs.to(tl.int64), mask=keep)
+        dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+        tl.store(a_row_ptr + offs, tl.where(keep, pos.to(tl.int64), NA - R + dst), mask=mask)
+        n_kept += tl.sum(keep.to(tl.int32), axis=0)
+
+
+def select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=plain):
+    """Launch the ViT select: node_max [B, Na] fp32 (no NaN), node_idx [B, Na] int64
+    (contiguous), ``r`` in [1, nb]. Returns (unm_idx [B, Na-r], src_idx [B, r],
+    dst_idx [B, r], dst_start [B, nb+1], dst_src [B, r]), int64 (reference.Match)."""
+    batch, na = node_max.shape
+    dev = node_max.device
+    unm_idx = empty(batch, na - r, dtype=torch.int64, device=dev)
+    src_idx = empty(batch, r, dtype=torch.int64, device=dev)
+    dst_idx = empty(batch, r, dtype=torch.int64, device=dev)
+    dst_start = empty(batch, nb + 1, dtype=torch.int64, device=dev)
+    dst_src = empty(batch, r, dtype=torch.int64, device=dev)
+    with on_device(node_max):
+        wrap(_select_kernel)[(batch,)](
+            node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src,
+            na, nb, r, BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS,
+        )
+    return unm_idx, src_idx, dst_idx, dst_start, dst_src
+
+
+def idx_bits(na: int) -> int:
+    """Bits of the spatial select key's index part: the smallest multiple of 8 that holds ``na - 1``."""
+    for bits in (8, 16, 24):
+        if na <= 1 << bits:
+            return bits
+    raise ValueError(f"the spatial select supports up to {1 << 24} A tokens per image, got {na}")
+
+
+def spatial_select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=plain,
+                   settings: SpatialSelectSettings = SPATIAL_SELECT):
+    """Launch the spatial select: node_max [B, Na] fp32 (no NaN), node_idx [B, Na]
+    int64 in [0, nb) (contiguous), ``r`` in [1, Na]. Returns (unm_idx [B, Na-r],
+    dst_start [B, nb+1], dst_src [B, r], a_row [B, Na]), int64 (reference.SpatialMatch)."""
+    batch, na = node_max.shape
+    dev = node_max.device
+    nprog = cdiv(nb, settings.dst_block)
+    unm_idx = empty(batch, na - r, dtype=torch.int64, device=dev)
+    dst_start = empty(batch, nb + 1, dtype=torch.int64, device=dev)
+    dst_src = empty(batch, r, dtype=torch.int64, device=dev)
+    a_row = empty(batch, na, dtype=torch.int64, device=dev)
+    with on_device(node_max):
+        wrap(_spatial_select_kernel)[(batch * nprog,)](
+            node_max, node_idx, unm_idx, dst_start, dst_src, a_row,
+            na, nb, r, nprog, cdiv(na, nprog),
+            IDX_BITS=idx_bits(na), BLOCK=settings.block, BLOCK_ROUTE=settings.route_block,
+            DST_BLOCK=settings.dst_block, num_warps=settings.num_warps,
+        )
+    return unm_idx, dst_start, dst_src, a_row

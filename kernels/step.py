@@ -1,0 +1,331 @@
+"""Step: one whole ViT token-reduction step in one launch
+(reference.token_fusion_step, docs/design.md §3.1).
+
+Reads a block's attention keys and tokens and writes the reduced tokens,
+their sizes, the log-size bias the next attention adds to its logits, and
+the match (for the backward, source tracing and rotary positions). Grid:
+``T`` programs per image, each owning every ``T``-th channel tile of the
+tokens. Every program of an image computes the image's small match and
+selection itself (no communication between programs, so no atomics and no
+grid-wide barrier), then merges its own channel tiles:
+
+1. **head mean**: the keys ``[H, N, D]`` of its image, summed over heads in
+   fp32 in head order, times ``1/H``, rounded to the keys' dtype: the metric
+   ``[N, D]``, in the program's scratch.
+2. **match**: ``common.best_partners`` over the scratch metric: node_max and
+   node_idx of every A token, in scratch.
+3. **select**: ``common.rank_select`` (counting, O(Na^2) compares): the
+   kept A tokens, the sources in score order and grouped by destination.
+   Program 0 of an image writes them to the output index buffer, the others
+   to scratch.
+4. **merge** its channel tiles, tiles of rows at a time: rows that are
+   copied (prefix, kept A, B without sources, every B in prune mode) as they
+   are; each B row with sources combined with them in ascending A order. MLERP
+   needs the norms over all C channels of the merged rows and of their
+   contributors, which each program computes itself (a few rows). Program 0
+   also writes sizes and the bias.
+
+The phases pass data between the threads of a program through its scratch
+memory, separated by ``tl.debug_barrier()`` (a CTA-wide barrier, which also
+orders the memory accesses before it). That per-image work is repeated by
+the ``T`` programs of an image: ``T`` is 1 when the batch alone fills the
+GPU and grows at small batch, where spreading the merge over more programs
+shortens the step. For token counts above ``STEP_MAX_N`` or head dims above
+128 the three-launch path (match, select, merge) is used instead.
+"""
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import (
+    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, next_power_of_2,
+    on_device, plain, rank_select,
+)
+from .match import match_blocks
+from .select import SELECT_BLOCK
+
+STEP_MAX_N = 1025  # ViT-H/14 at 448 px, ViT-B/16 at 512 px: the largest token counts the step is tuned for
+STEP_MAX_D = 128  # head dims the match keeps in registers
+STEP_MAX_C = 8192
+
+
+class StepSettings(NamedTuple):
+    """Tiles and grid of the step kernel (the defaults ship and are compiled ahead of time)."""
+
+    block_rows: int = 32  # output rows per tile of the rows copied as they are
+    block_merged: int = 16  # B rows per tile of the rows combined with their sources (fp32 math: smaller)
+    block_c: int = 128  # channels per tile
+    block_n: int = 32  # token rows per tile of the head mean
+    num_warps: int = 8
+    programs_per_image: int = 0  # T; 0 picks from the batch and the device (see programs_per_image)
+
+
+STEP = StepSettings()
+
+
+def supports(n: int, c: int, head_dim: int) -> bool:
+    """Whether the one-launch step handles these sizes (else use match, select, merge)."""
+    return n <= STEP_MAX_N and head_dim <= STEP_MAX_D and c <= STEP_MAX_C
+
+
+_SM_COUNT = {}
+
+
+def programs_per_image(batch: int, c: int, device: torch.device, block_c: int) -> int:
+    """T: about two programs per SM in all, at most one per channel tile."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        sms = _SM_COUNT.get(index)
+        if sms is None:
+            sms = _SM_COUNT[index] = torch.cuda.get_device_properties(index).multi_processor_count
+    else:
+        sms = 2  # the interpreter: a couple of programs per image still exercise the T > 1 path
+    return max(1, min(cdiv(c, block_c), cdiv(2 * sms, batch)))
+
+
+def index_fields(n: int, protected: int, r: int):
+    """Entries per image of each match tensor in the step's index buffer, in buffer order:
+    unm_idx (Na-r), src_idx (r), dst_idx (r), dst_start (Nb+1), dst_src (r). The buffer
+    holds each field for the whole batch contiguously ([B, entries]), one after another."""
+    na, nb = (n - protected + 1) // 2, (n - protected) // 2
+    return (na - r, r, r, nb + 1, r)
+
+
+def bias_row(n_out: int) -> int:
+    """Elements per image of the bias buffer: rows start 16-element aligned, which
+    SDPA's memory-efficient kernel needs to take the bias without copying it."""
+    return 16 * cdiv(n_out, 16)
+
+
+@triton.jit
+def _step_kernel(
+    x_ptr, keys_ptr, size_ptr,
+    out_ptr, size_out_ptr, bias_ptr, index_ptr,
+    metric_ptr, node_max_ptr, node_idx_ptr,
+    stride_xb, stride_xn, stride_xc, stride_kb, stride_kh, stride_kn, stride_kd,
+    inv_h,
+    N, C, H, D, P, NA, NB, R, T, BATCH, BIAS_STRIDE,
+    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BIAS: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr, BLOCK_SEL: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    image = (pid // T).to(tl.int64)
+    t = pid % T
+    pid = pid.to(tl.int64)
+    n_out = N - R
+    n_unm = NA - R
+
+    # 1. Head mean of the keys -> this program's metric [N, D] (keys' dtype).
+    metric = metric_ptr + pid * N * D
+    keys = keys_ptr + image * stride_kb
+    offs_d = tl.arange(0, BLOCK_H)
+    mask_d = offs_d < D
+    for n0 in range(0, N, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask = (offs_n < N)[:, None] & mask_d[None, :]
+        rows = keys + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
+        acc = tl.zeros([BLOCK_N, BLOCK_H], dtype=tl.float32)
+        for h in range(H):
+            acc += tl.load(rows + h * stride_kh, mask=mask, other=0.0).to(tl.float32)
+        tl.store(metric + offs_n[:, None] * D + offs_d[None, :], (acc * inv_h).to(metric_ptr.dtype.element_ty),
+                 mask=mask)
+    tl.debug_barrier()
+
+    # 2. Match every A token against every B token of the image.
+    node_max = node_max_ptr + pid * NA
+    node_idx = node_idx_ptr + pid * NA
+    for a0 in range(0, NA, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        mask_a = offs_a < NA
+        best, best_idx = best_partners(metric, (P + 2 * offs_a).to(tl.int64), mask_a, metric, NB, D, P, D, 1,
+                                       BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, False)
+        tl.store(node_max + offs_a, best, mask=mask_a)
+        tl.store(node_idx + offs_a, best_idx.to(tl.int64), mask=mask_a)
+    tl.debug_barrier()
+
+    # 3. Select. Program 0 of the image writes the output index buffer (each
+    #    field contiguous over the batch), the others their own scratch.
+    if t == 0:
+        unm_idx = index_ptr + image * n_unm
+        src_idx = index_ptr + BATCH * n_unm + image * R
+        dst_idx = src_idx + BATCH * R
+        dst_start = index_ptr + BATCH * (n_unm + 2 * R) + image * (NB + 1)
+        dst_src = index_ptr + BATCH * (n_unm + 2 * R + NB + 1) + image * R
+    else:  # their lists follow every program's node_idx in the same scratch
+        unm_idx = node_idx_ptr + BATCH * T * NA + (image * (T - 1) + t - 1) * (NA + 2 * R + NB + 1)
+        src_idx = unm_idx + n_unm
+        dst_idx = src_idx + R
+        dst_start = dst_idx + R
+        dst_src = dst_start + NB + 1
+    rank_select(node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src, NA, NB, R, BLOCK_SEL)
+    tl.debug_barrier()
+
+    # 4. Merge this program's channel tiles (every T-th).
+    x = x_ptr + image * stride_xb
+    size = size_ptr + image * N
+    out = out_ptr + image * n_out * C
+    lanes_r = tl.arange(0, BLOCK_R)
+    lanes_c = tl.arange(0, BLOCK_C)
+    n_tiles_c = tl.cdiv(C, BLOCK_C)
+
+    # 4a. Rows copied as they are: prefix, kept A, B rows without sources (all B rows in prune mode).
+    for o0 in range(0, n_out, BLOCK_R):
+        o = o0 + lanes_r
+        mask_o = o < n_out
+        is_unm = (o >= P) & (o < P + n_unm)
+        is_b = mask_o & (o >= P + n_unm)
+        j = o - P - n_unm
+        i = tl.load(unm_idx + (o - P), mask=is_unm, other=0)
+        count = tl.load(dst_start + j + 1, mask=is_b, other=0) - tl.load(dst_start + j, mask=is_b, other=0)
+        row = tl.where(o < P, o, tl.where(is_b, P + 2 * j + 1, P + 2 * i)).to(tl.int64)
+        if MODE == MODE_PRUNE:
+            copy = mask_o
+        else:
+            copy = mask_o & ~(is_b & (count > 0))
+        for tc in range(t, n_tiles_c, T):
+            offs_c = tc * BLOCK_C + lanes_c
+            mask = copy[:, None] & (offs_c < C)[None, :]
+            v = tl.load(x + row[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=mask)
+            tl.store(out + o[:, None] * C + offs_c[None, :], v, mask=mask)
+        if t == 0:
+            s = load_size(size, row, copy, HAS_SIZE)
+            tl.store(size_out_ptr + image * n_out + o, s, mask=copy)
+            if BIAS:
+                tl.store(bias_ptr + image * BIAS_STRIDE + o, tl.log(s).to(bias_ptr.dtype.element_ty), mask=copy)
+
+    # 4b. B rows with sources, combined with them (mean and mlerp).
+    if MODE != MODE_PRUNE:
+        for j0 in range(0, NB, BLOCK_M):
+            j = j0 + tl.arange(0, BLOCK_M)
+            mask_j = j < NB
+            start = tl.load(dst_start + j, mask=mask_j, other=0)
+            count = tl.load(dst_start + j + 1, mask=mask_j, other=0) - start
+            most = tl.max(count, axis=0)
+            if most > 0:
+                active = count > 0
+                b_row = (P + 2 * j + 1).to(tl.int64)
+                s_b = load_size(size, b_row, active, HAS_SIZE)
+                s_total = s_b
+                for k in range(0, most):
+                    has = k < count
+                    src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+                    s_total += tl.where(has, load_size(size, src, has, HAS_SIZE), 0.0)
+                scale = tl.full([BLOCK_M], 1.0, tl.float32)
+                if MODE == MODE_MLERP:
+                    scale = _mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active,
+                                         stride_xn, stride_xc, C, P, HAS_SIZE, BLOCK_M, BLOCK_C)
+                for tc in range(t, n_tiles_c, T):
+                    offs_c = tc * BLOCK_C + lanes_c
+                    merged = _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c,
+                                           stride_xn, stride_xc, C, P, HAS_SIZE) / s_total[:, None]
+                    if MODE == MODE_MLERP:
+                        merged = merged * scale[:, None]
+                    o = P + n_unm + j
+                    tl.store(out + o[:, None] * C + offs_c[None, :], merged.to(out_ptr.dtype.element_ty),
+                             mask=active[:, None] & (offs_c < C)[None, :])
+                if t == 0:
+                    o = P + n_unm + j
+                    tl.store(size_out_ptr + image * n_out + o, s_total, mask=active)
+                    if BIAS:
+                        tl.store(bias_ptr + image * BIAS_STRIDE + o, tl.log(s_total).to(bias_ptr.dtype.element_ty),
+                                 mask=active)
+
+
+@triton.jit
+def _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn, stride_xc, C, P,
+                  HAS_SIZE: tl.constexpr):
+    """sum of size * row over each B row and its sources, channels ``offs_c``: [BLOCK_R, BLOCK_C] fp32."""
+    mask_c = (offs_c < C)[None, :]
+    total = s_b[:, None] * tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                                   mask=active[:, None] & mask_c, other=0.0).to(tl.float32)
+    for k in range(0, most):
+        has = k < count
+        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+        a = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=has[:, None] & mask_c,
+                    other=0.0).to(tl.float32)
+        total += load_size(size, src, has, HAS_SIZE)[:, None] * a
+    return total
+
+
+@triton.jit
+def _mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active, stride_xn, stride_xc, C, P,
+                 HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """MLERP's factor per merged row: the largest contributor norm over the
+    merged mean's norm (both over all C channels, fp32): [BLOCK_R]."""
+    lanes_c = tl.arange(0, BLOCK_C)
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + lanes_c
+        v = tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                    mask=active[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    norm_max = tl.sqrt(sq)
+    for k in range(0, most):
+        has = k < count
+        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + lanes_c
+            v = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                        mask=has[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(v * v, axis=1)
+        norm_max = tl.maximum(norm_max, tl.sqrt(sq))
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + lanes_c
+        merged = _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn,
+                               stride_xc, C, P, HAS_SIZE) / s_total[:, None]
+        sq += tl.sum(merged * merged, axis=1)
+    return norm_max / tl.maximum(tl.sqrt(sq), EPS)
+
+
+def token_fusion_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, protected: int, mode: str,
+                      bias_dtype=None, settings: StepSettings = STEP, wrap=plain):
+    """Launch the step.
+
+    x: [B, N, C] fp32/fp16/bf16, any strides; keys: [B, H, N, D] (D <= 128),
+    any strides; size: [B, N, 1] fp32 or None (all ones); ``r`` in [1, Nb];
+    ``mode``: mean, mlerp or prune; ``bias_dtype``: the dtype of the next
+    attention's log-size bias, or None for no bias.
+
+    Returns (x_out [B, N - r, C] in x's dtype; size_out [B, N - r, 1] fp32;
+    bias [B, bias_row(N - r)] in ``bias_dtype``, log(size_out) in its first
+    N - r columns ([B, 0] without a bias); index, int64: the match's five
+    tensors (see :func:`index_fields`) one after another, flat).
+    """
+    batch, n, c = x.shape
+    heads, d = keys.shape[1], keys.shape[3]
+    na, nb = (n - protected + 1) // 2, (n - protected) // 2
+    dev = x.device
+    dot_fp32 = dot_in_fp32(keys.dtype)
+    block_a, block_b, block_d = match_blocks(d, dot_fp32)
+    block_c = min(settings.block_c, next_power_of_2(c))
+    t = settings.programs_per_image or programs_per_image(batch, c, dev, block_c)
+    n_out = n - r
+    out = empty(batch, n_out, c, dtype=x.dtype, device=dev)
+    size_out = empty(batch, n_out, 1, dtype=torch.float32, device=dev)
+    index = empty(batch * sum(index_fields(n, protected, r)), dtype=torch.int64, device=dev)
+    bias = empty(batch, bias_row(n_out) if bias_dtype is not None else 0, dtype=bias_dtype or x.dtype, device=dev)
+    # Scratch of each program: its metric and match (node_max; node_idx, then the
+    # index lists of every program but an image's first, in one int64 buffer).
+    metric = torch.empty(batch * t, n, d, dtype=keys.dtype, device=dev)
+    node_max = torch.empty(batch * t, na, dtype=torch.float32, device=dev)
+    scratch = torch.empty(batch * t * na + batch * (t - 1) * (na + 2 * r + nb + 1), dtype=torch.int64, device=dev)
+    with on_device(x):
+        wrap(_step_kernel)[(batch * t,)](
+            x, keys, size if size is not None else out,
+            out, size_out, bias, index,
+            metric, node_max, scratch,
+            x.stride(0), x.stride(1), x.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3),
+            1.0 / heads,
+            n, c, heads, d, protected, na, nb, r, t, batch, bias.shape[1],
+            MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BIAS=bias_dtype is not None,
+            BLOCK_N=settings.block_n, BLOCK_H=next_power_of_2(d), BLOCK_A=block_a, BLOCK_B=block_b,
+            BLOCK_D=block_d, DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, BLOCK_SEL=SELECT_BLOCK,
+            BLOCK_R=settings.block_rows, BLOCK_M=settings.block_merged, BLOCK_C=block_c, num_warps=settings.num_warps,
+        )
+    return out, size_out, bias, index
