@@ -1,13 +1,15 @@
-"""Three quick GPU probes behind the end-to-end numbers (CUDA only, ~30 s).
+"""Three quick GPU probes behind the end-to-end numbers (CUDA only, ~40 s).
 
     python bench/probe.py --out bench/results
 
-1. ``attention``: what proportional attention costs. SDPA at ViT-B shapes
-   (12 heads, head dim 64) with no mask, with the ``[B, 1, 1, N]`` float mask
-   ``log(size)`` the patched blocks pass, and (where torch has it) compiled
-   ``flex_attention`` with a ``score_mod`` that adds the key's ``log(size)``.
-   A float mask can make SDPA leave the flash kernel; this measures by how
-   much at the token counts a ToFu ViT-B actually runs (197 down to 25).
+1. ``attention``: what proportional attention costs on each path of
+   :mod:`tofu_triton.attention` at ViT-B shapes (12 heads, head dim 64) and
+   the token counts a ToFu ViT-B runs (197 down to 25): SDPA without a bias
+   (the floor), and with the ``log(size)`` bias as a float mask (``mask``),
+   through cuDNN (``cudnn``, where it runs), as an extra head channel
+   (``channel``) and through compiled ``flex_attention`` (``flex``, at a few
+   shapes: it compiles per shape). Each path's output is checked against the
+   mask path; ``auto`` says which path ``tofu_triton.attention.choose`` takes.
 2. ``sync``: one forward of a patched ViT-B (ToFu, Triton kernels) under
    ``torch.cuda.set_sync_debug_mode("error")``: any host sync (``.item()``,
    a data-dependent shape) raises, which would also break CUDA graphs.
@@ -32,67 +34,38 @@ import torch.nn.functional as F
 from measure import count_launches, environment, time_cuda  # noqa: E402
 
 HEADS, HEAD_DIM = 12, 64
-
-
+PATHS = ("mask", "cudnn", "channel", "flex")
 # flex_attention compiles once per shape (seconds each): time it at these only.
 FLEX_CASES = {(64, 197), (64, 101), (256, 197)}
 
 
-def sdpa_bias_channel(q, k, v, log_size):
-    """SDPA with a per-key additive bias and no mask: one extra channel, 1 in the
-    queries and ``log_size / scale`` in the keys, adds exactly ``log_size`` to
-    every logit, so SDPA can stay on its flash kernel. Head dim padded to a
-    multiple of 8 with zeros (what flash kernels need). Cost measured
-    here: the three concatenations and the wider head."""
-    d = q.shape[-1]
-    scale = d ** -0.5
-    pad = 8 - (d + 1) % 8 if (d + 1) % 8 else 0
-    lead = q.shape[:-1]
-    zeros = q.new_zeros(*lead, pad)
-    q2 = torch.cat([q, q.new_ones(*lead, 1), zeros], dim=-1)
-    bias = (log_size / scale)[:, None, :, None].to(k.dtype).expand(-1, k.shape[1], -1, -1)
-    k2 = torch.cat([k, bias, zeros], dim=-1)
-    v2 = torch.cat([v, v.new_zeros(*lead, pad + 1)], dim=-1)
-    return F.scaled_dot_product_attention(q2, k2, v2, scale=scale)[..., :d]
-
-
 def attention_rows(batches, tokens, dtype):
-    flex_attention = None
-    try:
-        from torch.nn.attention.flex_attention import flex_attention
-    except ImportError as e:  # old torch: no flex attention
-        print(f"flex_attention unavailable: {e!r}", file=sys.stderr)
+    from tofu_triton import attention
+
     rows = []
     for batch in batches:
         for n in tokens:
             q, k, v = (torch.randn(batch, HEADS, n, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3))
-            log_size = (1 + 3 * torch.rand(batch, n, device="cuda")).log()
-            mask = log_size[:, None, None, :].to(dtype)
-            row = dict(batch=batch, n=n)
-            sdpa = F.scaled_dot_product_attention
-            row["sdpa_ms"] = time_cuda(functools.partial(sdpa, q, k, v))["median_ms"]
-            row["sdpa_mask_ms"] = time_cuda(functools.partial(sdpa, q, k, v, attn_mask=mask))["median_ms"]
-            ref = sdpa(q, k, v, attn_mask=mask)
-            row["channel_max_abs_err"] = (sdpa_bias_channel(q, k, v, log_size).float() - ref.float()).abs().max().item()
-            row["channel_ms"] = time_cuda(functools.partial(sdpa_bias_channel, q, k, v, log_size))["median_ms"]
-            if flex_attention is not None and (batch, n) in FLEX_CASES:
-                def bias(score, b, h, q_idx, kv_idx, log_size=log_size):
-                    return score + log_size[b, kv_idx]
-
+            bias = (1 + 3 * torch.rand(batch, n, device="cuda")).log()[:, None, None, :].to(dtype)
+            row = dict(batch=batch, n=n, auto=attention.choose(q))
+            row["none_ms"] = time_cuda(functools.partial(F.scaled_dot_product_attention, q, k, v))["median_ms"]
+            want = attention.sized_attention(q, k, v, bias, path="mask")
+            for path in PATHS:
+                if path == "cudnn" and row["auto"] != "cudnn":
+                    row["cudnn_error"] = "does not run here"
+                    continue
+                if path == "flex" and (batch, n) not in FLEX_CASES:
+                    continue
+                fn = functools.partial(attention.sized_attention, q, k, v, bias, path=path)
                 try:
-                    torch._dynamo.reset()
-                    flex = torch.compile(flex_attention, dynamic=False)
-                    out = flex(q, k, v, score_mod=bias)
-                    row["flex_max_abs_err"] = (out.float() - ref.float()).abs().max().item()
-                    row["flex_ms"] = time_cuda(functools.partial(flex, q, k, v, score_mod=bias))["median_ms"]
-                except Exception as e:
-                    row["flex_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
-            row["mask_overhead"] = row["sdpa_mask_ms"] / row["sdpa_ms"] - 1
+                    row[f"{path}_max_abs_err"] = (fn().float() - want.float()).abs().max().item()
+                    row[f"{path}_ms"] = time_cuda(fn)["median_ms"]
+                except Exception as e:  # one path failing must not lose the others
+                    row[f"{path}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
             rows.append(row)
-            print(f"attention B={batch:<4d} N={n:<4d} sdpa {row['sdpa_ms']:.4f} ms  +mask {row['sdpa_mask_ms']:.4f} ms "
-                  f"({100 * row['mask_overhead']:+.0f}%)  bias channel {row['channel_ms']:.4f} ms  "
-                  f"flex {row.get('flex_ms', float('nan')):.4f} ms "
-                  f"{row.get('flex_error', '')}", flush=True)
+            print(f"attention B={batch:<4d} N={n:<4d} none {row['none_ms']:.4f} ms  " + "  ".join(
+                f"{p} {row[p + '_ms']:.4f} ms ({row[p + '_ms'] / row['none_ms'] - 1:+.0%})" for p in PATHS
+                if p + "_ms" in row) + f"  auto={row['auto']}", flush=True)
     return rows
 
 
@@ -104,7 +77,7 @@ def make_model(variant, dtype):
     if variant == "tome":
         tp.timm(model, r=16, mode="tome", backend="reference")
     elif variant == "tofu":
-        tp.timm(model, r=16, mode="tofu", backend="triton")
+        tp.timm(model, r=16, mode="tofu", backend="triton")  # attention="auto"
     return model
 
 
@@ -185,13 +158,18 @@ def markdown(report) -> str:
              f"- command: `{report['command']}`", ""]
     att = report.get("attention")
     if isinstance(att, list):
-        lines += ["| B | N | SDPA ms | SDPA + log(size) mask ms | mask overhead | SDPA + bias channel ms "
-                  "| flex_attention + score_mod ms |",
-                  "|---|---|---|---|---|---|---|"]
+        lines += ["Proportional attention per path, ms (overhead over SDPA without a bias); `auto`: the path "
+                  "tofu_triton.attention.choose takes.", "",
+                  "| B | N | SDPA, no bias | " + " | ".join(PATHS) + " | auto |",
+                  "|---|---|---|" + "---|" * len(PATHS) + "---|"]
         for r in att:
-            flex = f"{r['flex_ms']:.4f}" if "flex_ms" in r else r.get("flex_error", "n/a")
-            lines.append(f"| {r['batch']} | {r['n']} | {r['sdpa_ms']:.4f} | {r['sdpa_mask_ms']:.4f} | "
-                         f"{100 * r['mask_overhead']:+.0f}% | {r.get('channel_ms', float('nan')):.4f} | {flex} |")
+            cells = []
+            for path in PATHS:
+                if path + "_ms" in r:
+                    cells.append(f"{r[path + '_ms']:.4f} ({r[path + '_ms'] / r['none_ms'] - 1:+.0%})")
+                else:
+                    cells.append(r.get(path + "_error", "not run"))
+            lines.append(f"| {r['batch']} | {r['n']} | {r['none_ms']:.4f} | " + " | ".join(cells) + f" | {r['auto']} |")
     else:
         lines.append(f"attention: {att}")
     lines += ["", f"sync check: {report.get('sync')}", ""]

@@ -10,7 +10,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import tofu_triton.patch as tp
 from tofu_triton import reference
-from tofu_triton.patch.timm import attention_forward, proportional_mask
+from tofu_triton.patch.timm import attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
@@ -136,9 +136,9 @@ def test_matches_manual_forward_with_proportional_attention(variant, mode):
     assert (without - expected).abs().max() > 1e-4  # the mask matters, so the check above has teeth
 
 
-def test_proportional_mask_is_log_size():
+def test_proportional_bias_is_log_size():
     size = torch.tensor([[1.0, 2.0, 3.5], [4.0, 1.0, 1.0]])[..., None]
-    mask = proportional_mask(size, torch.float16)
+    mask = reference.log_size_bias(size, torch.float16)
     assert mask.shape == (2, 1, 1, 3) and mask.dtype == torch.float16
     assert torch.equal(mask, torch.log(size).squeeze(-1)[:, None, None, :].half())
 
@@ -148,13 +148,27 @@ def test_attention_with_mask_equals_manual_softmax():
     x = torch.randn(2, 7, 32)
     size = 1 + 3 * torch.rand(2, 7, 1)
     with torch.no_grad():
-        out, k = attention_forward(attn, x, proportional_mask(size, x.dtype))
+        out, k = attention_forward(attn, x, reference.log_size_bias(size, x.dtype))
         q, k2, v = attn.qkv(x).reshape(2, 7, 3, 2, 16).permute(2, 0, 3, 1, 4)
         q, k2 = attn.q_norm(q), attn.k_norm(k2)
         weights = (q @ k2.transpose(-1, -2) * attn.scale + size.log().view(2, 1, 1, 7)).softmax(-1)
         expected = attn.proj((weights @ v).transpose(1, 2).reshape(2, 7, 32))
     assert torch.equal(k, k2)
     assert_close(out, expected, torch.float32, "masked attention")
+
+
+@pytest.mark.parametrize("path", ["channel", "flex"])
+def test_every_attention_path_gives_the_model_of_the_mask_path(path):
+    model, x = tiny(), images()
+    with torch.no_grad():
+        want = tp.timm(model, r=3, mode="tome", attention="mask")(x)
+        got = tp.timm(model, r=3, mode="tome", attention=path)(x)
+    assert_close(got, want, torch.float32, f"attention={path}")
+    with pytest.raises(ValueError, match="attention must be one of"):
+        tp.timm(model, attention="fast")
+    model.tofu_attention = "fast"  # set between calls: refused at the call
+    with pytest.raises(ValueError, match="tofu_attention must be one of"):
+        model(x)
 
 
 def test_no_mask_before_the_first_merge():

@@ -142,3 +142,38 @@ def sized_after(plan: Sequence[LayerPlan]) -> bool:
 def token_counts(plan: Sequence[LayerPlan]) -> List[int]:
     """Tokens entering each layer, then the tokens leaving the last one."""
     return [p.n_in for p in plan] + ([plan[-1].n_out] if plan else [])
+
+
+_PLANS: dict = {}
+_MAX_PLANS = 256
+
+
+def _frozen(value):
+    """A hashable key for a setting that tells apart what the parsers tell apart
+    (a list from a tuple, True from 1); raises TypeError on anything unhashable."""
+    if isinstance(value, (list, tuple)):
+        return type(value), tuple(_frozen(v) for v in value)
+    hash(value)
+    return type(value), value
+
+
+def cached_plan(n_tokens: int, protected: int, depth: int, r: RSpec, mode, prune_layers: Optional[int]
+                ) -> Tuple[LayerPlan, ...]:
+    """``plan_layers`` of a model's settings (``parse_r``, ``parse_modes``), remembered.
+
+    Patched models call this on every forward; parsing the settings and
+    walking the schedule is most of their Python time per call otherwise.
+    Bad settings raise exactly as the parsers do, at every call.
+    """
+    try:
+        key = (n_tokens, protected, depth, _frozen(r), _frozen(mode), _frozen(prune_layers))
+    except TypeError:  # not hashable: a bad setting, which the parsers below name
+        key = None
+    plan = _PLANS.get(key) if key is not None else None
+    if plan is None:
+        plan = tuple(plan_layers(n_tokens, protected, parse_r(r, depth), parse_modes(mode, depth, prune_layers)))
+        if key is not None:
+            if len(_PLANS) >= _MAX_PLANS:
+                _PLANS.clear()
+            _PLANS[key] = plan
+    return plan

@@ -51,10 +51,11 @@ def _family_module(name: str):
         raise
 
 
-def timm(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, trace_source=False, backend="auto"):
+def timm(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, trace_source=False, backend="auto",
+         attention="auto"):
     """Patch a timm ``VisionTransformer`` in place (see :mod:`tofu_triton.patch.timm`); returns it."""
     return _patch_timm(model, r=r, mode=mode, prune_layers=prune_layers, prop_attn=prop_attn,
-                       trace_source=trace_source, backend=backend)
+                       trace_source=trace_source, backend=backend, attention=attention)
 
 
 def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, backend="auto"):

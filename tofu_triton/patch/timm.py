@@ -19,17 +19,22 @@ the blocks' own; parameters, hooks and ``state_dict`` are untouched, and
 
 What a patched block does (timm's pre-norm block, with one step added)::
 
-    x = x + drop_path1(ls1(attention(norm1(x), mask=log(size))))   # SDPA kept
-    x, size = token reduction step (r, mode of this layer)           # docs/design.md §1
+    x = x + drop_path1(ls1(attention(norm1(x), bias=log(size))))  # SDPA kept
+    x, size, bias = token reduction step (r, mode of this layer)   # docs/design.md §1, §3.1
     x = x + drop_path2(ls2(mlp(norm2(x))))
 
-* The metric is the attention keys (after ``k_norm``, before any rotary
-  rotation) averaged over heads.
+* The step is :func:`tofu_triton.ops.token_fusion_step`: on the GPU one
+  launch that reads the keys, averages them over heads into the metric,
+  matches, selects, merges, and writes the sizes and the next attention's
+  bias. The metric is the attention keys (after ``k_norm``, before any
+  rotary rotation) averaged over heads.
 * The first ``model.num_prefix_tokens`` tokens (class, register,
   distillation) are protected.
-* Proportional attention adds ``log(size)`` as a float mask ``[B, 1, 1, N]``
-  only in layers where sizes can differ from 1, decided by
-  :func:`tofu_triton.schedule.plan_layers` from the schedule, not the data.
+* Proportional attention adds ``log(size)`` to each key's logits only in
+  layers where sizes can differ from 1, decided by
+  :func:`tofu_triton.schedule.plan_layers` from the schedule, not the data,
+  on the path :mod:`tofu_triton.attention` picks (``model.tofu_attention``,
+  default ``"auto"``).
 * Rotary positions (Eva): every token carries its grid position through the
   call. A merged token keeps its destination's, a pruned one leaves with its
   own, and each block rotates queries and keys by the table rows at the
@@ -49,7 +54,7 @@ so one patched model can run in several threads at once and
 branch. Configuration lives on the model as plain attributes that may be
 changed between calls: ``model.r``, ``model.tofu_mode``,
 ``model.tofu_prune_layers``, ``model.tofu_prop_attn``,
-``model.tofu_trace_source``, ``model.tofu_backend``.
+``model.tofu_trace_source``, ``model.tofu_backend``, ``model.tofu_attention``.
 
 Refused at patch time, with the reason: other model classes (BEiT's
 relative position bias table cannot follow merged tokens; windowed attention
@@ -74,12 +79,14 @@ from timm.models.eva import Eva, EvaAttention, EvaBlock
 from timm.models.vision_transformer import Attention, Block, VisionTransformer
 
 from .. import ops
-from ..reference import Match, gather_rows
-from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
+from ..attention import PATHS, sized_attention
+from ..reference import Match, Step, gather_rows, log_size_bias
+from ..schedule import LayerPlan, cached_plan, sized_after, token_counts
 from . import lifecycle
 
 POOLS = ("", "token", "avg", "max", "avgmax", "map")
-CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_trace_source", "tofu_backend")
+CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_trace_source", "tofu_backend",
+          "tofu_attention")
 
 
 class TokenInfo(NamedTuple):
@@ -153,11 +160,11 @@ def _check_pool(model: nn.Module) -> None:
 
 
 def _validate_config(model: nn.Module) -> None:
-    depth = len(model.blocks)
-    parse_r(model.r, depth)
-    parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
+    _plan(model, 1)  # r, mode and prune_layers
     if model.tofu_backend not in ops.BACKENDS:
         raise ValueError(f"backend must be one of {ops.BACKENDS}, got {model.tofu_backend!r}")
+    if model.tofu_attention not in PATHS:
+        raise ValueError(f"attention must be one of {PATHS}, got {model.tofu_attention!r}")
     for name in ("tofu_prop_attn", "tofu_trace_source"):
         if not isinstance(getattr(model, name), bool):
             raise TypeError(f"{name[5:]} must be a bool, got {type(getattr(model, name)).__name__}")
@@ -166,17 +173,31 @@ def _validate_config(model: nn.Module) -> None:
 # --------------------------------------------------------------------------- one block
 
 
-def proportional_mask(size: Tensor, dtype: torch.dtype) -> Tensor:
-    """size [B, N, 1] float32 -> additive attention mask log(size) [B, 1, 1, N] in ``dtype``."""
-    return size.log()[:, None, None, :, 0].to(dtype)
+class Run(NamedTuple):
+    """What every block of one forward call needs besides its own step."""
+
+    protected: int  # leading tokens never merged (class, register, distillation)
+    prop_attn: bool  # proportional attention
+    backend: str  # of the step: "auto", "triton", "reference"
+    attention: str  # path of the sized attention (tofu_triton.attention.PATHS)
 
 
-def attention_forward(attn: Attention, x: Tensor, mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """timm's ``Attention.forward`` with an additive mask; also returns the keys.
+def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], path: str) -> Tensor:
+    """timm's attention core (SDPA, or its eager softmax) with an additive key bias [B, 1, 1, N] or None."""
+    if attn.fused_attn:
+        return sized_attention(q, k, v, bias, attn.attn_drop.p if attn.training else 0.0, path)
+    scores = (q * attn.scale) @ k.transpose(-2, -1)
+    if bias is not None:
+        scores = scores + bias
+    return attn.attn_drop(scores.softmax(dim=-1)) @ v
 
-    x: [B, N, C]; mask: [B, 1, 1, N] or None. Returns (out [B, N, C_out],
-    k [B, heads, N, head_dim] after k_norm). Same ops in the same order as
-    timm's, so with ``mask=None`` the output is bitwise timm's.
+
+def attention_forward(attn: Attention, x: Tensor, bias: Optional[Tensor], path: str = "auto") -> Tuple[Tensor, Tensor]:
+    """timm's ``Attention.forward`` with proportional attention's bias; also returns the keys.
+
+    x: [B, N, C]; bias: log(size) [B, 1, 1, N] or None. Returns (out [B, N,
+    C_out], k [B, heads, N, head_dim] after k_norm). Same ops in the same
+    order as timm's, so with ``bias=None`` the output is bitwise timm's.
     """
     B, N, _ = x.shape
     gate = getattr(attn, "gate", None)
@@ -185,15 +206,7 @@ def attention_forward(attn: Attention, x: Tensor, mask: Optional[Tensor]) -> Tup
     qkv = attn.qkv(x).reshape(B, N, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
     q, k = attn.q_norm(q), attn.k_norm(k)
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, dropout_p=attn.attn_drop.p if attn.training else 0.0
-        )
-    else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores + mask
-        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
+    out = _attend(attn, q, k, v, bias, path)
     out = out.transpose(1, 2).reshape(B, N, attn_dim)
     out = attn.norm(out) if hasattr(attn, "norm") else out
     if gate is not None:
@@ -218,40 +231,51 @@ def merge_source(source: Tensor, match: Match, mode: str) -> Tensor:
     return torch.cat([source[:, :p], gather_rows(a, match.unm_idx), b], dim=1)
 
 
+def reduce(x: Tensor, k: Tensor, size: Optional[Tensor], step: LayerPlan, bias_dtype: Optional[torch.dtype],
+           run: Run, with_match: bool) -> Step:
+    """The block's step (docs/design.md §1, §3.1): x [B, N, C], keys k [B, heads, N, D],
+    size [B, N, 1] or None (all ones); ``bias_dtype``: write the next attention's bias;
+    ``with_match``: the caller needs the match (source tracing, rotary positions)."""
+    return ops.token_fusion_step(x, k, step.r, size, step.mode, run.protected, bias_dtype, run.backend, with_match)
+
+
 def block_forward(
-    blk: Block, x: Tensor, size: Tensor, source: Optional[Tensor], step: LayerPlan,
-    protected: int, prop_attn: bool, backend: str,
-) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+    blk: Block, x: Tensor, size: Optional[Tensor], bias: Optional[Tensor], source: Optional[Tensor],
+    step: LayerPlan, bias_dtype: Optional[torch.dtype], run: Run,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """One patched block: attention, the token-reduction step, MLP.
 
-    x: [B, N, C]; size: [B, N, 1] float32; source: [B, N, P] or None.
-    ``step`` (from plan_layers) fixes r, mode and whether the mask is used.
-    Returns the three for N - step.r tokens.
+    x: [B, N, C]; size: [B, N, 1] float32 or None (all ones so far); bias:
+    log(size) [B, 1, 1, N] for this block's attention, or None; source:
+    [B, N, P] or None. ``step`` (from plan_layers) fixes r, mode and whether
+    the bias is used; ``bias_dtype``: whether (and in what dtype) the step
+    writes the next block's bias. Returns (x, size, bias, source) for
+    N - step.r tokens.
     """
-    mask = proportional_mask(size, x.dtype) if prop_attn and step.sized else None
-    out, k = attention_forward(blk.attn, blk.norm1(x), mask)
+    out, k = attention_forward(blk.attn, blk.norm1(x), bias if run.prop_attn and step.sized else None, run.attention)
     x = x + blk.drop_path1(blk.ls1(out))
     if step.r > 0:
-        match = ops.bipartite_match(k.mean(dim=1), step.r, protected, backend)
-        x, size = ops.merge_tokens(x, match, size, step.mode, backend)
+        res = reduce(x, k, size, step, bias_dtype, run, with_match=source is not None)
+        x, size, bias = res.x, res.size, res.bias
         if source is not None:
-            source = merge_source(source, match, step.mode)
+            source = merge_source(source, res.match, step.mode)
     x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
-    return x, size, source
+    return x, size, bias, source
 
 
 # --------------------------------------------------------------------------- Eva blocks (rotary positions)
 
 
 def rope_attention_forward(attn: nn.Module, x: Tensor, rope: Optional[Tensor],
-                           mask: Optional[Tensor]) -> Tuple[Tensor, Tensor]:
-    """timm's ``EvaAttention`` / ``AttentionRope`` forward with an additive mask; also returns the keys.
+                           bias: Optional[Tensor], path: str = "auto") -> Tuple[Tensor, Tensor]:
+    """timm's ``EvaAttention`` / ``AttentionRope`` forward with proportional attention's bias;
+    also returns the keys.
 
     x: [B, N, C]; rope: the rotary table for the N - prefix tokens, [N', D]
-    or [B, 1, N', D]; mask: [B, 1, 1, N] or None. Returns (out [B, N, C],
-    k [B, heads, N, head_dim] after k_norm and before the rotation: the
-    metric compares content, not position). Same ops in the same order as
-    timm's, so with ``mask=None`` the output is bitwise timm's.
+    or [B, 1, N', D]; bias: log(size) [B, 1, 1, N] or None. Returns (out [B,
+    N, C], k [B, heads, N, head_dim] after k_norm and before the rotation:
+    the metric compares content, not position). Same ops in the same order
+    as timm's, so with ``bias=None`` the output is bitwise timm's.
     """
     B, N, _ = x.shape
     gate = attn.gate(x).sigmoid() if getattr(attn, "gate", None) is not None else None
@@ -260,12 +284,12 @@ def rope_attention_forward(attn: nn.Module, x: Tensor, rope: Optional[Tensor],
         if q_bias is None:
             qkv = attn.qkv(x)
         else:
-            bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
+            qkv_bias = torch.cat((attn.q_bias, attn.k_bias, attn.v_bias))
             if attn.qkv_bias_separate:
                 qkv = attn.qkv(x)
-                qkv += bias
+                qkv += qkv_bias
             else:
-                qkv = F.linear(x, weight=attn.qkv.weight, bias=bias)
+                qkv = F.linear(x, weight=attn.qkv.weight, bias=qkv_bias)
         q, k, v = qkv.reshape(B, N, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4).unbind(0)
     else:
         q = attn.q_proj(x).reshape(B, N, attn.num_heads, -1).transpose(1, 2)
@@ -277,15 +301,7 @@ def rope_attention_forward(attn: nn.Module, x: Tensor, rope: Optional[Tensor],
         npt, half = attn.num_prefix_tokens, getattr(attn, "rotate_half", False)
         q = torch.cat([q[:, :, :npt, :], apply_rot_embed_cat(q[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
         k = torch.cat([k[:, :, :npt, :], apply_rot_embed_cat(k[:, :, npt:, :], rope, half=half)], dim=2).type_as(v)
-    if attn.fused_attn:
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                             dropout_p=attn.attn_drop.p if attn.training else 0.0)
-    else:
-        scores = (q * attn.scale) @ k.transpose(-2, -1)
-        if mask is not None:
-            scores = scores + mask
-        out = attn.attn_drop(scores.softmax(dim=-1)) @ v
-    out = attn.norm(out.transpose(1, 2).reshape(B, N, -1))
+    out = attn.norm(_attend(attn, q, k, v, bias, path).transpose(1, 2).reshape(B, N, -1))
     if gate is not None:
         out = out * gate
     return attn.proj_drop(attn.proj(out)), metric_keys
@@ -304,49 +320,47 @@ def merge_positions(pos: Tensor, match: Match) -> Tensor:
 
 
 def eva_block_forward(
-    blk: EvaBlock, x: Tensor, size: Tensor, source: Optional[Tensor], pos: Optional[Tensor],
-    rope: Optional[Tensor], step: LayerPlan, protected: int, prop_attn: bool, backend: str,
-) -> Tuple[Tensor, Tensor, Optional[Tensor], Optional[Tensor]]:
+    blk: EvaBlock, x: Tensor, size: Optional[Tensor], bias: Optional[Tensor], source: Optional[Tensor],
+    pos: Optional[Tensor], rope: Optional[Tensor], step: LayerPlan, bias_dtype: Optional[torch.dtype], run: Run,
+) -> Tuple[Tensor, Optional[Tensor], Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
     """One patched ``EvaBlock``: rotary attention, the token-reduction step, MLP.
 
-    pos: [B, N - protected] grid positions of the tokens (None while they are
-    still all in place); rope: the model's rotary table [N_patches, D] or None.
-    Each block rotates its queries and keys by the rows of the table at the
-    positions of the tokens it has. Returns (x, size, source, pos) for
-    N - step.r tokens.
+    As :func:`block_forward`, plus pos: [B, N - protected] grid positions of
+    the tokens (None while they are still all in place); rope: the model's
+    rotary table [N_patches, D] or None. Each block rotates its queries and
+    keys by the rows of the table at the positions of the tokens it has.
+    Returns (x, size, bias, source, pos) for N - step.r tokens.
     """
-    mask = proportional_mask(size, x.dtype) if prop_attn and step.sized else None
     block_rope = rope if rope is None or pos is None else rope[pos].unsqueeze(1)  # [B, 1, N', D]
-    out, k = rope_attention_forward(blk.attn, blk.norm1(x), block_rope, mask)
+    out, k = rope_attention_forward(blk.attn, blk.norm1(x), block_rope,
+                                    bias if run.prop_attn and step.sized else None, run.attention)
     x = x + blk.drop_path1(out if blk.gamma_1 is None else blk.gamma_1 * out)
     if step.r > 0:
-        match = ops.bipartite_match(k.mean(dim=1), step.r, protected, backend)
-        x, size = ops.merge_tokens(x, match, size, step.mode, backend)
+        res = reduce(x, k, size, step, bias_dtype, run, with_match=source is not None or rope is not None)
+        x, size, bias = res.x, res.size, res.bias
         if source is not None:
-            source = merge_source(source, match, step.mode)
+            source = merge_source(source, res.match, step.mode)
         if rope is not None:
             if pos is None:
                 pos = torch.arange(rope.shape[0], device=x.device).expand(x.shape[0], -1)
-            pos = merge_positions(pos, match)
+            pos = merge_positions(pos, res.match)
     mlp = blk.mlp(blk.norm2(x))
     x = x + blk.drop_path2(mlp if blk.gamma_2 is None else blk.gamma_2 * mlp)
-    return x, size, source, pos
+    return x, size, bias, source, pos
 
 
 # --------------------------------------------------------------------------- the model
 
 
-def _plan(model: VisionTransformer, n_tokens: int) -> List[LayerPlan]:
-    depth = len(model.blocks)
-    r = parse_r(model.r, depth)
-    modes = parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
-    return plan_layers(n_tokens, model.num_prefix_tokens, r, modes)
+def _plan(model: VisionTransformer, n_tokens: int) -> Tuple[LayerPlan, ...]:
+    return cached_plan(n_tokens, model.num_prefix_tokens, len(model.blocks), model.r, model.tofu_mode,
+                       model.tofu_prune_layers)
 
 
 def _plan_or_default(model: VisionTransformer, n_tokens: Optional[int]) -> List[LayerPlan]:
     if n_tokens is None:
         n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
-    return _plan(model, n_tokens)
+    return list(_plan(model, n_tokens))
 
 
 def _pool(model: nn.Module, x: Tensor, size: Tensor, sized: bool) -> Tensor:
@@ -357,7 +371,7 @@ def _pool(model: nn.Module, x: Tensor, size: Tensor, sized: bool) -> Tensor:
     if getattr(model, "attn_pool", None) is not None:
         p = 0 if isinstance(model, Eva) or model.pool_include_prefix else model.num_prefix_tokens
         # Attention pooling with sizes: log(size) on each key's logit, as in the blocks.
-        return model.attn_pool(x[:, p:], attn_mask=proportional_mask(size[:, p:], x.dtype))
+        return model.attn_pool(x[:, p:], attn_mask=log_size_bias(size[:, p:], x.dtype))
     p = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
     tokens, weight = x[:, p:], size[:, p:]
     mean = ((tokens * weight).sum(dim=1) / weight.sum(dim=1)).to(x.dtype)
@@ -380,25 +394,33 @@ def _embed(model: nn.Module, images: Tensor) -> Tuple[Tensor, Optional[Tensor]]:
 
 
 def _features(model: nn.Module, images: Tensor, trace_source: bool):
-    """Embedding, the patched blocks and the final norm: (x, size, source, plan)."""
+    """Embedding, the patched blocks and the final norm: (x, size or None, source, plan).
+
+    Sizes start as None (all ones: no tensor to build) and the attention bias
+    as None; each step returns the new sizes, and the bias when the next
+    block's attention uses one.
+    """
     x, rope = _embed(model, images)
     batch, n_tokens, _ = x.shape
     protected = model.num_prefix_tokens
     steps = _plan(model, n_tokens)
-    size = torch.ones(batch, n_tokens, 1, dtype=torch.float32, device=x.device)
-    source, pos = None, None
+    if model.tofu_attention not in PATHS:
+        raise ValueError(f"tofu_attention must be one of {PATHS}, got {model.tofu_attention!r}")
+    run = Run(protected, model.tofu_prop_attn, model.tofu_backend, model.tofu_attention)
+    # The dtype of the bias each step writes for the next block, None where that block's attention needs none.
+    bias_dtypes = [x.dtype if run.prop_attn and nxt.sized else None for nxt in steps[1:]] + [None]
+    size = bias = source = pos = None
     if trace_source:
         n_patches = n_tokens - protected
         eye = torch.eye(n_patches, dtype=torch.float32, device=x.device)
         source = torch.cat([eye.new_zeros(protected, n_patches), eye]).expand(batch, -1, -1)
     eva = isinstance(model, Eva)
-    for blk, step in zip(model.blocks, steps):
+    for blk, step, bias_dtype in zip(model.blocks, steps, bias_dtypes):
         if eva:
-            x, size, source, pos = eva_block_forward(
-                blk, x, size, source, pos, rope, step, protected, model.tofu_prop_attn, model.tofu_backend)
+            x, size, bias, source, pos = eva_block_forward(
+                blk, x, size, bias, source, pos, rope, step, bias_dtype, run)
         else:
-            x, size, source = block_forward(
-                blk, x, size, source, step, protected, model.tofu_prop_attn, model.tofu_backend)
+            x, size, bias, source = block_forward(blk, x, size, bias, source, step, bias_dtype, run)
     return model.norm(x), size, source, steps
 
 
@@ -418,6 +440,8 @@ def forward_with_info(
     if trace_source is None:
         trace_source = model.tofu_trace_source
     x, size, source, steps = _features(model, images, trace_source)
+    if size is None:  # no step removed a token
+        size = torch.ones(*x.shape[:2], 1, dtype=torch.float32, device=x.device)
     if type(model)._tofu_base.forward_head in _OWN_HEADS:
         out = model.head_drop(model.fc_norm(_pool(model, x, size, sized_after(steps))))
         out = out if pre_logits else model.head(out)
@@ -456,7 +480,7 @@ FAMILY = lifecycle.register(lifecycle.Family(
 
 def patch(
     model: VisionTransformer, r=16, mode="tofu", prune_layers: Optional[int] = None,
-    prop_attn: bool = True, trace_source: bool = False, backend: str = "auto",
+    prop_attn: bool = True, trace_source: bool = False, backend: str = "auto", attention: str = "auto",
 ) -> VisionTransformer:
     """Patch a timm ``VisionTransformer`` in place for ToFu/ToMe and return it.
 
@@ -466,9 +490,11 @@ def patch(
     "tofu" prunes in this many first blocks (default depth // 2).
     prop_attn: proportional attention. trace_source: default of
     :func:`forward_with_info`'s ``trace_source``. backend: "auto" |
-    "triton" | "reference". Patching a patched model only updates these;
-    settings the model refuses leave it as it was.
+    "triton" | "reference". attention: the path of proportional attention
+    (:data:`tofu_triton.attention.PATHS`; "auto" picks it per device, see
+    :func:`tofu_triton.attention.choose`). Patching a patched model only
+    updates these; settings the model refuses leave it as it was.
     """
     check_model(model)
-    values = dict(zip(CONFIG, (r, mode, prune_layers, prop_attn, trace_source, backend)))
+    values = dict(zip(CONFIG, (r, mode, prune_layers, prop_attn, trace_source, backend, attention)))
     return lifecycle.apply(model, FAMILY, _Patched, values)

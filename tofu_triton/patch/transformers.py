@@ -95,7 +95,7 @@ from transformers.models.vit.modeling_vit import ViTForImageClassification, ViTL
 
 from .. import ops
 from ..reference import gather_rows
-from ..schedule import LayerPlan, parse_modes, parse_r, plan_layers, sized_after, token_counts
+from ..schedule import LayerPlan, cached_plan, parse_modes, parse_r, sized_after, token_counts
 from . import lifecycle
 
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
@@ -173,13 +173,14 @@ class Run(NamedTuple):
 def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, run: Run):
     if step.r == 0:
         return x, size
-    if run.padded:
-        x = x * (size > 0).to(x.dtype)  # a padded token adds nothing to a merge
+    if not run.padded:  # the whole step from the keys: one launch on the GPU
+        res = ops.token_fusion_step(x, k, step.r, size, step.mode, run.protected, backend=run.backend,
+                                    with_match=False)
+        return res.x, res.size
+    x = x * (size > 0).to(x.dtype)  # a padded token adds nothing to a merge
     match = ops.bipartite_match(_metric(k, size, run.padded), step.r, run.protected, run.backend)
     x, size = ops.merge_tokens(x, match, size, step.mode, run.backend)
-    if run.padded:
-        x, size = _pads_last(x, size)
-    return x, size
+    return _pads_last(x, size)
 
 
 def _heads(x: Tensor, proj: nn.Module, head_dim: int) -> Tensor:
@@ -280,11 +281,9 @@ def vit_layer_forward(layer: ViTLayer, x: Tensor, size: Tensor, step: LayerPlan,
 # --------------------------------------------------------------------------- models
 
 
-def _plan(model: nn.Module, n_tokens: int) -> List[LayerPlan]:
-    depth = len(_layers(model))
-    r = parse_r(model.r, depth)
-    modes = parse_modes(model.tofu_mode, depth, model.tofu_prune_layers)
-    return plan_layers(n_tokens, _protected(model), r, modes)
+def _plan(model: nn.Module, n_tokens: int) -> Tuple[LayerPlan, ...]:
+    return cached_plan(n_tokens, _protected(model), len(_layers(model)), model.r, model.tofu_mode,
+                       model.tofu_prune_layers)
 
 
 def _plan_or_default(base: nn.Module, n_tokens: Optional[int]) -> List[LayerPlan]:
@@ -293,7 +292,7 @@ def _plan_or_default(base: nn.Module, n_tokens: Optional[int]) -> List[LayerPlan
         if isinstance(base, BertModel):
             raise ValueError("plan() of a text model needs n_tokens: the sequence length, [CLS] and [SEP] included")
         n_tokens = (cfg.image_size // cfg.patch_size) ** 2 + _protected(base)
-    return _plan(base, n_tokens)
+    return list(_plan(base, n_tokens))
 
 
 def _protected(model: nn.Module) -> int:
