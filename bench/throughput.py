@@ -39,6 +39,7 @@ from typing import Dict, List
 import torch
 
 from measure import capture_graph, environment, time_loop  # noqa: E402
+from tofu_triton.attention import PATHS as ATTENTION_PATHS  # noqa: E402
 
 MODELS = {
     "vit_s": "vit_small_patch16_224",
@@ -48,10 +49,19 @@ MODELS = {
 VARIANTS = ("unpatched", "tome", "tofu")
 EXECS = ("eager", "graph", "compile")
 RESULTS = Path(__file__).resolve().parent / "results"
-# End-to-end targets (bench/README.md), checked on ViT-B at r=16.
+# End-to-end targets (bench/README.md), checked on ViT-B at r=16: ToFu at least this
+# fast against unpatched timm (SDPA), by execution and batch ...
 TARGET_MODEL, TARGET_R = "vit_base_patch16_224", 16
-TARGET_VS_TOME, TARGET_VS_UNPATCHED = 1.15, 1.0
-TARGET_VS_UNPATCHED_AT = {256: 1.8}  # batch -> a higher bar where the GPU is saturated
+TARGET_VS_TOME = 1.15
+
+
+def target_vs_unpatched(how: str, batch: int) -> float:
+    """1.0x with CUDA graphs or compile at every batch; in eager 0.95x up to B = 8, 1.0x from B = 64."""
+    return 0.95 if how == "eager" and batch <= 8 else 1.0
+
+
+# ... and, where the GPU is saturated (B = 256), this share of the FLOP ratio (its ceiling).
+TARGET_FLOP_SHARE = 0.97
 
 
 def parse_args(argv=None):
@@ -64,6 +74,8 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--exec", dest="execs", default="eager,graph", help="comma list of " + ", ".join(EXECS))
     p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16", "fp32"))
+    p.add_argument("--attention", default="auto", choices=ATTENTION_PATHS,
+                   help="proportional attention path of the tofu variant (default auto)")
     p.add_argument("--min-time-s", type=float, default=0.3, help="length of one timed window")
     p.add_argument("--budget-s", type=float, default=None, help="stop starting new configurations after this")
     p.add_argument("--quick", action="store_true",
@@ -107,7 +119,7 @@ def create_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:
     return create_vit(name).to(device=device, dtype=dtype)
 
 
-def configure(model, variant: str, r: int, device: str) -> None:
+def configure(model, variant: str, r: int, device: str, attention: str = "auto") -> None:
     """Patch (or unpatch) ``model`` in place for ``variant``."""
     import tofu_triton.patch as tp
 
@@ -118,7 +130,7 @@ def configure(model, variant: str, r: int, device: str) -> None:
     else:
         # The fused kernels need CUDA; the CPU smoke run goes through the
         # reference instead so the rest of the script is still exercised.
-        tp.timm(model, r=r, mode="tofu", backend="triton" if device == "cuda" else "auto")
+        tp.timm(model, r=r, mode="tofu", backend="triton" if device == "cuda" else "auto", attention=attention)
 
 
 def forward_flops(model, n_tokens: List[int]) -> float:
@@ -154,7 +166,7 @@ def run_config(model, cfg: Dict, images: torch.Tensor, args, device: str) -> Dic
     from tofu_triton.schedule import token_counts
 
     row = dict(cfg)
-    configure(model, cfg["variant"], cfg["r"], device)
+    configure(model, cfg["variant"], cfg["r"], device, args.attention)
     n_tokens = model.patch_embed.num_patches + model.num_prefix_tokens
     tokens = token_counts(tp.plan(model)) if tp.is_patched(model) else [n_tokens] * (len(model.blocks) + 1)
     row["tokens_out"] = tokens[-1]
@@ -215,7 +227,8 @@ def add_speedups(rows: List[Dict]) -> None:
 
 
 def check_targets(rows: List[Dict]) -> List[Dict]:
-    """ViT-B r=16: ToFu >= 1.15x ToMe-style and >= 1.0x unpatched (1.8x at B=256), per batch and exec."""
+    """ViT-B r=16, per batch and exec: ToFu >= 1.15x ToMe-style, >= target_vs_unpatched,
+    and at B = 256 >= TARGET_FLOP_SHARE of the FLOP ratio."""
     out = []
     for row in rows:
         if row["model"] != TARGET_MODEL or row["variant"] != "tofu" or row["r"] != TARGET_R:
@@ -227,9 +240,12 @@ def check_targets(rows: List[Dict]) -> List[Dict]:
         if vs_tome is None or vs_base is None:
             verdict = "not measured"
         else:
-            need = TARGET_VS_UNPATCHED_AT.get(row["batch"], TARGET_VS_UNPATCHED)
+            need = target_vs_unpatched(row["exec"], row["batch"])
+            if row["batch"] >= 256:
+                need = max(need, TARGET_FLOP_SHARE * row["flops_ratio"])
             verdict = "PASS" if vs_tome >= TARGET_VS_TOME and vs_base >= need else "FAIL"
-        out.append(dict(batch=row["batch"], exec=row["exec"], verdict=verdict, vs_tome=vs_tome, vs_unpatched=vs_base))
+        out.append(dict(batch=row["batch"], exec=row["exec"], verdict=verdict, vs_tome=vs_tome, vs_unpatched=vs_base,
+                        flop_share=vs_base / row["flops_ratio"] if vs_base else None))
     return out
 
 
@@ -261,13 +277,15 @@ def write_markdown(path: Path, report: Dict) -> None:
             f"{_fmt(row.get('vs_unpatched'))} | {_fmt(row.get('flops_ratio'))} | {_fmt(row.get('vs_tome'))} | "
             f"{row.get('status', '')} |"
         )
-    lines += ["", f"## Targets ({TARGET_MODEL}, r={TARGET_R}: ToFu >= {TARGET_VS_TOME}x ToMe-style, "
-              f">= {TARGET_VS_UNPATCHED}x unpatched, >= {TARGET_VS_UNPATCHED_AT[256]}x at B=256)", ""]
+    lines += ["", f"## Targets ({TARGET_MODEL}, r={TARGET_R}: ToFu >= {TARGET_VS_TOME}x ToMe-style; vs unpatched "
+              f">= 1.0x with graphs or compile, >= 0.95x eager at B <= 8, >= 1.0x eager from B = 64; at B = 256 "
+              f">= {TARGET_FLOP_SHARE:.0%} of the FLOP ratio)", ""]
     if not report["targets"]:
         lines.append("- not measured in this run")
     for t in report["targets"]:
         lines.append(f"- B={t['batch']} {t['exec']}: **{t['verdict']}** "
-                     f"(vs ToMe-style {_fmt(t.get('vs_tome'))}x, vs unpatched {_fmt(t.get('vs_unpatched'))}x)"
+                     f"(vs ToMe-style {_fmt(t.get('vs_tome'))}x, vs unpatched {_fmt(t.get('vs_unpatched'))}x, "
+                     f"{_fmt(t.get('flop_share'))} of the FLOP ratio)"
                      + (f" {t['detail']}" if t.get("detail") else ""))
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 

@@ -145,3 +145,19 @@ def test_torch_compile_fullgraph(backend, compiler):
     out.sum().backward()
     expected.sum().backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (tensors on cuda:1 while cuda:0 is current)")
+def test_kernels_run_on_the_device_of_their_tensors():
+    # Triton launches on the current device; the launchers switch to their tensors' one.
+    x, metric, size = make_inputs(2, 33, 16, d=8, seed=7)
+    want = tt.token_fusion(x.cuda(0), metric.cuda(0), 8, size.cuda(0), backend="triton")
+    with torch.cuda.device(0):
+        got = tt.token_fusion(x.cuda(1), metric.cuda(1), 8, size.cuda(1), backend="triton")
+        keys = metric.cuda(1)[:, None].expand(-1, 2, -1, -1)
+        step = tt.token_fusion_step(x.cuda(1), keys, 8, size.cuda(1), bias_dtype=torch.float32, backend="triton")
+        torch.cuda.synchronize(1)
+    assert got[0].device == torch.device("cuda", 1) and torch.equal(got[0].cpu(), want[0].cpu())
+    assert step.x.device == step.bias.device == torch.device("cuda", 1)
+    assert torch.equal(step.x.cpu(), tt.token_fusion_step(x.cuda(0), keys.cuda(0), 8, size.cuda(0),
+                                                          backend="triton").x.cpu())

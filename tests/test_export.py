@@ -50,7 +50,8 @@ def test_hf_bert_with_padding_exports_and_packages(tmp_path):
 def test_export_ops_compute_the_op():
     # The triton_op twins of the Triton ops (what torch.export uses on CUDA) run
     # the same kernels; here eagerly, in the interpreter.
-    match_export, merge_export = ops._export_ops()
+    exports = ops._export_ops()
+    match_export, merge_export, step_export = exports["match"], exports["merge"], exports["step"]
     x, metric, size = make_inputs(2, 33, 16, d=8, seed=4)
     expected = ref.bipartite_match(metric, 8, 1)
     got = match_export(metric, 8, 1)
@@ -58,11 +59,22 @@ def test_export_ops_compute_the_op():
     out, size_out = merge_export(x, size, expected.unm_idx, expected.dst_start, expected.dst_src, 1, "mlerp")
     want, want_size = ref.merge_tokens(x, expected, size, "mlerp")
     assert_close(out, want, name="merge_export")
+    keys = metric[:, None].expand(-1, 2, -1, -1)  # two equal heads: their mean is the metric
+    step = ops._as_step(*step_export(x, keys, size, 8, 1, "mlerp", torch.float32), 33, 1, 8, with_bias=True)
+    assert all(torch.equal(a, b) for a, b in zip(step.match[:5], expected[:5]))
+    assert_close(step.x, want, name="step_export")
+    assert_close(step.bias, ref.log_size_bias(want_size, torch.float32), name="step_export bias")
     assert torch.equal(size_out, want_size)
 
 
-def test_export_ops_are_used_only_while_exporting_cuda(monkeypatch):
-    cpu = torch.zeros(1)
-    assert ops._match_impl(cpu) is ops._match_op and ops._merge_impl(cpu) is ops._merge_op
+def test_each_caller_gets_its_way_into_the_kernels(monkeypatch):
+    # Eager inference: the launcher itself; autograd or tracing: the custom op; export on CUDA: the triton_op.
+    x = torch.zeros(1)
+    assert ops._triton_path("step", x) is ops._LAUNCHES["step"]
+    assert ops._triton_path("step", x.requires_grad_()) is ops._CUSTOM_OPS["step"]
+    with torch.no_grad():
+        assert ops._triton_path("step", x) is ops._LAUNCHES["step"]
+    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    assert ops._triton_path("merge", torch.zeros(1)) is ops._CUSTOM_OPS["merge"]
     monkeypatch.setattr(ops, "_is_exporting", lambda: True)
-    assert ops._match_impl(cpu) is ops._match_op  # CPU export runs the reference, never these
+    assert ops._triton_path("match", torch.zeros(1)) is ops._CUSTOM_OPS["match"]  # a CPU export runs the reference
