@@ -14,7 +14,8 @@ from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
-from tofu_triton.testing import load_minilm, minilm_path, run_in_threads  # noqa: E402
+from tofu_triton.testing import run_in_threads  # noqa: E402
+from tofu_triton.testing.minilm import load_minilm, minilm_path  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
 
