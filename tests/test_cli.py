@@ -6,7 +6,8 @@ import sys
 import pytest
 import torch
 
-from tofu_triton.__main__ import main, synthetic_images
+from tofu_triton.cli import main
+from tofu_triton.cli.demo import synthetic_images
 from tofu_triton.visualize import merge_figure, merge_picture, save_merge_picture
 
 
@@ -109,13 +110,13 @@ def test_demo_is_seeded_and_says_when_r_is_clamped(tmp_path, capsys):
 
     assert agreement(first) == agreement(second)
     # Nb of 65, 45, 25, 13, 7 and 4 tokens caps each layer's r = 20:
-    assert "r=20 is more than the last layers can remove" in first and "[20, 20, 12, 6, 3, 1]" in first
+    assert "r=20 is more than the last 4 of the 6 layers can remove" in first and "[20, 20, 12, 6, 3, 1]" in first
     assert "CPU figures" in first
 
 
 def test_demo_without_matplotlib_says_what_to_install(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from tofu_triton.__main__ import main\n"
+            "from tofu_triton.cli import main\n"
             f"sys.exit(main(['demo', '--model', 'tiny', '--device', 'cpu', '--batch', '1', '--iters', '1', "
             f"'--out', {str(tmp_path)!r}]))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tofu_triton import eval as tev
-from tofu_triton.__main__ import main
+from tofu_triton.cli import eval as tev
+from tofu_triton.cli import main
 from tofu_triton.models import create_vit
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2"]
@@ -151,7 +151,7 @@ def test_torchrun_two_processes_give_the_single_process_counts(folder, tmp_path)
 
 
 def test_torchrun_shards_do_not_overlap():
-    from tofu_triton.eval import _Distributed
+    from tofu_triton.cli.eval import _Distributed
 
     shards = []
     for rank in range(3):

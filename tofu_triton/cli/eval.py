@@ -1,4 +1,4 @@
-"""ImageNet-style evaluation of a timm ViT with ToFu / ToMe: top-1, top-5, images/s.
+"""``tofu-triton eval``: ImageNet-style evaluation of a timm ViT with ToFu / ToMe: top-1, top-5, images/s.
 
     python -m tofu_triton eval --model vit_base_patch16_224 --pretrained --data /path/to/val --tokens 16 --mode tofu
     python -m tofu_triton eval ... --tokens 0,8,16 --mode tome,tofu      # one row per (mode, r)
@@ -31,13 +31,16 @@ images/s counts the model forward only (synchronised on CUDA), not loading.
 import itertools
 import os
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import patch as tp
+from ..models import load_weights
+from ..schedule import MODEL_MODES, token_counts
+from .common import load_model, resolve_device, timed
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MODEL_MODES = ("tofu", "tome", "prune", "mlerp")
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -116,9 +119,6 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
     """
     from tqdm import tqdm
 
-    import tofu_triton.patch as tp
-    from tofu_triton.schedule import token_counts
-
     tp.timm(model, r=0, backend=backend)
     model.to(device)
     cuda = str(device).startswith("cuda")
@@ -135,14 +135,9 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
             model.r, model.tofu_mode = r, mode
             if batch_i == 0 and warmup:
                 model(images)  # untimed: kernel compilation / autotuning and allocator warm-up
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            logits = model(images)
-            if cuda:
-                torch.cuda.synchronize()
+            logits, seconds = timed(model, images, cuda=cuda)
             s = stats[(mode, r)]
-            s["seconds"] += time.perf_counter() - start
+            s["seconds"] += seconds
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             s["correct1"] += (top[:, 0] == target).sum().item()
             s["correct5"] += (top == target[:, None]).any(dim=-1).sum().item()
@@ -231,8 +226,6 @@ class _Distributed:
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     """:func:`tofu_triton.models.load_weights`, as a one-line SystemExit for the CLI."""
-    from .models import load_weights
-
     try:
         load_weights(model, path)
     except ValueError as e:
@@ -240,10 +233,8 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 
 def run(args) -> int:
-    """The ``eval`` subcommand (args from ``tofu_triton.__main__``); also one process of a torchrun job."""
+    """The ``eval`` subcommand (args from :func:`add_arguments`); also one process of a torchrun job."""
     import json
-
-    from .__main__ import load_model, resolve_device
 
     modes = parse_list(args.mode)
     for m in modes:
@@ -307,6 +298,12 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return min(8, cpus)
+
+
+def check_arguments(parser, args) -> None:
+    """parser.error (one line, exit 2) for values out of range; the rest is checked in :func:`run`."""
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
 
 
 def add_arguments(p) -> None:
