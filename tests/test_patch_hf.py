@@ -18,6 +18,7 @@ from tofu_triton.testing import run_in_threads  # noqa: E402
 from tofu_triton.testing.minilm import load_minilm, minilm_path  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
+from patching import assert_r0_is_unpatched, images  # noqa: E402
 
 # The module (tofu_triton.patch.transformers, the attribute, is the patch function).
 hf = importlib.import_module("tofu_triton.patch.transformers")
@@ -52,10 +53,6 @@ def ids_and_mask(lengths=(20, 12, 15), n=20, seed=1):
         mask[i, :length] = 1
         ids[i, length:] = 0  # [PAD]
     return ids, mask
-
-
-def images(batch=3, seed=2):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- BERT
@@ -213,23 +210,16 @@ def test_bert_reentrant_threads():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vit_r0_equals_unpatched(impl):
-    model, x = vit(impl), images()
-    with torch.no_grad():
-        ref = model(pixel_values=x)
-        tp.transformers(model, r=0)
-        out = model(pixel_values=x)
-    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
-    assert torch.equal(out.pooler_output, ref.pooler_output)
+    out = assert_r0_is_unpatched(vit(impl), tp.transformers, pixel_values=images())
+    assert out.pooler_output is not None
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 def test_vit_classifier_token_counts(impl, mode):
     model, x = vit(impl, ViTForImageClassification), images()
+    ref = assert_r0_is_unpatched(model, tp.transformers, pixel_values=x).logits
     with torch.no_grad():
-        ref = model(pixel_values=x).logits
-        assert tp.transformers(model, r=0) is model
-        assert torch.equal(model(pixel_values=x).logits, ref)
         model.vit.r, model.vit.tofu_mode = 3, mode
         out = model.vit(pixel_values=x)
         logits = model(pixel_values=x).logits
@@ -272,12 +262,8 @@ def dinov2(impl="sdpa", cls=Dinov2Model):
 @pytest.mark.parametrize("family", ["clip", "dinov2"])
 def test_clip_dinov2_r0_equal_and_counts(impl, family):
     model, x = (clip_vision if family == "clip" else dinov2)(impl), images()
+    ref = assert_r0_is_unpatched(model, tp.transformers, pixel_values=x)
     with torch.no_grad():
-        ref = model(pixel_values=x)
-        tp.transformers(model, r=0)
-        out = model(pixel_values=x)
-        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=0)
-        torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=0, atol=0)
         for mode in MODES:
             model.r, model.tofu_mode = 4, mode
             out = model(pixel_values=x)
@@ -301,12 +287,8 @@ def siglip(impl="sdpa", seed=0):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_siglip_r0_is_bitwise_and_counts_follow_the_plan(impl):
     model, x = siglip(impl), images()
+    assert_r0_is_unpatched(model, tp.transformers, pixel_values=x)
     with torch.no_grad():
-        ref = model(pixel_values=x)
-        tp.transformers(model, r=0)
-        out = model(pixel_values=x)
-        assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
-        assert torch.equal(out.pooler_output, ref.pooler_output)
         for mode in MODES:
             model.r, model.tofu_mode = [3, 2, 5, 4], mode
             out = model(pixel_values=x)

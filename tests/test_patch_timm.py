@@ -14,6 +14,7 @@ from tofu_triton.patch.timm import attention_forward, proportional_mask
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
+from patching import assert_r0_is_unpatched, images
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 VARIANTS = {
@@ -36,17 +37,11 @@ def tiny(variant="vit", seed=0, **overrides):
     return cls(**kwargs).eval()
 
 
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_r0_is_bitwise_unpatched(variant):
     model, x = tiny(variant), images()
+    assert_r0_is_unpatched(model, tp.timm, x)
     with torch.no_grad():
-        expected = model(x)
-        tp.timm(model, r=0)
-        assert torch.equal(model(x), expected)
         assert torch.equal(model.forward_features(x), tp.unpatch(model).forward_features(x))
 
 
@@ -54,9 +49,7 @@ def test_r0_is_bitwise_unpatched_without_fused_attention():
     model, x = tiny("layerscale"), images()
     for blk in model.blocks:
         blk.attn.fused_attn = False  # timm's manual softmax path (TIMM_FUSED_ATTN=0)
-    with torch.no_grad():
-        expected = model(x)
-        assert torch.equal(tp.timm(model, r=0, mode="tome")(x), expected)
+    assert_r0_is_unpatched(model, lambda m, r: tp.timm(m, r=r, mode="tome"), x)
 
 
 @pytest.mark.parametrize("variant", ["vit", "reg_tokens", "no_class_token_avg", "deit_distilled"])

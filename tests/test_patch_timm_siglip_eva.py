@@ -15,6 +15,7 @@ from tofu_triton.patch.timm import merge_positions, rope_attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
+from patching import assert_r0_is_unpatched, images
 
 SMALL = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 FAMILIES = {
@@ -31,16 +32,9 @@ def build(family, seed=0):
     return timm.create_model(name, **SMALL, **extra).eval()
 
 
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_r0_is_bitwise_unpatched(family):
-    model, x = build(family), images()
-    with torch.no_grad():
-        expected = model(x)
-        assert torch.equal(tp.timm(model, r=0, mode="tofu")(x), expected)
+    assert_r0_is_unpatched(build(family), tp.timm, images())
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -1,0 +1,28 @@
+"""What the model-patch tests of every family share (``tests/test_patch_*.py``)."""
+import torch
+
+
+def images(batch: int = 3, seed: int = 1, size: int = 32) -> torch.Tensor:
+    """[batch, 3, size, size] float32 standard-normal pixels drawn from ``seed``."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+def assert_r0_is_unpatched(model, patch, *args, **kwargs):
+    """``patch(model, r=0)`` leaves ``model(*args, **kwargs)`` as it was, to the bit; returns the patched output.
+
+    Compares the output tensor, or every tensor field of a Hugging Face
+    ``ModelOutput`` (the patched one has fields of its own besides: tokens,
+    token_size, token_mask).
+    """
+    with torch.no_grad():
+        expected = model(*args, **kwargs)
+        assert patch(model, r=0) is model
+        got = model(*args, **kwargs)
+    if isinstance(expected, torch.Tensor):
+        assert torch.equal(got, expected)
+        return got
+    fields = {name: value for name, value in expected.items() if isinstance(value, torch.Tensor)}
+    assert fields, f"nothing to compare in the output: {list(expected.keys())}"
+    for name, value in fields.items():
+        assert torch.equal(got[name], value), f"{name} changed at r=0"
+    return got
