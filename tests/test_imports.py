@@ -1,5 +1,5 @@
-"""The package's own import graph, read from the source with ``ast``: no cycle, and the library never
-imports the command line.
+"""The package's own import graph, read from the source with ``ast``: no cycle, no import of a module the
+package does not have, and the library never imports the command line.
 
 Every import counts, also one inside a function: a deferred import still ties two files together (and
 under ``python -m tofu_triton`` a module that imports ``__main__`` back loads it a second time).
@@ -8,7 +8,7 @@ Relative imports are resolved, and ``kernels/`` is read as what it is installed 
 """
 import ast
 from pathlib import Path
-from typing import Dict, List, Set
+from typing import Dict, List, Set, Tuple
 
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE_DIRS = {"tofu_triton": "tofu_triton", "kernels": "tofu_triton.kernels"}  # folder -> installed package
@@ -28,31 +28,47 @@ def module_files(root: Path) -> Dict[str, Path]:
     return out
 
 
-def _own_module(target: str, known: Dict[str, Path]) -> str:
-    """The module of ``known`` that importing ``target`` runs last ("" for another distribution's)."""
-    if target == "kernels" or target.startswith("kernels."):  # the folder's name where the installed one is meant
-        target = "tofu_triton." + target
-    while target and target not in known:
-        target = target.rpartition(".")[0]
-    return target
+def _installed(module: str) -> str:
+    """``kernels.x`` (the folder's name) as what it is installed as, ``tofu_triton.kernels.x``."""
+    return "tofu_triton." + module if module == "kernels" or module.startswith("kernels.") else module
+
+
+def import_statements(name: str, known: Dict[str, Path]) -> List[Tuple[str, List[str]]]:
+    """(module, names) of every import in module ``name``'s file, anywhere in it, relative ones resolved:
+    ``import a.b`` gives ("a.b", []), ``from ..a import b, c`` in package p.q gives ("p.a", ["b", "c"])."""
+    path = known[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        if isinstance(node, ast.Import):
+            out += [(_installed(alias.name), []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            module = node.module or ""
+            if node.level:  # ``from ..x import y`` in package a.b.c is a.b.x
+                parts = package.split(".")
+                module = ".".join([*parts[: len(parts) - node.level + 1], *([node.module] if node.module else [])])
+            out.append((_installed(module), [alias.name for alias in node.names]))
+    return out
 
 
 def imports_of(name: str, known: Dict[str, Path]) -> Set[str]:
-    """The modules of ``known`` that module ``name`` imports anywhere in its file."""
-    path = known[name]
-    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-    targets: List[str] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        if isinstance(node, ast.Import):
-            targets += [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:  # ``from ..x import y`` in package a.b.c is a.b.x
-                parts = package.split(".")
-                base = ".".join([*parts[: len(parts) - node.level + 1], *([node.module] if node.module else [])])
-            # ``from package import name`` imports the submodule package.name if there is one.
-            targets += [f"{base}.{a.name}" if f"{base}.{a.name}" in known else base for a in node.names]
-    return {m for m in (_own_module(t, known) for t in targets) if m and m != name}
+    """The modules of ``known`` that module ``name`` imports."""
+    found = set()
+    for module, names in import_statements(name, known):
+        # ``from package import name`` imports the submodule package.name if there is one.
+        for target in [f"{module}.{n}" if f"{module}.{n}" in known else module for n in names] or [module]:
+            while target and target not in known:  # ``import a.b`` of another distribution: not ours
+                target = target.rpartition(".")[0]
+            if target and target != name:
+                found.add(target)
+    return found
+
+
+def broken_imports(known: Dict[str, Path]) -> List[str]:
+    """Imports from this package's namespace of a module it does not have (they fail when they run,
+    which for an import inside a function is only when that function is called)."""
+    return sorted(f"{name} imports {module}" for name in known for module, _ in import_statements(name, known)
+                  if (module == "tofu_triton" or module.startswith("tofu_triton.")) and module not in known)
 
 
 def import_graph(root: Path) -> Dict[str, Set[str]]:
@@ -100,6 +116,10 @@ def test_the_package_has_no_import_cycle():
     assert not cycle, "import cycle: " + " -> ".join(cycle)
 
 
+def test_every_import_of_the_package_names_one_of_its_modules():
+    assert broken_imports(module_files(ROOT)) == []
+
+
 def test_the_library_never_imports_the_command_line():
     graph = import_graph(ROOT)
     assert "tofu_triton.cli" in graph and "tofu_triton.cli.common" in graph["tofu_triton.cli.demo"]
@@ -114,6 +134,7 @@ def test_the_reader_sees_deferred_relative_and_kernel_imports(tmp_path):
         "tofu_triton/reference.py": "def show():\n    from .cli.common import table\n",
         "tofu_triton/cli/__init__.py": "",
         "tofu_triton/cli/common.py": "import torch\ndef table():\n    from tofu_triton import reference\n",
+        "tofu_triton/testing/__init__.py": "def check():\n    from .reference import split_sizes\n",
         "kernels/__init__.py": "",
         "kernels/step.py": "def launch():\n    from ..ops import run\n",
     }
@@ -127,3 +148,5 @@ def test_the_reader_sees_deferred_relative_and_kernel_imports(tmp_path):
     assert find_cycle(graph) in (["tofu_triton.kernels.step", "tofu_triton.ops", "tofu_triton.kernels.step"],
                                  ["tofu_triton.ops", "tofu_triton.kernels.step", "tofu_triton.ops"])
     assert library_imports_of_apps(graph) == ["tofu_triton.reference -> tofu_triton.cli.common"]
+    # ``.reference`` from inside tofu_triton/testing/ is tofu_triton.testing.reference, which does not exist.
+    assert broken_imports(module_files(tmp_path)) == ["tofu_triton.testing imports tofu_triton.testing.reference"]

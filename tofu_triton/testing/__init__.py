@@ -11,7 +11,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from ..reference import EPS
+from ..reference import EPS, split_sizes
 
 # Relative RMS error allowed for values computed in each dtype (outputs are
 # rounded to the dtype once, accumulation is fp32; fp64 is the reference's own).
@@ -64,8 +64,6 @@ def check_match_structure(match, n: int, r: int) -> None:
     every destination is in range, and the CSR form lists exactly the
     (source, destination) pairs of src_idx/dst_idx, grouped by destination.
     """
-    from .reference import split_sizes
-
     na, nb = split_sizes(n, match.protected)
     batch = match.unm_idx.shape[0]
     assert match.src_idx.shape == match.dst_idx.shape == match.dst_src.shape == (batch, r)
