@@ -64,8 +64,12 @@ def clamp_note(r: int, removed: Sequence[int]) -> str:
     if not clamped:
         return ""
     depth = len(removed)
-    which = (f"any of the {depth} layers" if clamped == depth
-             else f"the last {clamped} of the {depth} layers" if clamped > 1 else f"the last of the {depth} layers")
+    if clamped == depth:
+        which = f"any of the {depth} layers"
+    elif clamped == 1:
+        which = f"the last of the {depth} layers"
+    else:
+        which = f"the last {clamped} of the {depth} layers"
     return (f"r={r} is more than {which} can remove (a layer removes at most half of its non-prefix tokens): "
             f"the schedule removes {list(removed)}")
 
