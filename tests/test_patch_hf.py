@@ -94,27 +94,32 @@ def test_bert_token_counts_and_sizes(impl, mode):
     assert torch.isfinite(out.last_hidden_state).all()
 
 
+def padded_and_alone(model):
+    """The sentences of :func:`ids_and_mask` through ``model`` as one padded batch and each alone:
+    (padded output, its size- and padding-aware mean pool [B, C], [(length, output alone) per sentence])."""
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        each = [(length, model(input_ids=ids[i:i + 1, :length])) for i, length in enumerate(mask.sum(1).tolist())]
+    return out, tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), each
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 def test_bert_padded_equals_alone_when_r_not_clamped(impl, mode):
     # r=2 over 4 layers never clamps for length >= 12, so each sentence must get
     # the same real tokens, sizes and embedding in the padded batch as alone.
-    model = tp.transformers(bert(impl), r=2, mode=mode)
-    ids, mask = ids_and_mask()
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask)
-        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
-        for i, length in enumerate(mask.sum(1).tolist()):
-            alone = model(input_ids=ids[i:i + 1, :length])
-            n = alone.last_hidden_state.shape[1]
-            assert n == length - 8
-            assert out.token_mask[i].sum() == n and out.token_mask[i, :n].all()  # real first, padding last
-            torch.testing.assert_close(out.last_hidden_state[i, :n], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
-            assert torch.equal(out.token_size[i, :n], alone.token_size[0])
-            assert (out.token_size[i, n:] == 0).all()
-            torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
-            expected = tp.mean_pool(alone.last_hidden_state, alone.token_size)
-            torch.testing.assert_close(pooled[i], expected[0], rtol=1e-5, atol=1e-5)
+    out, pooled, each = padded_and_alone(tp.transformers(bert(impl), r=2, mode=mode))
+    for i, (length, alone) in enumerate(each):
+        n = alone.last_hidden_state.shape[1]
+        assert n == length - 8
+        assert out.token_mask[i].sum() == n and out.token_mask[i, :n].all()  # real first, padding last
+        torch.testing.assert_close(out.last_hidden_state[i, :n], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.token_size[i, :n], alone.token_size[0])
+        assert (out.token_size[i, n:] == 0).all()
+        torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
+        expected = tp.mean_pool(alone.last_hidden_state, alone.token_size)
+        torch.testing.assert_close(pooled[i], expected[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -143,16 +148,11 @@ def test_bert_padding_never_changes_real_tokens(mode, r):
 
 
 def test_bert_r0_padded_equals_alone():
-    model = tp.transformers(bert(), r=0)
-    ids, mask = ids_and_mask()
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask)
-        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
-        for i, length in enumerate(mask.sum(1).tolist()):
-            alone = model(input_ids=ids[i:i + 1, :length])
-            torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0],
-                                       rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
+    out, pooled, each = padded_and_alone(tp.transformers(bert(), r=0))
+    for i, (length, alone) in enumerate(each):
+        torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_mean_pool_matches_sentence_transformers_formula():

@@ -14,7 +14,7 @@ from tofu_triton.patch.timm import attention_forward, proportional_mask
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
-from patching import assert_r0_is_unpatched, images
+from patching import assert_r0_is_unpatched, assert_triton_matches_reference, images
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 VARIANTS = {
@@ -173,16 +173,8 @@ def test_avg_pooling_is_size_weighted():
 
 def test_triton_backend_agrees_with_reference():
     # Triton interpreter on the CPU: keep it tiny.
-    model = tp.timm(tiny("reg_tokens").to(DEVICE), r=3, mode="tofu", prune_layers=1, trace_source=True)
-    x = images(2).to(DEVICE)
-    with torch.no_grad():
-        model.tofu_backend = "reference"
-        ref, ref_info = tp.forward_with_info(model, x)
-        model.tofu_backend = "triton"
-        out, info = tp.forward_with_info(model, x)
-    assert info.tokens == ref_info.tokens
-    assert torch.equal(info.size, ref_info.size) and torch.equal(info.source, ref_info.source)
-    assert_close(out.cpu(), ref.cpu(), torch.float32, "triton vs reference logits")
+    model = tp.timm(tiny("reg_tokens").to(DEVICE), r=3, mode="tofu", prune_layers=1)
+    assert_triton_matches_reference(model, images(2).to(DEVICE))
 
 
 def test_torch_compile_fullgraph_matches_eager():
