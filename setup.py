@@ -16,7 +16,7 @@ setup(
     long_description=(HERE / "README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
-    packages=["tofu_triton", "tofu_triton.patch", "tofu_triton.kernels"],
+    packages=["tofu_triton", "tofu_triton.cli", "tofu_triton.patch", "tofu_triton.testing", "tofu_triton.kernels"],
     package_dir={"tofu_triton": "tofu_triton", "tofu_triton.kernels": "kernels"},
     python_requires=">=3.9",
     # Tested with torch 2.11 / triton 3.6 (GPU) and torch 2.14 / triton 3.8 (CPU, CI).
@@ -35,5 +35,5 @@ setup(
         "demo": ["matplotlib", "scikit-learn"],
         "hf": ["transformers>=5.17,<6"],  # tofu_triton.patch.transformers (5.x layer layouts; tested 5.17, 5.24)
     },
-    entry_points={"console_scripts": ["tofu-triton=tofu_triton.__main__:main"]},
+    entry_points={"console_scripts": ["tofu-triton=tofu_triton.cli:main"]},
 )

@@ -143,7 +143,7 @@ def run(n_passages: int, half: int, rs: Sequence[int], modes: Sequence[str], bat
     import tofu_triton.patch as tp
     from tofu_triton.schedule import token_counts
 
-    from tofu_triton.testing import load_minilm
+    from tofu_triton.testing.minilm import load_minilm
 
     tokenizer, model = load_minilm()
     passages = collect_passages(tokenizer, n_passages, half)

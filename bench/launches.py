@@ -35,7 +35,7 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the Triton backend on CPU tens
 import torch  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
-from tofu_triton.testing import DeviceOps  # noqa: E402
+from tofu_triton.testing.device_ops import DeviceOps  # noqa: E402
 
 VARIANTS = {  # name -> patch settings (None: unpatched)
     "unpatched": None,

@@ -40,7 +40,7 @@ from measure import (DTYPES, count_launches, peak_memory, step_bytes, time_cuda,
                      time_cuda_graph, time_loop)
 from tofu_triton import reference
 from tofu_triton.testing import make_inputs
-from tofu_triton.testing import tome_step
+from tofu_triton.testing.tome_baseline import tome_step
 
 IMPLS = ("step", "triton", "reference", "tome")
 # (N, C, r): C and r fixed per N so the GPU case count stays sane.

@@ -7,6 +7,8 @@ JSON, Markdown and PNG files.
 import importlib.util
 import json
 
+import pytest
+
 import throughput
 
 
@@ -39,3 +41,13 @@ def test_throughput_refuses_without_cuda(capsys, monkeypatch):
     monkeypatch.setattr(throughput.torch.cuda, "is_available", lambda: False)
     assert throughput.main(["--quick"]) == 2
     assert "--cpu-smoke" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--variants", "tofu,fast"], "--variants: unknown fast; choose from unpatched, tome, tofu"),
+    (["--exec", "eager,warp"], "--exec: unknown warp; choose from eager, graph, compile"),
+])
+def test_unknown_choices_are_one_line_errors(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        throughput.parse_args(argv)
+    assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)

@@ -38,6 +38,7 @@ from typing import Dict, List
 
 import torch
 
+from arguments import choice_list, given_options, split_list  # noqa: E402
 from measure import capture_graph, environment, time_loop  # noqa: E402
 from tofu_triton.attention import PATHS as ATTENTION_PATHS  # noqa: E402
 
@@ -84,7 +85,7 @@ def parse_args(argv=None):
                    help="tiny 4-block ViT at 64 px on the CPU, eager only: checks the script end to end")
     p.add_argument("--out", default=None, help="directory for throughput.{json,md,png} (default bench/results)")
     args = p.parse_args(argv)
-    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+    given = given_options(argv)
     if args.quick:
         if "--models" not in given:
             args.models = "vit_b"
@@ -97,20 +98,12 @@ def parse_args(argv=None):
     if args.cpu_smoke:
         args.models, args.batches, args.r, args.execs, args.dtype = "smoke", "2", "2", "eager", "fp32"
         args.min_time_s = min(args.min_time_s, 0.05)
-    args.models = [MODELS.get(m, m) for m in _split(args.models)]
-    args.batches = [int(b) for b in _split(args.batches)]
-    args.r = [int(r) for r in _split(args.r)]
-    args.variants = _split(args.variants)
-    args.execs = _split(args.execs)
-    for name, values, allowed in (("variant", args.variants, VARIANTS), ("exec", args.execs, EXECS)):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            p.error(f"unknown {name} {bad}; choose from {allowed}")
+    args.models = [MODELS.get(m, m) for m in split_list(args.models)]
+    args.batches = [int(b) for b in split_list(args.batches)]
+    args.r = [int(r) for r in split_list(args.r)]
+    args.variants = choice_list(p, "--variants", args.variants, VARIANTS)
+    args.execs = choice_list(p, "--exec", args.execs, EXECS)
     return args
-
-
-def _split(text: str) -> List[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def create_model(name: str, device: str, dtype: torch.dtype) -> torch.nn.Module:

@@ -45,6 +45,7 @@ from typing import Dict, List, Optional
 
 import torch
 
+from arguments import choice_list, given_options, split_list  # noqa: E402
 from measure import environment  # noqa: E402
 
 MODELS = {"sd15": "SD 1.5, 512 px", "sdxl": "SDXL, 1024 px", "tiny": "SD 1.5 layout, tiny",
@@ -80,19 +81,15 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="directory for throughput_sd_<card>.{json,md} (default bench/results)")
     args = p.parse_args(argv)
     if args.smoke:  # the CPU settings, for the options not given on the command line
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+        given = given_options(argv)
         smoke = dict(models="tiny,tiny-xl", dtype="fp32", size=16, warmup=1, repeats=2, rounds=1)
         for name, value in smoke.items():
             if "--" + name not in given:
                 setattr(args, name, value)
-    args.models = _split(args.models)
-    args.variants = _split(args.variants)
-    for name, values, allowed in (("model", args.models, MODELS), ("variant", args.variants, VARIANTS)):
-        bad = [v for v in values if v not in allowed]
-        if bad:
-            p.error(f"unknown {name} {bad}; choose from {list(allowed)}")
+    args.models = choice_list(p, "--models", args.models, MODELS)
+    args.variants = choice_list(p, "--variants", args.variants, VARIANTS)
     try:
-        args.ratios = [float(r) for r in _split(args.ratios)]
+        args.ratios = [float(r) for r in split_list(args.ratios)]
     except ValueError:
         p.error(f"--ratios must be a comma list of numbers, got {args.ratios!r}")
     if not args.ratios or not all(0 <= r < 1 for r in args.ratios):
@@ -109,10 +106,6 @@ def parse_args(argv=None):
             if args.size < 1 or args.size % latent_multiple(name):
                 p.error(f"--size must be a positive multiple of {latent_multiple(name)} for {name}, got {args.size}")
     return args
-
-
-def _split(text: str) -> List[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
 
 
 def card_slug(name: str) -> str:

@@ -12,7 +12,9 @@ takes one GPU when CUDA is visible (``--gpus-per-replica``), else ``--cpus-per-r
 places the replicas across the nodes.
 """
 import argparse
+import sys
 
+from tofu_triton.cli.common import load_model
 from tofu_triton.serve import build_app
 
 
@@ -30,21 +32,24 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args(argv)
-    from tofu_triton.models import create_vit
-
-    try:  # a mistyped model name is a one-line error here, not a failed replica in Ray's logs
-        create_vit(args.model)
-    except ValueError as e:
-        raise SystemExit(f"--model: {e}") from None
+    # Build the model here once: a mistyped name, or pretrained weights that cannot be downloaded, is a
+    # one-line error now, not replicas that Ray restarts forever. The weights land in the local cache, where
+    # the replicas on this machine find them.
+    load_model(args.model, args.pretrained, seed=0)
 
     import ray
     from ray import serve
 
     ray.init(address=args.address)
-    serve.start(http_options={"host": args.host, "port": args.port})
-    serve.run(build_app(args.model, args.tokens, args.mode, args.replicas, args.pretrained, max_batch=args.max_batch,
-                        gpus_per_replica=args.gpus_per_replica, cpus_per_replica=args.cpus_per_replica),
-              route_prefix="/", blocking=True)
+    try:
+        serve.start(http_options={"host": args.host, "port": args.port})
+        serve.run(build_app(args.model, args.tokens, args.mode, args.replicas, args.pretrained,
+                            max_batch=args.max_batch, gpus_per_replica=args.gpus_per_replica,
+                            cpus_per_replica=args.cpus_per_replica),
+                  route_prefix="/", blocking=True)
+    except KeyboardInterrupt:  # Ctrl-C is how this server is meant to stop
+        print("stopping the server (Ctrl-C)", file=sys.stderr)
+        serve.shutdown()
     return 0
 
 

@@ -2,11 +2,15 @@
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 
 import pytest
 import torch
 
-from tofu_triton.__main__ import main, synthetic_images
+from tofu_triton.cli import main
+from tofu_triton.cli.demo import clamp_note, synthetic_images
+from tofu_triton.models import similar_names
 from tofu_triton.visualize import merge_figure, merge_picture, save_merge_picture
 
 
@@ -73,8 +77,8 @@ def test_merge_picture_paints_tokens_in_their_mean_colour(tmp_path):
         merge_picture(image, source, (3, 3))
 
 
-def _run_cli(*argv):
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+def _run_cli(*argv, **env):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
     return subprocess.run([sys.executable, "-m", "tofu_triton", *argv], capture_output=True, text=True,
                           timeout=300, env=env)
 
@@ -83,11 +87,42 @@ def _run_cli(*argv):
     (["--model", "vit_does_not_exist"], "unknown model 'vit_does_not_exist'"),
     (["--model", "resnet18"], "not a timm VisionTransformer"),
     (["--model", "tiny", "--pretrained"], "no pretrained weights"),
+    # Offline, with an empty cache: at once, where timm's download retries for about a minute.
+    (["--model", "vit_tiny_patch16_224", "--pretrained"], "not in the local cache and HF_HUB_OFFLINE is set"),
 ])
 def test_demo_user_mistakes_are_one_line_errors(argv, message, tmp_path):
-    done = _run_cli("demo", "--device", "cpu", "--out", str(tmp_path), *argv)
+    done = _run_cli("demo", "--device", "cpu", "--out", str(tmp_path), *argv, HF_HUB_OFFLINE="1",
+                    HF_HOME=str(tmp_path / "hf"), TORCH_HOME=str(tmp_path / "torch"))
     assert done.returncode == 1
     assert "Traceback" not in done.stderr and message in done.stderr.strip().splitlines()[-1]
+
+
+def test_unknown_model_suggests_the_closest_names_first():
+    with pytest.raises(SystemExit, match="similar names: vit_base_patch16_224, "):
+        main(["demo", "--model", "vit_base_patch16", "--device", "cpu"])
+    names = ["convit_base", "samvit_base_patch16", "vit_base_patch16_384", "vit_base_patch16_224",
+             "vit_base_patch16_18x2_224", "deit_base_patch16_224"]
+    assert similar_names("vit_base_patch16", names, n=4) == [  # those it starts, by closeness, then look-alikes
+        "vit_base_patch16_224", "vit_base_patch16_384", "vit_base_patch16_18x2_224", "samvit_base_patch16"]
+    assert similar_names("vit_base_patch16_244", names, n=2) == ["vit_base_patch16_224", "vit_base_patch16_384"]
+    assert similar_names("resnet", names) == []
+
+
+def test_unreachable_weights_fail_at_once(monkeypatch, tmp_path):
+    from huggingface_hub import constants
+
+    def no_network(request, timeout):
+        raise urllib.error.URLError("[Errno -2] Name or service not known")
+
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path))  # nothing cached
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    with pytest.raises(SystemExit) as e:
+        main(["demo", "--model", "vit_tiny_patch16_224", "--pretrained", "--device", "cpu", "--out", str(tmp_path)])
+    assert str(e.value) == ("--model vit_tiny_patch16_224: could not load pretrained weights (OSError: cannot reach "
+                            "https://huggingface.co to download the pretrained weights of vit_tiny_patch16_224 "
+                            "([Errno -2] Name or service not known); check the network, or run without pretrained "
+                            "weights)")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message shown when no GPU is visible")
@@ -109,13 +144,21 @@ def test_demo_is_seeded_and_says_when_r_is_clamped(tmp_path, capsys):
 
     assert agreement(first) == agreement(second)
     # Nb of 65, 45, 25, 13, 7 and 4 tokens caps each layer's r = 20:
-    assert "r=20 is more than the last layers can remove" in first and "[20, 20, 12, 6, 3, 1]" in first
+    assert "r=20 is more than the last 4 of the 6 layers can remove" in first and "[20, 20, 12, 6, 3, 1]" in first
     assert "CPU figures" in first
+
+
+def test_clamp_note_says_which_layers_are_clamped():
+    assert clamp_note(4, [4, 4, 4]) == ""
+    assert clamp_note(4, [4, 4, 3]).startswith("r=4 is more than the last of the 3 layers can remove")
+    # 17 tokens, r = 9: Nb = 8 caps the first layer already, and so every one.
+    assert clamp_note(9, [8, 4, 2]) == ("r=9 is more than any of the 3 layers can remove (a layer removes at most "
+                                        "half of its non-prefix tokens): the schedule removes [8, 4, 2]")
 
 
 def test_demo_without_matplotlib_says_what_to_install(tmp_path):
     code = ("import sys; sys.modules['matplotlib'] = None\n"
-            "from tofu_triton.__main__ import main\n"
+            "from tofu_triton.cli import main\n"
             f"sys.exit(main(['demo', '--model', 'tiny', '--device', 'cpu', '--batch', '1', '--iters', '1', "
             f"'--out', {str(tmp_path)!r}]))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tofu_triton import eval as tev
-from tofu_triton.__main__ import main
+from tofu_triton.cli import eval as tev
+from tofu_triton.cli import main
 from tofu_triton.models import create_vit
 
 MODEL = ["--model", "vit_tiny_patch16_224", "--img-size", "64", "--num-classes", "2"]
@@ -65,6 +65,7 @@ def test_evaluate_counts_are_exact(folder):
     assert rows[1]["tokens"][:4] == [17, 13, 9, 5] and rows[1]["tokens"][-1] == 2
     for row in rows:
         assert row["images"] == 5 and row["top5"] == 100.0 and row["images_per_s"] > 0
+        assert len(row["batch_rates"]) == 2  # batches of 2, 2 and 1 image: only full ones give a rate
     limited = tev.evaluate(model, loader, [("tome", 2)], limit=3)
     assert limited[0]["images"] == 3
 
@@ -79,6 +80,8 @@ def test_eval_cli(folder, tmp_path, capsys):
     assert table[0].split()[:3] == ["mode", "r", "tokens"]
     assert [line.split()[:2] for line in table[1:]] == [["tome", "0"], ["tome", "4"], ["tofu", "0"], ["tofu", "4"]]
     assert "5 images, 2 classes" in captured.err and "warning" not in captured.err
+    assert "note: images/s is not a speed measurement here: 2 full batches of 2 timed per row" in captured.err
+    assert [line.split()[-1] for line in table[1:]] == ["-"] * 4  # no spread from 2 batches
     assert "img/s" not in captured.err  # no progress bar when stderr is not a terminal
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["top1"] == rows[2]["top1"]  # r=0 is the same model whatever the mode
@@ -94,6 +97,52 @@ def test_eval_cli_errors(folder):
         main(["eval", *MODEL, "--data", str(folder), "--r", "-1", "--workers", "0"])
     with pytest.raises(SystemExit, match="VisionTransformer"):
         main(["eval", "--model", "resnet18", "--num-classes", "2", "--data", str(folder), "--workers", "0"])
+
+
+@pytest.mark.parametrize("layout, message", [
+    ({}, "has no class folders; it needs one sub-folder per class"),
+    ({"a.png": b"x", "b.jpg": b"x"}, "has 2 images but no class folders"),
+    ({"cats/readme.txt": b"x", "dogs/0.png": b"x"}, "1 of 2 class folders hold no images"),
+])
+def test_eval_folder_mistakes_are_one_line_errors(layout, message, tmp_path):
+    for name, data in layout.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(data)
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *MODEL, "--data", str(tmp_path), "--workers", "0"])
+    assert message in str(e.value) and str(e.value).startswith(f"--data {tmp_path}") and "\n" not in str(e.value)
+
+
+def test_eval_triton_backend_on_the_cpu_is_a_one_line_error(folder, monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # tests/conftest.py switches the interpreter on
+    with pytest.raises(SystemExit, match="--backend triton runs the Triton kernels, which need a CUDA GPU"):
+        main(["eval", *MODEL, "--data", str(folder), "--device", "cpu", "--backend", "triton", "--workers", "0"])
+
+
+def test_eval_skips_unreadable_images_and_counts_them(folder, tmp_path, capsys):
+    (folder / "cats" / "garbage.png").write_bytes(b"not an image")
+    whole = (folder / "dogs" / "0.png").read_bytes()
+    (folder / "dogs" / "truncated.png").write_bytes(whole[: len(whole) // 2])
+    out = tmp_path / "rows.json"
+    assert main(["eval", *MODEL, "--data", str(folder), "--r", "0", "--batch", "4", "--workers", "0",
+                 "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    for path in (folder / "cats" / "garbage.png", folder / "dogs" / "truncated.png"):
+        assert f"warning: skipped {path}: cannot read it as an image" in err
+    assert "2 unreadable images were skipped" in err and "over the 5 images read" in err
+    row = json.loads(out.read_text())["rows"][0]
+    assert (row["images"], row["skipped"]) == (5, 2)
+
+
+def test_rate_spread_and_the_speed_note():
+    rows = [tev.summary_row("tofu", 0, [17, 17], 10, 5, 10, 1.0, [100.0, 102.0, 98.0, 100.0, 110.0])]
+    assert tev.rate_spread(rows[0]) == pytest.approx(0.06)  # (110 - 98) / (2 * 100)
+    assert tev.format_rows(rows).splitlines()[1].endswith("±6%") and tev.notes(rows, 2) == []
+    rows.append(tev.summary_row("tome", 4, [17, 13], 10, 5, 10, 1.0, [100.0]))
+    assert tev.rate_spread(rows[1]) is None and tev.format_rows(rows).splitlines()[2].endswith(" -")
+    assert tev.notes(rows, 2) == ["note: images/s is not a speed measurement here: 1 full batch of 2 timed per row, "
+                                  "fewer than 5 (give at least 10 images or a smaller --batch; bench/throughput.py "
+                                  "measures speed)"]
 
 
 def test_eval_module_entry_point(folder):
@@ -151,7 +200,7 @@ def test_torchrun_two_processes_give_the_single_process_counts(folder, tmp_path)
 
 
 def test_torchrun_shards_do_not_overlap():
-    from tofu_triton.eval import _Distributed
+    from tofu_triton.cli.eval import _Distributed
 
     shards = []
     for rank in range(3):

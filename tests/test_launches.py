@@ -6,7 +6,7 @@ import torch
 
 import tofu_triton.patch as tp
 from tofu_triton.models import create_vit
-from tofu_triton.testing import DeviceOps
+from tofu_triton.testing.device_ops import DeviceOps
 
 from conftest import ON_GPU
 

@@ -3,6 +3,7 @@ import copy
 import pickle
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -109,7 +110,10 @@ def test_patch_then_unpatch_restores_the_model(family):
     assert {name: type(m) for name, m in model.named_modules()} == original_types
     assert all("r" not in vars(m) and "tofu_mode" not in vars(m) for m in model.modules())
     assert torch.equal(_output(model, inputs), expected)
-    assert tp.unpatch(model) is model  # a no-op on an unpatched model
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert tp.unpatch(model) is model  # a no-op on an unpatched model, on purpose and without a warning
+    assert {name: type(m) for name, m in model.named_modules()} == original_types
 
 
 def test_plan_and_settings(family):

@@ -14,9 +14,11 @@ from transformers import SiglipVisionConfig, SiglipVisionModel  # noqa: E402
 from transformers import ViTConfig, ViTForImageClassification, ViTModel  # noqa: E402
 
 import tofu_triton.patch as tp  # noqa: E402
-from tofu_triton.testing import load_minilm, minilm_path, run_in_threads  # noqa: E402
+from tofu_triton.testing import run_in_threads  # noqa: E402
+from tofu_triton.testing.minilm import load_minilm, minilm_path  # noqa: E402
 
 from conftest import DEVICE  # noqa: E402
+from patching import assert_r0_is_unpatched, images  # noqa: E402
 
 # The module (tofu_triton.patch.transformers, the attribute, is the patch function).
 hf = importlib.import_module("tofu_triton.patch.transformers")
@@ -51,10 +53,6 @@ def ids_and_mask(lengths=(20, 12, 15), n=20, seed=1):
         mask[i, :length] = 1
         ids[i, length:] = 0  # [PAD]
     return ids, mask
-
-
-def images(batch=3, seed=2):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
 
 
 # --------------------------------------------------------------------------- BERT
@@ -96,27 +94,32 @@ def test_bert_token_counts_and_sizes(impl, mode):
     assert torch.isfinite(out.last_hidden_state).all()
 
 
+def padded_and_alone(model):
+    """The sentences of :func:`ids_and_mask` through ``model`` as one padded batch and each alone:
+    (padded output, its size- and padding-aware mean pool [B, C], [(length, output alone) per sentence])."""
+    ids, mask = ids_and_mask()
+    with torch.no_grad():
+        out = model(input_ids=ids, attention_mask=mask)
+        each = [(length, model(input_ids=ids[i:i + 1, :length])) for i, length in enumerate(mask.sum(1).tolist())]
+    return out, tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask), each
+
+
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 def test_bert_padded_equals_alone_when_r_not_clamped(impl, mode):
     # r=2 over 4 layers never clamps for length >= 12, so each sentence must get
     # the same real tokens, sizes and embedding in the padded batch as alone.
-    model = tp.transformers(bert(impl), r=2, mode=mode)
-    ids, mask = ids_and_mask()
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask)
-        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
-        for i, length in enumerate(mask.sum(1).tolist()):
-            alone = model(input_ids=ids[i:i + 1, :length])
-            n = alone.last_hidden_state.shape[1]
-            assert n == length - 8
-            assert out.token_mask[i].sum() == n and out.token_mask[i, :n].all()  # real first, padding last
-            torch.testing.assert_close(out.last_hidden_state[i, :n], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
-            assert torch.equal(out.token_size[i, :n], alone.token_size[0])
-            assert (out.token_size[i, n:] == 0).all()
-            torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
-            expected = tp.mean_pool(alone.last_hidden_state, alone.token_size)
-            torch.testing.assert_close(pooled[i], expected[0], rtol=1e-5, atol=1e-5)
+    out, pooled, each = padded_and_alone(tp.transformers(bert(impl), r=2, mode=mode))
+    for i, (length, alone) in enumerate(each):
+        n = alone.last_hidden_state.shape[1]
+        assert n == length - 8
+        assert out.token_mask[i].sum() == n and out.token_mask[i, :n].all()  # real first, padding last
+        torch.testing.assert_close(out.last_hidden_state[i, :n], alone.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.token_size[i, :n], alone.token_size[0])
+        assert (out.token_size[i, n:] == 0).all()
+        torch.testing.assert_close(out.pooler_output[i], alone.pooler_output[0], rtol=1e-5, atol=1e-5)
+        expected = tp.mean_pool(alone.last_hidden_state, alone.token_size)
+        torch.testing.assert_close(pooled[i], expected[0], rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -145,16 +148,11 @@ def test_bert_padding_never_changes_real_tokens(mode, r):
 
 
 def test_bert_r0_padded_equals_alone():
-    model = tp.transformers(bert(), r=0)
-    ids, mask = ids_and_mask()
-    with torch.no_grad():
-        out = model(input_ids=ids, attention_mask=mask)
-        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
-        for i, length in enumerate(mask.sum(1).tolist()):
-            alone = model(input_ids=ids[i:i + 1, :length])
-            torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0],
-                                       rtol=1e-5, atol=1e-5)
-            torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
+    out, pooled, each = padded_and_alone(tp.transformers(bert(), r=0))
+    for i, (length, alone) in enumerate(each):
+        torch.testing.assert_close(out.last_hidden_state[i, :length], alone.last_hidden_state[0],
+                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
 
 
 def test_mean_pool_matches_sentence_transformers_formula():
@@ -212,23 +210,16 @@ def test_bert_reentrant_threads():
 
 @pytest.mark.parametrize("impl", IMPLS)
 def test_vit_r0_equals_unpatched(impl):
-    model, x = vit(impl), images()
-    with torch.no_grad():
-        ref = model(pixel_values=x)
-        tp.transformers(model, r=0)
-        out = model(pixel_values=x)
-    assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
-    assert torch.equal(out.pooler_output, ref.pooler_output)
+    out = assert_r0_is_unpatched(vit(impl), tp.transformers, pixel_values=images())
+    assert out.pooler_output is not None
 
 
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", MODES)
 def test_vit_classifier_token_counts(impl, mode):
     model, x = vit(impl, ViTForImageClassification), images()
+    ref = assert_r0_is_unpatched(model, tp.transformers, pixel_values=x).logits
     with torch.no_grad():
-        ref = model(pixel_values=x).logits
-        assert tp.transformers(model, r=0) is model
-        assert torch.equal(model(pixel_values=x).logits, ref)
         model.vit.r, model.vit.tofu_mode = 3, mode
         out = model.vit(pixel_values=x)
         logits = model(pixel_values=x).logits
@@ -271,12 +262,8 @@ def dinov2(impl="sdpa", cls=Dinov2Model):
 @pytest.mark.parametrize("family", ["clip", "dinov2"])
 def test_clip_dinov2_r0_equal_and_counts(impl, family):
     model, x = (clip_vision if family == "clip" else dinov2)(impl), images()
+    ref = assert_r0_is_unpatched(model, tp.transformers, pixel_values=x)
     with torch.no_grad():
-        ref = model(pixel_values=x)
-        tp.transformers(model, r=0)
-        out = model(pixel_values=x)
-        torch.testing.assert_close(out.last_hidden_state, ref.last_hidden_state, rtol=0, atol=0)
-        torch.testing.assert_close(out.pooler_output, ref.pooler_output, rtol=0, atol=0)
         for mode in MODES:
             model.r, model.tofu_mode = 4, mode
             out = model(pixel_values=x)
@@ -300,12 +287,8 @@ def siglip(impl="sdpa", seed=0):
 @pytest.mark.parametrize("impl", IMPLS)
 def test_siglip_r0_is_bitwise_and_counts_follow_the_plan(impl):
     model, x = siglip(impl), images()
+    assert_r0_is_unpatched(model, tp.transformers, pixel_values=x)
     with torch.no_grad():
-        ref = model(pixel_values=x)
-        tp.transformers(model, r=0)
-        out = model(pixel_values=x)
-        assert torch.equal(out.last_hidden_state, ref.last_hidden_state)
-        assert torch.equal(out.pooler_output, ref.pooler_output)
         for mode in MODES:
             model.r, model.tofu_mode = [3, 2, 5, 4], mode
             out = model(pixel_values=x)

@@ -14,6 +14,7 @@ from tofu_triton.patch.timm import attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
+from patching import assert_r0_is_unpatched, assert_triton_matches_reference, images
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 VARIANTS = {
@@ -36,17 +37,11 @@ def tiny(variant="vit", seed=0, **overrides):
     return cls(**kwargs).eval()
 
 
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_r0_is_bitwise_unpatched(variant):
     model, x = tiny(variant), images()
+    assert_r0_is_unpatched(model, tp.timm, x)
     with torch.no_grad():
-        expected = model(x)
-        tp.timm(model, r=0)
-        assert torch.equal(model(x), expected)
         assert torch.equal(model.forward_features(x), tp.unpatch(model).forward_features(x))
 
 
@@ -54,9 +49,7 @@ def test_r0_is_bitwise_unpatched_without_fused_attention():
     model, x = tiny("layerscale"), images()
     for blk in model.blocks:
         blk.attn.fused_attn = False  # timm's manual softmax path (TIMM_FUSED_ATTN=0)
-    with torch.no_grad():
-        expected = model(x)
-        assert torch.equal(tp.timm(model, r=0, mode="tome")(x), expected)
+    assert_r0_is_unpatched(model, lambda m, r: tp.timm(m, r=r, mode="tome"), x)
 
 
 @pytest.mark.parametrize("variant", ["vit", "reg_tokens", "no_class_token_avg", "deit_distilled"])
@@ -194,16 +187,8 @@ def test_avg_pooling_is_size_weighted():
 
 def test_triton_backend_agrees_with_reference():
     # Triton interpreter on the CPU: keep it tiny.
-    model = tp.timm(tiny("reg_tokens").to(DEVICE), r=3, mode="tofu", prune_layers=1, trace_source=True)
-    x = images(2).to(DEVICE)
-    with torch.no_grad():
-        model.tofu_backend = "reference"
-        ref, ref_info = tp.forward_with_info(model, x)
-        model.tofu_backend = "triton"
-        out, info = tp.forward_with_info(model, x)
-    assert info.tokens == ref_info.tokens
-    assert torch.equal(info.size, ref_info.size) and torch.equal(info.source, ref_info.source)
-    assert_close(out.cpu(), ref.cpu(), torch.float32, "triton vs reference logits")
+    model = tp.timm(tiny("reg_tokens").to(DEVICE), r=3, mode="tofu", prune_layers=1)
+    assert_triton_matches_reference(model, images(2).to(DEVICE))
 
 
 def test_torch_compile_fullgraph_matches_eager():

@@ -15,6 +15,7 @@ from tofu_triton.patch.timm import merge_positions, rope_attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE
+from patching import assert_r0_is_unpatched, assert_triton_matches_reference, images
 
 SMALL = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 FAMILIES = {
@@ -31,16 +32,9 @@ def build(family, seed=0):
     return timm.create_model(name, **SMALL, **extra).eval()
 
 
-def images(batch=3, seed=1):
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_r0_is_bitwise_unpatched(family):
-    model, x = build(family), images()
-    with torch.no_grad():
-        expected = model(x)
-        assert torch.equal(tp.timm(model, r=0, mode="tofu")(x), expected)
+    assert_r0_is_unpatched(build(family), tp.timm, images())
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -157,15 +151,8 @@ def test_attention_pooling_uses_sizes_once_tokens_merge(family):
 
 @pytest.mark.parametrize("family", ["siglip", "eva02"])
 def test_triton_backend_agrees_with_reference(family):
-    model = tp.timm(build(family).to(DEVICE), r=3, mode="tofu", prune_layers=1, trace_source=True)
-    x = images(2).to(DEVICE)
-    with torch.no_grad():
-        model.tofu_backend = "reference"
-        ref, ref_info = tp.forward_with_info(model, x)
-        model.tofu_backend = "triton"
-        out, info = tp.forward_with_info(model, x)
-    assert info.tokens == ref_info.tokens and torch.equal(info.source, ref_info.source)
-    assert_close(out.cpu(), ref.cpu(), torch.float32, "triton vs reference logits")
+    model = tp.timm(build(family).to(DEVICE), r=3, mode="tofu", prune_layers=1)
+    assert_triton_matches_reference(model, images(2).to(DEVICE))
 
 
 @pytest.mark.parametrize("family", ["siglip", "eva02"])

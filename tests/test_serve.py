@@ -1,10 +1,16 @@
 """The Ray Serve deployment (tofu_triton.serve) on a local Ray instance: real HTTP on 127.0.0.1."""
+import importlib.util
 import io
 import json
+import os
 import socket
+import subprocess
+import sys
+import types
 import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import torch
@@ -109,12 +115,42 @@ def test_decode_request_checks_without_a_server():
         decode_request(headers, nan, 8, transform)
 
 
-def test_example_script_refuses_a_bad_model_in_one_line():
-    import subprocess
-    import sys
-    from pathlib import Path
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "ray_serve_vit.py"
 
-    script = Path(__file__).resolve().parent.parent / "examples" / "ray_serve_vit.py"
-    done = subprocess.run([sys.executable, str(script), "--model", "vit_nope"], capture_output=True, text=True,
-                          timeout=120)
-    assert done.returncode == 1 and "Traceback" not in done.stderr and "unknown model 'vit_nope'" in done.stderr
+
+@pytest.mark.parametrize("argv, message", [
+    (["--model", "vit_nope"], "unknown model 'vit_nope'"),
+    # Offline with an empty cache: refused before Ray starts, where replicas would retry the download forever.
+    (["--model", "vit_tiny_patch16_224", "--pretrained"], "not in the local cache and HF_HUB_OFFLINE is set"),
+])
+def test_example_script_refuses_in_one_line(argv, message, tmp_path):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf"), "TORCH_HOME": str(tmp_path)}
+    done = subprocess.run([sys.executable, str(EXAMPLE), *argv], capture_output=True, text=True, timeout=120,
+                          env=env)
+    assert done.returncode == 1 and "Traceback" not in done.stderr
+    assert message in done.stderr.strip().splitlines()[-1]
+
+
+def test_example_script_stops_on_ctrl_c_without_a_traceback(monkeypatch, capsys):
+    # Ray stands in as fakes: serve.run raises what Ctrl-C raises in a real blocking run.
+    spec = importlib.util.spec_from_file_location("ray_serve_vit", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    calls = []
+
+    def interrupted(app, **kwargs):
+        calls.append("run")
+        raise KeyboardInterrupt
+
+    fake_serve = types.ModuleType("ray.serve")
+    fake_serve.start = lambda **kwargs: calls.append("start")
+    fake_serve.run = interrupted
+    fake_serve.shutdown = lambda: calls.append("shutdown")
+    fake_ray = types.ModuleType("ray")
+    fake_ray.init, fake_ray.serve = (lambda address=None: calls.append("init")), fake_serve
+    monkeypatch.setitem(sys.modules, "ray", fake_ray)
+    monkeypatch.setitem(sys.modules, "ray.serve", fake_serve)
+    monkeypatch.setattr(example, "build_app", lambda *args, **kwargs: "app")
+    assert example.main(["--model", "smoke"]) == 0
+    assert calls == ["init", "start", "run", "shutdown"]
+    assert capsys.readouterr().err == "stopping the server (Ctrl-C)\n"

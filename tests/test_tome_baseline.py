@@ -1,6 +1,6 @@
-"""The ToMe-style baseline (``tofu_triton.testing.tome_step``) computes the same step as the reference.
+"""The ToMe-style baseline (``tofu_triton.testing.tome_baseline``) computes the same step as the reference.
 
-Benchmarks compare the fused kernels against ``tofu_triton.testing.tome_step``; a
+Benchmarks compare the fused kernels against ``tome_baseline.tome_step``; a
 speed-up only means something if the baseline does the same work, so its
 outputs are checked here against ``tofu_triton.reference``.
 """
@@ -8,8 +8,7 @@ import pytest
 import torch
 
 from tofu_triton import reference
-from tofu_triton import testing as tome_baseline
-from tofu_triton.testing import assert_close, make_inputs
+from tofu_triton.testing import assert_close, make_inputs, tome_baseline
 
 
 @pytest.mark.parametrize("mode", ["mean", "mlerp", "prune"])

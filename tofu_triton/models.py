@@ -8,7 +8,9 @@
     unet = create_unet("tiny")                              # SD 1.5's layout at 32-64 channels: a CPU runs it
     out = unet_step(unet, unet_inputs(unet, batch=2, size=64))     # one denoising step's UNet forward
 """
-from typing import Dict, Optional
+import difflib
+import os
+from typing import Dict, List, Optional
 
 import torch
 from torch import nn
@@ -45,9 +47,11 @@ def create_vit(name: str, pretrained: bool = False, seed: int = 0, img_size: Opt
     elif timm.is_model(name):
         base = name
     else:
-        close = timm.list_models(f"*{name.split('_')[0]}*")[:5] if name else []
-        hint = f"; similar timm names: {', '.join(close)}" if close else ""
+        close = similar_names(name, [*PRESETS, *timm.list_models()])
+        hint = f"; similar names: {', '.join(close)}" if close else ""
         raise ValueError(f"unknown model {name!r}: not a timm model name nor one of {sorted(PRESETS)}{hint}")
+    if pretrained:
+        check_weights_reachable(base)
     if img_size is not None:
         kwargs["img_size"] = img_size
     if num_classes is not None:
@@ -59,6 +63,58 @@ def create_vit(name: str, pretrained: bool = False, seed: int = 0, img_size: Opt
         raise ValueError(f"model {name!r} is a {type(model).__name__}, not a timm VisionTransformer or Eva "
                          "(ToFu patches ViT, DeiT, SigLIP, EVA-02 and their variants)")
     return model.eval()
+
+
+def similar_names(name: str, names: List[str], n: int = 5) -> List[str]:
+    """Up to ``n`` of ``names`` a user may have meant by ``name``, most likely first: the names
+    that start with it, then difflib's close matches, each group by closeness
+    (``vit_base_patch16`` -> ``vit_base_patch16_224``, ``vit_base_patch16_384``, ...)."""
+    def closeness(other: str) -> float:
+        return difflib.SequenceMatcher(None, name, other).ratio()
+
+    starting = sorted((m for m in names if name and m.startswith(name)), key=lambda m: (-closeness(m), m))
+    return list(dict.fromkeys(starting + difflib.get_close_matches(name, names, n=n, cutoff=0.6)))[:n]
+
+
+def check_weights_reachable(name: str, timeout_s: float = 5.0) -> None:
+    """OSError (one line) unless the pretrained weights of timm model ``name`` are cached or can be fetched.
+
+    Without a network timm's own download retries for about a minute before it
+    fails; this asks once, with a ``timeout_s`` second timeout, and only when
+    the weights are not in the local cache (the Hugging Face cache, or torch
+    hub's for timm models whose weights come from a URL). Honours
+    ``HF_HUB_OFFLINE`` and proxies.
+    """
+    import urllib.error
+    import urllib.request
+
+    from huggingface_hub import constants, try_to_load_from_cache
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(name)
+    if cfg is None or cfg.file or cfg.state_dict:  # no weights at all (timm says so), or local ones
+        return
+    if cfg.hf_hub_id:
+        files = [cfg.hf_hub_filename] if cfg.hf_hub_filename else ["model.safetensors", "pytorch_model.bin"]
+        if any(isinstance(try_to_load_from_cache(cfg.hf_hub_id, f), str) for f in files):
+            return
+        source = constants.ENDPOINT
+    elif cfg.url:
+        if os.path.exists(os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(cfg.url))):
+            return
+        source = cfg.url
+    else:
+        return
+    if constants.HF_HUB_OFFLINE:
+        raise OSError(f"the pretrained weights of {name} are not in the local cache and HF_HUB_OFFLINE is set")
+    try:
+        urllib.request.urlopen(urllib.request.Request(source, method="HEAD"), timeout=timeout_s).close()
+    except urllib.error.HTTPError:  # the server answered: the download itself will say what is wrong
+        return
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise OSError(f"cannot reach {source} to download the pretrained weights of {name} ({reason}); "
+                      "check the network, or run without pretrained weights") from None
 
 
 def load_weights(model: nn.Module, path: str) -> nn.Module:

@@ -129,7 +129,13 @@ def require_patched(model: nn.Module) -> nn.Module:
 
 
 def unpatch(model: nn.Module) -> nn.Module:
-    """Undo any family's patch in place and return ``model`` (an unpatched model is returned as is)."""
+    """Undo any family's patch in place and return ``model``.
+
+    On a model that was never patched (or is unpatched already) this is a
+    no-op on purpose, with no warning: clean-up code (a ``finally``, a
+    benchmark that unpatches before each variant) can call it without
+    checking first. :func:`is_patched` says whether there is a patch to undo.
+    """
     target = patched_module(model)
     if target is not None:
         family = type(target)._tofu_family

@@ -1,4 +1,4 @@
-"""ImageNet-style evaluation of a timm ViT with ToFu / ToMe: top-1, top-5, images/s.
+"""``tofu-triton eval``: ImageNet-style evaluation of a timm ViT with ToFu / ToMe: top-1, top-5, images/s.
 
     python -m tofu_triton eval --model vit_base_patch16_224 --pretrained --data /path/to/val --tokens 16 --mode tofu
     python -m tofu_triton eval ... --tokens 0,8,16 --mode tome,tofu      # one row per (mode, r)
@@ -26,18 +26,53 @@ with the input size taken from the model's patch embedding).
 The data are read once: every batch is run through every (mode, r)
 configuration of one patched model (``r = 0`` is the unreduced model:
 a patched timm ViT with r = 0 computes bitwise what the unpatched one does).
-images/s counts the model forward only (synchronised on CUDA), not loading.
+An image that cannot be read is skipped with a warning naming it, and
+counted. images/s counts the model forward only (synchronised on CUDA), not
+loading; its spread is that of the full batches' rates, and with fewer than
+:data:`MIN_TIMED_BATCHES` full batches the table says the figure is not a
+speed measurement (``bench/throughput.py`` measures speed).
 """
 import itertools
 import os
+import statistics
 import sys
-import time
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from .. import patch as tp
+from ..models import load_weights
+from ..schedule import MODEL_MODES, token_counts
+from .common import load_model, resolve_device, timed
+
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
-MODEL_MODES = ("tofu", "tome", "prune", "mlerp")
+# Fewer full batches than this per row, and images/s is not reported as a speed: one or two forwards
+# carry one-off costs (first-touch allocation, caches) and no spread can be seen.
+MIN_TIMED_BATCHES = 5
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def check_layout(root: str) -> None:
+    """ValueError in one line unless ``root`` is an ImageFolder tree: class folders, each with images
+    (torchvision's ImageFolder refuses a class folder without images too)."""
+    layout = f"one sub-folder per class with the images inside: {os.path.join(root, '<class>', '<image>')}"
+    classes = sorted(e.name for e in os.scandir(root) if e.is_dir())
+    if not classes:
+        loose = sum(_is_image(e.name) for e in os.scandir(root) if e.is_file())
+        found = f"{loose} images but no class folders" if loose else "no class folders"
+        raise ValueError(f"{root} has {found}; it needs {layout}")
+
+    def has_image(folder: str) -> bool:
+        return any(_is_image(f) for _, _, files in os.walk(folder, followlinks=True) for f in files)
+
+    empty = [c for c in classes if not has_image(os.path.join(root, c))]
+    if empty:
+        names = ", ".join(empty[:3]) + (f" and {len(empty) - 3} more" if len(empty) > 3 else "")
+        raise ValueError(f"{root}: {len(empty)} of {len(classes)} class folders hold no images "
+                         f"({', '.join(IMG_EXTENSIONS)}): {names}; it needs {layout}")
 
 
 class _FolderDataset(torch.utils.data.Dataset):
@@ -52,7 +87,7 @@ class _FolderDataset(torch.utils.data.Dataset):
         for c in self.classes:
             for dirpath, _, files in sorted(os.walk(os.path.join(root, c), followlinks=True)):
                 for f in sorted(files):
-                    if f.lower().endswith(IMG_EXTENSIONS):
+                    if _is_image(f):
                         self.samples.append((os.path.join(dirpath, f), self.class_to_idx[c]))
         if not self.samples:
             raise FileNotFoundError(f"no images ({', '.join(IMG_EXTENSIONS)}) under {root!r}")
@@ -86,6 +121,39 @@ def image_folder(root: str, transform: Optional[Callable] = None, use_torchvisio
     return _FolderDataset(root, transform=transform)
 
 
+class SkipUnreadable(torch.utils.data.Dataset):
+    """An ImageFolder ``dataset`` whose unreadable images (corrupt, truncated, not an image) come out as
+    None, with a warning naming the file on stderr unless ``quiet``. :func:`collate_readable` drops and
+    counts them, so one bad file out of 50 000 does not end the run."""
+
+    def __init__(self, dataset, quiet: bool = False):
+        self.dataset, self.quiet = dataset, quiet
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        from PIL import Image
+
+        try:
+            return self.dataset[i]
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:  # what PIL raises
+            if not self.quiet:
+                print(f"warning: skipped {self.dataset.samples[i][0]}: cannot read it as an image "
+                      f"({type(e).__name__}: {e})", file=sys.stderr, flush=True)
+            return None
+
+
+def collate_readable(samples: List) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor], int]:
+    """(images [B', 3, H, W], targets [B'] int64, skipped) of a batch of :class:`SkipUnreadable` samples:
+    the readable ones stacked (None, None when there is none), and how many were not."""
+    kept = [sample for sample in samples if sample is not None]
+    if not kept:
+        return None, None, len(samples)
+    images, targets = torch.utils.data.default_collate(kept)
+    return images, targets, len(samples) - len(kept)
+
+
 def eval_transform(model: torch.nn.Module):
     from timm.data import create_transform, resolve_data_config
 
@@ -106,46 +174,49 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
              warmup: bool = True) -> List[Dict]:
     """Top-1/top-5 and images/s of ``model`` patched with each (mode, r) in ``configs``.
 
-    ``model`` is patched in place (and left patched with the last config).
-    Returns one dict per config (:func:`summary_row`): mode, r, tokens (per
-    layer), images, correct1, correct5, seconds, top1, top5 (percent),
-    images_per_s. With ``warmup`` each config first runs the
-    first batch once untimed, so images/s excludes Triton compilation.
-    ``progress`` shows a tqdm bar on stderr (images, images/s, the first
-    config's running top-1).
+    ``loader`` yields (images [B, 3, H, W], targets [B]) or, with
+    :func:`collate_readable`, (images, targets, skipped). ``model`` is
+    patched in place (and left patched with the last config). Returns one
+    dict per config (:func:`summary_row`). With ``warmup`` each config first
+    runs the first batch once untimed, so images/s excludes Triton
+    compilation. ``progress`` shows a tqdm bar on stderr (images, images/s,
+    the first config's running top-1).
     """
     from tqdm import tqdm
-
-    import tofu_triton.patch as tp
-    from tofu_triton.schedule import token_counts
 
     tp.timm(model, r=0, backend=backend)
     model.to(device)
     cuda = str(device).startswith("cuda")
-    stats = {c: dict(correct1=0, correct5=0, seconds=0.0) for c in configs}
-    seen, total = 0, len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
+    full = getattr(loader, "batch_size", None)  # only batches of this size give a per-batch rate
+    stats = {c: dict(correct1=0, correct5=0, seconds=0.0, batch_rates=[]) for c in configs}
+    seen, skipped, warm = 0, 0, not warmup
+    total = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
-    for batch_i, (images, target) in enumerate(loader):
+    for batch in loader:
         if limit is not None and seen >= limit:
             break
+        images, target = batch[0], batch[1]
+        unreadable = batch[2] if len(batch) > 2 else 0
+        skipped += unreadable
+        bar.update(unreadable)
+        if images is None:  # no image of this batch could be read
+            continue
         if limit is not None:
             images, target = images[: limit - seen], target[: limit - seen]
         images, target = images.to(device), target.to(device)
         for mode, r in configs:
             model.r, model.tofu_mode = r, mode
-            if batch_i == 0 and warmup:
+            if not warm:
                 model(images)  # untimed: kernel compilation / autotuning and allocator warm-up
-            if cuda:
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            logits = model(images)
-            if cuda:
-                torch.cuda.synchronize()
+            logits, seconds = timed(model, images, cuda=cuda)
             s = stats[(mode, r)]
-            s["seconds"] += time.perf_counter() - start
+            s["seconds"] += seconds
+            if full is None or len(target) == full:
+                s["batch_rates"].append(len(target) / seconds)
             top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
             s["correct1"] += (top[:, 0] == target).sum().item()
             s["correct5"] += (top == target[:, None]).any(dim=-1).sum().item()
+        warm = True
         seen += len(target)
         bar.update(len(target))
         first = stats[configs[0]]
@@ -156,15 +227,21 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
         s = stats[(mode, r)]
         model.r, model.tofu_mode = r, mode
         rows.append(summary_row(mode, r, token_counts(tp.plan(model)), seen, s["correct1"], s["correct5"],
-                                s["seconds"]))
+                                s["seconds"], s["batch_rates"], skipped))
     return rows
 
 
 def summary_row(mode: str, r: int, tokens: List[int], images: int, correct1: int, correct5: int,
-                seconds: float) -> Dict:
-    """One result row: the raw counts and the percentages and images/s made from them."""
-    return dict(mode=mode, r=r, tokens=tokens, images=images, correct1=correct1, correct5=correct5,
-                seconds=seconds, top1=100.0 * correct1 / max(images, 1), top5=100.0 * correct5 / max(images, 1),
+                seconds: float, batch_rates: Sequence[float] = (), skipped: int = 0) -> Dict:
+    """One result row: the raw counts, and the percentages and images/s made from them.
+
+    ``images`` were evaluated, ``skipped`` could not be read; ``seconds`` is
+    the model time of all batches, ``batch_rates`` the images/s of each full
+    batch (for the spread).
+    """
+    return dict(mode=mode, r=r, tokens=tokens, images=images, skipped=skipped, correct1=correct1,
+                correct5=correct5, seconds=seconds, batch_rates=list(batch_rates),
+                top1=100.0 * correct1 / max(images, 1), top5=100.0 * correct5 / max(images, 1),
                 images_per_s=images / seconds if seconds > 0 else float("nan"))
 
 
@@ -172,24 +249,52 @@ def combine_rows(per_process: Sequence[Sequence[Dict]]) -> List[Dict]:
     """Rows of several processes that each evaluated a disjoint shard, as one set of rows.
 
     Counts add up; the processes ran side by side, so images/s is all images
-    over the slowest process's model time.
+    over the slowest process's model time. The per-batch rates (each one
+    process's) are pooled for the spread.
     """
     out = []
     for rows in zip(*per_process):
         first = rows[0]
         out.append(summary_row(first["mode"], first["r"], first["tokens"], sum(r["images"] for r in rows),
                                sum(r["correct1"] for r in rows), sum(r["correct5"] for r in rows),
-                               max(r["seconds"] for r in rows)))
+                               max(r["seconds"] for r in rows), [v for r in rows for v in r["batch_rates"]],
+                               sum(r["skipped"] for r in rows)))
     return out
 
 
+def rate_spread(row: Dict) -> Optional[float]:
+    """Half the range of a row's per-batch images/s over their median (0.04 reads ±4 %), or None
+    with fewer than :data:`MIN_TIMED_BATCHES` full batches."""
+    rates = row["batch_rates"]
+    if len(rates) < MIN_TIMED_BATCHES:
+        return None
+    return (max(rates) - min(rates)) / (2 * statistics.median(rates))
+
+
 def format_rows(rows: Sequence[Dict]) -> str:
-    lines = [f"{'mode':<6} {'r':>4} {'tokens':>13} {'images':>7} {'top-1 %':>8} {'top-5 %':>8} {'images/s':>9}"]
+    lines = [f"{'mode':<6} {'r':>4} {'tokens':>13} {'images':>7} {'top-1 %':>8} {'top-5 %':>8} {'images/s':>9} "
+             f"{'spread':>7}"]
     for row in rows:
         tok = f"{row['tokens'][0]}→{row['tokens'][-1]}"
+        spread = rate_spread(row)
         lines.append(f"{row['mode']:<6} {row['r']:>4} {tok:>13} {row['images']:>7} {row['top1']:>8.2f} "
-                     f"{row['top5']:>8.2f} {row['images_per_s']:>9.1f}")
+                     f"{row['top5']:>8.2f} {row['images_per_s']:>9.1f} "
+                     f"{'-' if spread is None else f'±{100 * spread:.0f}%':>7}")
     return "\n".join(lines)
+
+
+def notes(rows: Sequence[Dict], batch: int) -> List[str]:
+    """What to say under the table: images that were skipped, and images/s that is no speed measurement."""
+    out = []
+    if rows and rows[0]["skipped"]:
+        out.append(f"warning: {rows[0]['skipped']} unreadable images were skipped (each named above); "
+                   f"the counts are over the {rows[0]['images']} images read")
+    if any(rate_spread(row) is None for row in rows):
+        timed = min(len(row["batch_rates"]) for row in rows)
+        out.append(f"note: images/s is not a speed measurement here: {timed} full batch{'es' if timed != 1 else ''} "
+                   f"of {batch} timed per row, fewer than {MIN_TIMED_BATCHES} (give at least "
+                   f"{MIN_TIMED_BATCHES * batch} images or a smaller --batch; bench/throughput.py measures speed)")
+    return out
 
 
 class _Distributed:
@@ -231,8 +336,6 @@ class _Distributed:
 
 def load_checkpoint(model: torch.nn.Module, path: str) -> None:
     """:func:`tofu_triton.models.load_weights`, as a one-line SystemExit for the CLI."""
-    from .models import load_weights
-
     try:
         load_weights(model, path)
     except ValueError as e:
@@ -240,10 +343,8 @@ def load_checkpoint(model: torch.nn.Module, path: str) -> None:
 
 
 def run(args) -> int:
-    """The ``eval`` subcommand (args from ``tofu_triton.__main__``); also one process of a torchrun job."""
+    """The ``eval`` subcommand (args from :func:`add_arguments`); also one process of a torchrun job."""
     import json
-
-    from .__main__ import load_model, resolve_device
 
     modes = parse_list(args.mode)
     for m in modes:
@@ -257,20 +358,30 @@ def run(args) -> int:
         raise SystemExit("--tokens values must be >= 0")
     if not os.path.isdir(args.data):
         raise SystemExit(f"--data {args.data!r} is not a folder")
+    try:
+        check_layout(args.data)
+    except ValueError as e:
+        raise SystemExit(f"--data {e}") from None
     if args.limit is not None and args.limit < 1:
         raise SystemExit("--limit must be >= 1")
+    device = resolve_device(args.device)
+    if args.backend == "triton" and device != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise SystemExit("--backend triton runs the Triton kernels, which need a CUDA GPU, and this run is on the "
+                         "CPU: use --backend auto or reference (or set TRITON_INTERPRET=1 for Triton's slow CPU "
+                         "interpreter)")
 
-    dist = _Distributed(resolve_device(args.device))
+    dist = _Distributed(device)
+    quiet = args.quiet or dist.rank != 0
+    log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     try:
         # Every process builds the same model: seeded random init, or the same weights.
         model = load_model(args.model, args.pretrained, args.seed, img_size=args.img_size,
                            num_classes=args.num_classes)
         if args.checkpoint:
             load_checkpoint(model, args.checkpoint)
-        dataset = image_folder(args.data, eval_transform(model))
-        classes = len(getattr(dataset, "classes", []))
-        quiet = args.quiet or dist.rank != 0
-        log = (lambda msg: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+        # Every process names the unreadable images of its own shard.
+        dataset = SkipUnreadable(image_folder(args.data, eval_transform(model)), quiet=args.quiet)
+        classes = len(dataset.dataset.classes)
         if args.num_classes is None and classes != model.num_classes:
             log(f"warning: the model has {model.num_classes} classes and {args.data} has {classes} class folders; "
                 "top-1/top-5 compare the model's class index with the folder's position in sorted order, which "
@@ -279,7 +390,7 @@ def run(args) -> int:
         total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
         shard = torch.utils.data.Subset(dataset, dist.shard(total))
         loader = torch.utils.data.DataLoader(shard, batch_size=args.batch, shuffle=False, num_workers=args.workers,
-                                             pin_memory=dist.device.startswith("cuda"))
+                                             pin_memory=dist.device.startswith("cuda"), collate_fn=collate_readable)
         configs = list(itertools.product(modes, rs))
         log(f"eval {args.model} ({'pretrained' if args.pretrained else f'random init, seed {args.seed}'}"
             f"{', ' + args.checkpoint if args.checkpoint else ''}) on {args.data}: {total} images, {classes} classes, "
@@ -292,6 +403,8 @@ def run(args) -> int:
     if rows is None:  # not rank 0: rank 0 prints and writes
         return 0
     print(format_rows(rows))
+    for note in notes(rows, args.batch):
+        log(note)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(model=args.model, pretrained=args.pretrained, checkpoint=args.checkpoint,
@@ -307,6 +420,12 @@ def default_workers() -> int:
     except AttributeError:  # not on Linux
         cpus = os.cpu_count() or 1
     return min(8, cpus)
+
+
+def check_arguments(parser, args) -> None:
+    """parser.error (one line, exit 2) for values out of range; the rest is checked in :func:`run`."""
+    if args.batch < 1:
+        parser.error("--batch must be >= 1")
 
 
 def add_arguments(p) -> None:

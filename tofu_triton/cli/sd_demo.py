@@ -1,4 +1,4 @@
-"""``python -m tofu_triton demo-sd``: one Stable Diffusion denoising step, unpatched, with tomesd and with ours.
+"""``tofu-triton demo-sd``: one Stable Diffusion denoising step, unpatched, with tomesd and with ours.
 
 Builds a diffusers ``UNet2DConditionModel`` from a preset of
 :data:`tofu_triton.models.UNET_PRESETS` with random weights (nothing is
@@ -18,11 +18,18 @@ import importlib.util
 import math
 import os
 import statistics
-import time
-from typing import Callable, Dict, List, Optional
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+
+import tofu_triton
+
+from .. import patch as tp
+from ..models import attention_downsample, create_unet, latent_multiple, unet_config, unet_inputs, unet_step
+from ..reference import spatial_match, spatial_partition
+from ..visualize import save_latent_merge_picture
+from .common import resolve_device, time_windows
 
 PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl")
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
@@ -53,8 +60,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """parser.error (one line, exit 2) for values out of range; needs no diffusers."""
-    from .models import latent_multiple
-
     if not 0 <= args.ratio < 1:
         parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
     if args.batch < 1:
@@ -79,27 +84,36 @@ def package_version(name: str) -> str:
         return "?"
 
 
-def time_step(fn: Callable[[], torch.Tensor], iters: int, cuda: bool, warmup: int = 1) -> float:
-    """Median ms of ``iters`` calls, each timed alone (synchronised on CUDA), after ``warmup`` untimed calls."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(iters):
-        if cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        fn()
-        if cuda:
-            torch.cuda.synchronize()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
 def agreement(out: torch.Tensor, base: torch.Tensor) -> Dict[str, float]:
     """Relative L2 error of the whole batch and mean per-latent cosine, computed in float32."""
     out, base = out.float(), base.float()
     return dict(rel_l2=float((out - base).norm() / base.norm().clamp_min(1e-12)),
                 cosine=float(F.cosine_similarity(out.flatten(1), base.flatten(1), dim=1).mean()))
+
+
+class Setup(NamedTuple):
+    """The run's settings, once the defaults that depend on the device are filled in."""
+
+    device: str
+    dtype_name: str  # a key of DTYPES
+    name: str  # the UNet preset
+    size: int  # latent side in tokens
+    iters: int  # timed steps per variant
+    max_downsample: int
+
+
+def resolve(args: argparse.Namespace) -> Setup:
+    """The settings of ``args`` on this machine; SystemExit with one line for fp16 on the CPU."""
+    device = resolve_device(args.device)
+    dtype_name = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
+    if dtype_name == "fp16" and device != "cuda":
+        raise SystemExit("--dtype fp16 is for CUDA only (CPU half-precision convolutions are slow); "
+                         "use --dtype fp32 on the CPU")
+    name = args.model or ("sd15" if device == "cuda" else "tiny")
+    return Setup(device=device, dtype_name=dtype_name, name=name,
+                 size=args.size or (unet_config(name)["sample_size"] if device == "cuda" else CPU_SIZE),
+                 iters=args.iters or (10 if device == "cuda" else 3),
+                 max_downsample=args.max_downsample or attention_downsample(name))
 
 
 def _first_block(unet: torch.nn.Module) -> torch.nn.Module:
@@ -109,68 +123,50 @@ def _first_block(unet: torch.nn.Module) -> torch.nn.Module:
     return next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
 
 
-def _unpatch(unet: torch.nn.Module, tomesd) -> None:
-    import tofu_triton.patch as tp
-
-    tp.unpatch(unet)
-    if tomesd is not None:
-        tomesd.remove_patch(unet)
-
-
-def run(args: argparse.Namespace) -> int:
-    from .__main__ import resolve_device
-
-    if importlib.util.find_spec("diffusers") is None:
-        raise SystemExit('demo-sd needs diffusers, which is not installed: pip install "tofu-triton[diffusers]"')
-    device = resolve_device(args.device)
-    dtype_name = args.dtype if args.dtype != "auto" else ("fp16" if device == "cuda" else "fp32")
-    if dtype_name == "fp16" and device != "cuda":
-        raise SystemExit("--dtype fp16 is for CUDA only (CPU half-precision convolutions are slow); "
-                         "use --dtype fp32 on the CPU")
-    dtype = DTYPES[dtype_name]
-
-    import tofu_triton
-    import tofu_triton.patch as tp
-
-    from .models import attention_downsample, create_unet, unet_config, unet_inputs, unet_step
-
-    name = args.model or ("sd15" if device == "cuda" else "tiny")
-    size = args.size or (unet_config(name)["sample_size"] if device == "cuda" else CPU_SIZE)
-    iters = args.iters or (10 if device == "cuda" else 3)
-    max_down = args.max_downsample or attention_downsample(name)
-    try:
-        import tomesd
-    except ImportError:
-        tomesd = None
-    cuda = device == "cuda"
-
-    unet = create_unet(name, seed=args.seed, device=device, dtype=dtype)
-    inputs = unet_inputs(unet, args.batch, size, seed=args.seed + 1, device=device, dtype=dtype)
-    params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {name} UNet ({params:.1f}M parameters, RANDOM weights), "
-          f"{device} {dtype_name}, batch {args.batch}, {size}x{size} latent ({8 * size} px images), "
-          f"ratio {args.ratio}, max_downsample {max_down}")
-
-    # The unpatched step, capturing what the first transformer block sees for the merge picture.
+def unpatched_step(unet: torch.nn.Module, inputs: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The unpatched UNet's noise prediction, and what its first transformer block saw [batch, N, C]
+    (for the merge picture)."""
     captured = {}
 
     def capture(module, a, kw):
         captured.setdefault("x", (a[0] if a else kw["hidden_states"]).detach())
 
     hook = _first_block(unet).register_forward_pre_hook(capture, with_kwargs=True)
-    with torch.no_grad():
-        base = unet_step(unet, inputs)
-    hook.remove()
+    try:
+        with torch.no_grad():
+            base = unet_step(unet, inputs)
+    finally:
+        hook.remove()
+    return base, captured["x"]
+
+
+def _unpatch(unet: torch.nn.Module, tomesd) -> None:
+    tp.unpatch(unet)
+    if tomesd is not None:
+        tomesd.remove_patch(unet)
+
+
+VARIANTS = (("unpatched", None), ("tomesd", "tomesd"), ("ToMe (tome)", "tome"), ("ToFu (tofu)", "tofu"))
+
+
+def compare_variants(unet: torch.nn.Module, inputs: Dict, base: torch.Tensor, setup: Setup, ratio: float, seed: int,
+                     tomesd) -> Tuple[List[Dict], List[str]]:
+    """Run and time every variant of :data:`VARIANTS` on ``unet`` (left unpatched).
+
+    Returns one row per variant (label, note and, for a variant that ran,
+    ms, rel_l2, cosine against ``base``) and the notes to print under the
+    table. ``tomesd`` is the module, or None when it is not installed.
+    """
+    cuda = setup.device == "cuda"
+    settings = dict(ratio=ratio, max_downsample=setup.max_downsample, use_rand=False)
 
     def step():
         with torch.no_grad():
             return unet_step(unet, inputs)
 
-    settings = dict(ratio=args.ratio, max_downsample=max_down, use_rand=False)
     rows: List[Dict] = []
     notes: List[str] = []
-    for label, variant in (("unpatched", None), ("tomesd", "tomesd"), ("ToMe (tome)", "tome"),
-                           ("ToFu (tofu)", "tofu")):
+    for label, variant in VARIANTS:
         _unpatch(unet, tomesd)
         row = dict(label=label)
         if variant == "tomesd":
@@ -179,7 +175,7 @@ def run(args: argparse.Namespace) -> int:
                 continue
             tomesd.apply_patch(unet, **settings)
         elif variant is not None:
-            tp.diffusers(unet, mode=variant, seed=args.seed, **settings)
+            tp.diffusers(unet, mode=variant, seed=seed, **settings)
         # The first call of a variant is its output and its first warm-up; CUDA gets two more (Triton
         # compiles on first use, cuDNN and the allocator settle), the CPU none (keeps the tests quick).
         try:
@@ -191,7 +187,8 @@ def run(args: argparse.Namespace) -> int:
             rows.append(dict(row, note=f"failed with diffusers {package_version('diffusers')}: "
                                        f"{type(e).__name__}: {first}"))
             continue
-        row.update(agreement(out, base), ms=time_step(step, iters, cuda, warmup=2 if cuda else 0))
+        seconds = time_windows(step, setup.iters, warmup=2 if cuda else 0, cuda=cuda)
+        row.update(agreement(out, base), ms=1e3 * statistics.median(seconds))
         if variant is None:
             row["note"] = "the reference"
         elif variant == "tomesd":
@@ -201,13 +198,15 @@ def run(args: argparse.Namespace) -> int:
             merging = sum(p.mode is not None for p in plan)
             row["note"] = f"merges in {merging} of {len(plan)} transformer blocks"
             if merging == 0 and variant == "tome":
-                notes.append(f"max_downsample {max_down} reaches no transformer block of this UNet: "
+                notes.append(f"max_downsample {setup.max_downsample} reaches no transformer block of this UNet: "
                              "nothing was merged")
         rows.append(row)
     _unpatch(unet, tomesd)
+    return rows, notes
 
+
+def print_table(rows: List[Dict]) -> None:
     base_ms = rows[0]["ms"]
-    print()
     print(f"{'variant':<12} {'ms/step':>9} {'speed-up':>8} {'rel. L2 err':>11} {'cosine':>8}  note")
     for row in rows:
         if "ms" not in row:
@@ -215,9 +214,31 @@ def run(args: argparse.Namespace) -> int:
             continue
         print(f"{row['label']:<12} {row['ms']:>9.2f} {base_ms / row['ms']:>7.2f}x {row['rel_l2']:>11.4f} "
               f"{row['cosine']:>8.4f}  {row.get('note', '')}")
+
+
+def run(args: argparse.Namespace) -> int:
+    if importlib.util.find_spec("diffusers") is None:
+        raise SystemExit('demo-sd needs diffusers, which is not installed: pip install "tofu-triton[diffusers]"')
+    setup = resolve(args)
+    try:
+        import tomesd
+    except ImportError:
+        tomesd = None
+    dtype = DTYPES[setup.dtype_name]
+    unet = create_unet(setup.name, seed=args.seed, device=setup.device, dtype=dtype)
+    inputs = unet_inputs(unet, args.batch, setup.size, seed=args.seed + 1, device=setup.device, dtype=dtype)
+    params = sum(p.numel() for p in unet.parameters()) / 1e6
+    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {setup.name} UNet ({params:.1f}M parameters, RANDOM "
+          f"weights), {setup.device} {setup.dtype_name}, batch {args.batch}, {setup.size}x{setup.size} latent "
+          f"({8 * setup.size} px images), ratio {args.ratio}, max_downsample {setup.max_downsample}")
+
+    base, hidden = unpatched_step(unet, inputs)
+    rows, notes = compare_variants(unet, inputs, base, setup, args.ratio, args.seed, tomesd)
+    print()
+    print_table(rows)
     print()
 
-    picture = save_picture(args.out, captured["x"], size, args.ratio, max_down, name, notes)
+    picture = save_picture(args.out, hidden, setup.size, args.ratio, setup.max_downsample, setup.name, notes)
     for note in notes:
         print(note)
     if picture:
@@ -225,8 +246,8 @@ def run(args: argparse.Namespace) -> int:
     print("use_rand=False in every variant (each 2x2 cell's destination is its top-left token): tomesd and ToMe "
           "(tome) compute the same step; ToFu prunes in the first half of the merging blocks and merges with "
           "MLERP in the second.")
-    if device == "cpu":
-        steps = f"{iters} step{'s' if iters > 1 else ''}"
+    if setup.device == "cpu":
+        steps = f"{setup.iters} step{'s' if setup.iters > 1 else ''}"
         print(f"(CPU figures: median of {steps}; on the CPU our patch runs the PyTorch reference, so this says "
               "little about GPU speed)")
     print("(RANDOM weights, nothing downloaded: the error and cosine columns only show that the machinery runs; "
@@ -243,8 +264,6 @@ def save_picture(out_dir: str, hidden: torch.Tensor, size: int, ratio: float, ma
     ``use_rand=False``. Returns the path, or None (with a note) when that
     block does not merge or matplotlib is missing.
     """
-    from .reference import spatial_match, spatial_partition
-
     n = hidden.shape[1]
     factor = 1
     while math.ceil(size / factor) ** 2 > n:  # the block's resolution: the latent's divided by a power of 2
@@ -261,8 +280,6 @@ def save_picture(out_dir: str, hidden: torch.Tensor, size: int, ratio: float, ma
     title = (f"{name}, first transformer block ({side}x{side} tokens, 1/{factor} of the latent), ratio {ratio}, "
              "random weights")
     try:
-        from .visualize import save_latent_merge_picture
-
         return save_latent_merge_picture(path, partition, match, (side, side), title)
     except ModuleNotFoundError as e:  # matplotlib is the [demo] extra
         notes.append(f"no merge picture: {(e.name or 'matplotlib').split('.')[0]} is not installed "

@@ -1,0 +1,46 @@
+"""The ``tofu-triton`` command line (also ``python -m tofu_triton``): applications built on the library.
+
+    tofu-triton demo       a timm ViT unpatched, with ToMe and with ToFu (:mod:`tofu_triton.cli.demo`)
+    tofu-triton demo-sd    one Stable Diffusion UNet step, unpatched / tomesd / ToMe / ToFu
+                           (:mod:`tofu_triton.cli.sd_demo`)
+    tofu-triton eval       top-1/top-5 and images/s on an ImageFolder (:mod:`tofu_triton.cli.eval`)
+
+One module per subcommand, each with ``add_arguments(parser)``,
+``check_arguments(parser, args)`` and ``run(args) -> exit code``; what they
+share (device, model loading, timing) is :mod:`tofu_triton.cli.common`. This
+package imports the library; the library never imports it.
+"""
+import argparse
+from typing import List, Optional
+
+from . import demo, eval, sd_demo
+
+# name -> (module, help)
+COMMANDS = {
+    "demo": (demo, "run a timm ViT unpatched, with ToMe and with ToFu; print a table"),
+    "demo-sd": (sd_demo, "one Stable Diffusion UNet step (random weights) unpatched, with tomesd, ToMe and ToFu; "
+                         "print a table, save a merge picture"),
+    "eval": (eval, "top-1/top-5 and images/s of a timm ViT on an ImageFolder, per (mode, r)"),
+}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Parse ``argv`` (default: the command line) and run the subcommand; returns its exit code.
+
+    A user mistake ends in SystemExit with one line: code 2 for a value the
+    parser refuses, 1 for one found wrong later (a missing file, no GPU).
+    """
+    parser = argparse.ArgumentParser(prog="tofu-triton",
+                                     description="Token Fusion (ToFu/ToMe) for timm ViTs and Stable Diffusion UNets")
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, (module, help_text) in COMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=help_text)
+        module.add_arguments(parsers[name])
+    args = parser.parse_args(argv)
+    module = COMMANDS[args.command][0]
+    module.check_arguments(parsers[args.command], args)
+    return module.run(args)
+
+
+__all__ = ["COMMANDS", "main"]
