@@ -9,11 +9,14 @@
 #                  N = 4096/16384/65536, the step's values, per-kernel times); then, when compute-sanitizer is
 #                  there, its memcheck and synccheck on one small case (GPU_CHECK_SKIP_SDCHECK=1 drops the stage)
 #   5. bench       pytest bench/ (scope "gpu", time-budgeted) -> benchmark.json, microbench.jsonl
-#   6. probe       bench/probe.py: proportional-attention mask cost, host-sync check, launches per block
+#   6. probe       bench/probe.py: proportional attention on every path (mask, cudnn, channel, flex) against SDPA
+#                  without a bias, host-sync check, launches per block and host enqueue time at B = 1
 #   7. export      bench/export_check.py: a patched ViT with the Triton kernels through torch.export + AOTInductor
 #   8. sd          bench/throughput_sd.py: one Stable Diffusion UNet step (SD 1.5 512 px, SDXL 1024 px, B=2, fp16),
 #                  unpatched vs tomesd vs ToMe / ToFu at ratio 0.5 (needs diffusers; tomesd for its rows)
-#   9. throughput  bench/throughput.py --quick (ViT-B r=16, time-budgeted)
+#   9. throughput  bench/throughput.py: ViT-B r=16 fp16 at B = 1, 8, 64, 256, CUDA graph and eager (the targets of
+#                  the one-launch step), then ViT-S/L and r=8 as the budget allows (GPU_CHECK_VIT_ARGS replaces the
+#                  arguments); throughput-x: bf16 and torch.compile at B = 1 and 256 into OUTPUT_DIR/extra/
 #  10. summarize   bench/summarize.py -> microbench.md/png, a verdict on every target
 #
 #   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
@@ -22,6 +25,7 @@
 #   GPU_CHECK_TESTS="tests/test_kernels.py" ...          # only these tests
 #   GPU_CHECK_SKIP_INSTALL=1 ...                          # already installed
 #   GPU_CHECK_SKIP_SD=1 ...                               # no Stable Diffusion stage (its time goes to the others)
+#   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x   # print each stage's limit and command, run nothing
 #
 # Every stage runs under `timeout`, and the benchmark stages also get an
 # internal budget, so no stage eats the others' time; the whole run ends by
@@ -56,6 +60,10 @@ stage() { # stage NAME LIMIT_S COMMAND...
   local t0 rc took verdict
   t0=$(date +%s)
   echo "=== [$name] (limit ${limit}s) $*" | tee -a "$LOG"
+  if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then
+    STAGES+=("$(printf '%-11s %-12s %5s' "$name" "dry run" "-")")
+    return 0
+  fi
   timeout -s INT -k 15 "$limit" "$@" >>"$LOG" 2>&1
   rc=$?
   took=$(($(date +%s) - t0))
@@ -140,8 +148,17 @@ if [ -z "${GPU_CHECK_SKIP_SD:-}" ]; then
     --out "$RESULTS"
 fi
 
-TP_LIMIT=$(min 300 $(($(remaining) - 20)))
-stage throughput "$TP_LIMIT" "$PY" bench/throughput.py --quick --budget-s $((TP_LIMIT - 35)) --out "$RESULTS"
+# ViT-B r=16 fp16 first (the targets), every batch, CUDA graph then eager; with time left, the rest of the sweep.
+TP_LIMIT=$(min 300 $(($(remaining) - 80)))
+VIT_ARGS=${GPU_CHECK_VIT_ARGS:---models vit_b,vit_s,vit_l --batches 1,8,64,256 --r 16,8 --exec graph,eager}
+# shellcheck disable=SC2086
+stage throughput "$TP_LIMIT" "$PY" bench/throughput.py $VIT_ARGS --budget-s $((TP_LIMIT > 35 ? TP_LIMIT - 35 : 0)) \
+  --out "$RESULTS"
+# bf16, and torch.compile (compile time reported, not timed), at the two ends of the batch range.
+X_LIMIT=$(min 150 $(($(remaining) - 25)))
+stage throughput-x "$X_LIMIT" bash -c "$PY bench/throughput.py --models vit_b --batches 1,256 --r 16 --exec graph \
+  --dtype bf16 --budget-s $((X_LIMIT / 3)) --out '$RESULTS/extra/bf16' && $PY bench/throughput.py --models vit_b \
+  --batches 1,256 --r 16 --exec compile --variants unpatched,tofu --budget-s $((X_LIMIT / 2)) --out '$RESULTS/extra/compile'"
 
 SUMMARY_FILE=$(mktemp)
 stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.jsonl' \

@@ -113,6 +113,41 @@ def host_time(fn, rounds: int, calls: int) -> dict:
     return dict(median_us=statistics.median(samples), min_us=min(samples), max_us=max(samples))
 
 
+# Where host time goes: profiled functions by where they live (first match wins).
+PLACES = (
+    ("custom-op dispatch (torch.library, dispatcher, dynamo guards)",
+     ("site-packages/torch/_library", "site-packages/torch/_ops.py", "site-packages/torch/_dynamo",
+      "site-packages/torch/_compile.py", "<built-in method torch._ops")),
+    ("Triton's launcher (kernel stubbed)", ("site-packages/triton/", "testing/device_ops.py")),
+    ("tensor ops and allocations (torch)", ("<built-in method torch", "<method ", "site-packages/torch/")),
+    ("kernel launchers (kernels/)", ("/kernels/",)),
+    ("ops and patch Python (tofu_triton/)", ("/tofu_triton/",)),
+)
+
+
+def host_breakdown(fn, calls: int = 300) -> dict:
+    """Share of the step's host time per place (cProfile's own time per function, grouped by PLACES)."""
+    import cProfile
+    import pstats
+
+    with torch.no_grad(), DeviceOps(stub=True, aten=False):
+        for _ in range(20):
+            fn()
+        profile = cProfile.Profile()
+        profile.enable()
+        for _ in range(calls):
+            fn()
+        profile.disable()
+    shares = {name: 0.0 for name, _ in PLACES}
+    shares["other"] = 0.0
+    for (path, _, func), (_, _, own, _, _) in pstats.Stats(profile).stats.items():
+        where = path if path != "~" else func
+        name = next((n for n, keys in PLACES if any(k in where for k in keys)), "other")
+        shares[name] += own
+    total = sum(shares.values()) or 1.0
+    return {name: value / total for name, value in shares.items()}
+
+
 def markdown(result: dict, before=None) -> str:
     env = result["env"]
     lines = ["# Device ops and host time of a patched ViT forward (CPU proxy)", "",
@@ -138,6 +173,11 @@ def markdown(result: dict, before=None) -> str:
     if before:
         old = before["host_step"]
         lines.append(f"| before | {old['median_us']:.1f} ({old['min_us']:.1f}-{old['max_us']:.1f}) |")
+    lines += ["", "Where it goes (share of the profiled host time per step, cProfile):", "",
+              "| place | this |" + (" before |" if before else ""), "|---|---|" + ("---|" if before else "")]
+    for name, share in result["host_breakdown"].items():
+        old = f" {before.get('host_breakdown', {}).get(name, 0):.0%} |" if before else ""
+        lines.append(f"| {name} | {share:.0%} |" + old)
     if before:
         lines += ["", f"Before: {before['env']['command']} at {before['env'].get('commit', '?')} "
                       f"({before['env']['date']})."]
@@ -150,9 +190,11 @@ def environment() -> dict:
 
     import triton
 
-    try:
+    import tofu_triton
+
+    try:  # the checkout the measured package comes from (--before runs this script against another one)
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(__file__).parent).stdout.strip()
+                                cwd=Path(tofu_triton.__file__).parent).stdout.strip()
     except OSError:
         commit = "?"
     return dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
@@ -174,6 +216,7 @@ def main(argv=None):
     model, images = build(), torch.randn(1, 3, 224, 224)
     result["ops"] = {name: count_ops(apply(model, settings), images) for name, settings in VARIANTS.items()}
     result["host_step"] = host_time(step_call(), args.rounds, args.calls)
+    result["host_breakdown"] = host_breakdown(step_call())
     before = json.loads(Path(args.before).read_text()) if args.before else None
     text = markdown(result, before)
     print(text)

@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tofu_triton.reference import split_sizes
+
 from .common import best_partners, cdiv, dot_in_fp32, empty, next_power_of_2, on_device, plain
 
 # (BLOCK_A, BLOCK_B, largest BLOCK_D), keyed by whether the dot runs on fp32
@@ -61,7 +63,7 @@ def match_scores(metric: torch.Tensor, protected: int = 0, positions=None, wrap=
     """
     batch, n, d = metric.shape
     if positions is None:
-        na, nb = (n - protected + 1) // 2, (n - protected) // 2
+        na, nb = split_sizes(n, protected)
         a_pos = b_pos = metric  # not read (POS=False)
     else:
         a_pos, b_pos = positions

@@ -39,6 +39,8 @@ import torch
 import triton
 import triton.language as tl
 
+from tofu_triton.reference import split_sizes
+
 from .common import (
     EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, next_power_of_2,
     on_device, plain, rank_select,
@@ -89,7 +91,7 @@ def index_fields(n: int, protected: int, r: int):
     """Entries per image of each match tensor in the step's index buffer, in buffer order:
     unm_idx (Na-r), src_idx (r), dst_idx (r), dst_start (Nb+1), dst_src (r). The buffer
     holds each field for the whole batch contiguously ([B, entries]), one after another."""
-    na, nb = (n - protected + 1) // 2, (n - protected) // 2
+    na, nb = split_sizes(n, protected)
     return (na - r, r, r, nb + 1, r)
 
 
@@ -299,7 +301,7 @@ def token_fusion_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, protect
     """
     batch, n, c = x.shape
     heads, d = keys.shape[1], keys.shape[3]
-    na, nb = (n - protected + 1) // 2, (n - protected) // 2
+    na, nb = split_sizes(n, protected)
     dev = x.device
     dot_fp32 = dot_in_fp32(keys.dtype)
     block_a, block_b, block_d = match_blocks(d, dot_fp32)
