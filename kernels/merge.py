@@ -174,9 +174,10 @@ def _merge_backward_kernel(
 
 
 def merge_num_warps(block_c: int) -> int:
-    # About 8 fp32 values per thread per row-sized tensor keeps mlerp's
-    # backward (five such tensors live) free of spills.
-    return max(1, min(16, block_c // 256))
+    # About 4 fp32 values per thread per row-sized tensor keeps mlerp's
+    # backward (five such tensors live) free of spills; at 8 per thread ptxas
+    # 12.9 spilled the spatial mean merge at C = 1280 on sm_90.
+    return max(1, min(16, block_c // 128))
 
 
 def _sets(n, r, unm_idx, dst_start, positions):

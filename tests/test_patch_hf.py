@@ -17,8 +17,7 @@ import tofu_triton.patch as tp  # noqa: E402
 from tofu_triton.testing import run_in_threads  # noqa: E402
 from tofu_triton.testing.minilm import load_minilm, minilm_path  # noqa: E402
 
-from conftest import DEVICE  # noqa: E402
-from patching import assert_r0_is_unpatched, images  # noqa: E402
+from conftest import DEVICE, assert_r0_is_unpatched, images  # noqa: E402
 
 # The module (tofu_triton.patch.transformers, the attribute, is the patch function).
 hf = importlib.import_module("tofu_triton.patch.transformers")

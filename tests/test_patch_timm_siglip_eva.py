@@ -14,8 +14,7 @@ from tofu_triton import reference
 from tofu_triton.patch.timm import merge_positions, rope_attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
-from conftest import DEVICE
-from patching import assert_r0_is_unpatched, assert_triton_matches_reference, images
+from conftest import DEVICE, assert_r0_is_unpatched, assert_triton_matches_reference, images
 
 SMALL = dict(pretrained=False, img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 FAMILIES = {
