@@ -41,10 +41,8 @@ def count_calls(monkeypatch, module, names) -> dict:
 
 @pytest.fixture
 def one_thread():
-    """One intra-op thread for the test. On a CPU shared with other jobs, OpenMP threads waiting on each other
-    made a tiny UNet's forward ~80x slower (9 s against 0.11 s on a 2-core machine); these tests check values,
-    not the CPU's speed."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+    """One intra-op thread for the test (see tofu_triton.testing.one_thread: shared CPUs)."""
+    from tofu_triton.testing import one_thread as single
+
+    with single():
+        yield

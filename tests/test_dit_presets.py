@@ -68,3 +68,19 @@ def test_preset_helpers():
         is_dit("sd3")
     with pytest.raises(ValueError, match="unknown transformer preset 'sd15'"):
         create_transformer("sd15")
+
+
+def test_demo_sd_runs_a_transformer_preset(tmp_path, capsys, one_thread):
+    from tofu_triton.__main__ import main
+
+    argv = ["demo-sd", "--model", "tiny-pixart", "--device", "cpu", "--size", "8", "--batch", "1", "--iters", "1"]
+    assert main([*argv, "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-pixart transformer" in out.splitlines()[0] and "on the 2x2 patch grid" in out.splitlines()[0]
+    lines = {line.split()[0]: line for line in out.splitlines() if line.split()}
+    assert lines["tomesd"].endswith("not applicable: tomesd patches UNets only")
+    assert "merges in 28 of 28 transformer blocks" in lines["ToFu"]
+    assert (tmp_path / "merge_sd.png").exists() and "only image tokens merge" in out
+    with pytest.raises(SystemExit) as e:  # a UNet setting, refused for a transformer
+        main([*argv, "--max-downsample", "2"])
+    assert e.value.code == 2

@@ -281,10 +281,11 @@ def create_transformer(name: str, seed: int = 0, device=None, dtype: Optional[to
     if name not in DIT_PRESETS:
         raise ValueError(f"unknown transformer preset {name!r}: choose one of {', '.join(DIT_PRESETS)}")
     family, config = DIT_PRESETS[name]
-    import diffusers
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
-    cls = {"pixart": diffusers.PixArtTransformer2DModel, "sd3": diffusers.SD3Transformer2DModel,
-           "flux": diffusers.FluxTransformer2DModel}[family]
+    cls = {"pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[family]
     device = torch.device(device or "cpu")
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):

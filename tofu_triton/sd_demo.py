@@ -1,8 +1,9 @@
 """``python -m tofu_triton demo-sd``: one Stable Diffusion denoising step, unpatched, with tomesd and with ours.
 
 Builds a diffusers ``UNet2DConditionModel`` from a preset of
-:data:`tofu_triton.models.UNET_PRESETS` with random weights (nothing is
-downloaded), runs the UNet forward of one step on a random latent with random
+:data:`tofu_triton.models.UNET_PRESETS`, or a PixArt / SD3 / Flux transformer
+from :data:`tofu_triton.models.DIT_PRESETS`, with random weights (nothing is
+downloaded), runs the denoiser forward of one step on a random latent with random
 text embeddings, and prints per variant the median step time, the speed-up
 over the unpatched UNet and how close its noise prediction is to the
 unpatched one (relative L2 error, cosine). Saves a picture of which latent
@@ -24,7 +25,9 @@ from typing import Callable, Dict, List, Optional
 import torch
 import torch.nn.functional as F
 
-PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl")
+PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "pixart-sigma",
+                  "sd3-medium", "flux-dev")
+DIT_SIZE = 128  # the transformers' latent side on a GPU: 1024 px images
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 CPU_SIZE = 32  # latent side on the CPU by default: 256 px images, a fraction of a second per step for "tiny"
 DEFAULT_OUT = "tofu_sd_demo"
@@ -32,8 +35,8 @@ DEFAULT_OUT = "tofu_sd_demo"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=PRESET_CHOICES, default=None,
-                   help="UNet preset, random weights (default: sd15 on GPU, tiny on CPU; tiny/tiny-xl are the SD 1.5 / "
-                        "SDXL layouts at 32-64 channels)")
+                   help="denoiser preset, random weights (default: sd15 on GPU, tiny on CPU; tiny/tiny-xl are the "
+                        "SD 1.5 / SDXL layouts at 32-64 channels, tiny-pixart/-sd3/-flux the transformers' at 64)")
     p.add_argument("--size", type=int, default=None,
                    help=f"latent side in tokens, image side / 8 (default: the preset's own on GPU, {CPU_SIZE} on CPU)")
     p.add_argument("--batch", type=int, default=2, help="latents per step (default 2: classifier-free guidance)")
@@ -53,7 +56,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """parser.error (one line, exit 2) for values out of range; needs no diffusers."""
-    from .models import latent_multiple
+    from .models import is_dit, latent_multiple
 
     if not 0 <= args.ratio < 1:
         parser.error(f"--ratio must be in [0, 1), got {args.ratio}")
@@ -61,12 +64,15 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--batch must be >= 1")
     if args.iters is not None and args.iters < 1:
         parser.error("--iters must be >= 1")
+    if args.max_downsample is not None and args.model and is_dit(args.model):
+        parser.error(f"--max-downsample applies to UNets; every block of {args.model} runs on its patch grid")
     if args.size is not None:
         multiple = latent_multiple(args.model or "tiny")
         if args.size < multiple or args.size % multiple:
             unet = f"the {args.model} UNet" if args.model else "the UNet"
-            parser.error(f"--size must be a positive multiple of {multiple} ({unet} halves the latent "
-                         f"{multiple.bit_length() - 1} times), got {args.size}")
+            why = (f"{args.model} cuts it into 2x2 patches" if args.model and is_dit(args.model)
+                   else f"{unet} halves the latent {multiple.bit_length() - 1} times")
+            parser.error(f"--size must be a positive multiple of {multiple} ({why}), got {args.size}")
 
 
 def package_version(name: str) -> str:
@@ -103,10 +109,12 @@ def agreement(out: torch.Tensor, base: torch.Tensor) -> Dict[str, float]:
 
 
 def _first_block(unet: torch.nn.Module) -> torch.nn.Module:
-    """The first BasicTransformerBlock a forward reaches (modules() lists down blocks first, as they run)."""
-    from diffusers.models.attention import BasicTransformerBlock
+    """The first transformer block a forward reaches (modules() lists down blocks first, as they run)."""
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
-    return next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    blocks = (BasicTransformerBlock, JointTransformerBlock, FluxTransformerBlock)
+    return next(m for m in unet.modules() if isinstance(m, blocks))
 
 
 def _unpatch(unet: torch.nn.Module, tomesd) -> None:
@@ -132,24 +140,27 @@ def run(args: argparse.Namespace) -> int:
     import tofu_triton
     import tofu_triton.patch as tp
 
-    from .models import attention_downsample, create_unet, unet_config, unet_inputs, unet_step
+    from .models import attention_downsample, create_denoiser, denoiser_inputs, denoiser_step, is_dit, unet_config
 
     name = args.model or ("sd15" if device == "cuda" else "tiny")
-    size = args.size or (unet_config(name)["sample_size"] if device == "cuda" else CPU_SIZE)
+    dit = is_dit(name)  # a transformer: no tomesd (UNets only), no max_downsample (one patch grid)
+    native = DIT_SIZE if dit else unet_config(name)["sample_size"]
+    size = args.size or (native if device == "cuda" else CPU_SIZE)
     iters = args.iters or (10 if device == "cuda" else 3)
-    max_down = args.max_downsample or attention_downsample(name)
+    max_down = None if dit else args.max_downsample or attention_downsample(name)
     try:
         import tomesd
     except ImportError:
         tomesd = None
     cuda = device == "cuda"
 
-    unet = create_unet(name, seed=args.seed, device=device, dtype=dtype)
-    inputs = unet_inputs(unet, args.batch, size, seed=args.seed + 1, device=device, dtype=dtype)
+    unet = create_denoiser(name, seed=args.seed, device=device, dtype=dtype)
+    inputs = denoiser_inputs(unet, args.batch, size, seed=args.seed + 1, device=device, dtype=dtype)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {name} UNet ({params:.1f}M parameters, RANDOM weights), "
-          f"{device} {dtype_name}, batch {args.batch}, {size}x{size} latent ({8 * size} px images), "
-          f"ratio {args.ratio}, max_downsample {max_down}")
+    where = "on the 2x2 patch grid" if dit else f"max_downsample {max_down}"
+    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {name} {'transformer' if dit else 'UNet'} "
+          f"({params:.1f}M parameters, RANDOM weights), {device} {dtype_name}, batch {args.batch}, {size}x{size} "
+          f"latent ({8 * size} px images), ratio {args.ratio}, {where}")
 
     # The unpatched step, capturing what the first transformer block sees for the merge picture.
     captured = {}
@@ -159,12 +170,12 @@ def run(args: argparse.Namespace) -> int:
 
     hook = _first_block(unet).register_forward_pre_hook(capture, with_kwargs=True)
     with torch.no_grad():
-        base = unet_step(unet, inputs)
+        base = denoiser_step(unet, inputs)
     hook.remove()
 
     def step():
         with torch.no_grad():
-            return unet_step(unet, inputs)
+            return denoiser_step(unet, inputs)
 
     settings = dict(ratio=args.ratio, max_downsample=max_down, use_rand=False)
     rows: List[Dict] = []
@@ -174,6 +185,9 @@ def run(args: argparse.Namespace) -> int:
         _unpatch(unet, tomesd)
         row = dict(label=label)
         if variant == "tomesd":
+            if dit:
+                rows.append(dict(row, note="not applicable: tomesd patches UNets only"))
+                continue
             if tomesd is None:
                 rows.append(dict(row, note="not installed (pip install tomesd==0.1.3)"))
                 continue
@@ -217,14 +231,16 @@ def run(args: argparse.Namespace) -> int:
               f"{row['cosine']:>8.4f}  {row.get('note', '')}")
     print()
 
-    picture = save_picture(args.out, captured["x"], size, args.ratio, max_down, name, notes)
+    # A transformer's blocks all run on the 2x2 patch grid (1/2 of the latent's side) and all merge.
+    picture = save_picture(args.out, captured["x"], size, args.ratio, 2 if dit else max_down, name, notes)
     for note in notes:
         print(note)
     if picture:
         print(f"merge picture: {picture}")
-    print("use_rand=False in every variant (each 2x2 cell's destination is its top-left token): tomesd and ToMe "
-          "(tome) compute the same step; ToFu prunes in the first half of the merging blocks and merges with "
-          "MLERP in the second.")
+    same = "only image tokens merge, text tokens attend to them as they are" if dit else \
+        "tomesd and ToMe (tome) compute the same step"
+    print(f"use_rand=False in every variant (each 2x2 cell's destination is its top-left token): {same}; ToFu "
+          "prunes in the first half of the merging blocks and merges with MLERP in the second.")
     if device == "cpu":
         steps = f"{iters} step{'s' if iters > 1 else ''}"
         print(f"(CPU figures: median of {steps}; on the CPU our patch runs the PyTorch reference, so this says "
