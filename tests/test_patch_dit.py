@@ -412,6 +412,19 @@ def test_torch_compile_fullgraph_matches_eager(family):
     torch.testing.assert_close(out, run(model, args), rtol=1e-5, atol=1e-5)
 
 
+def test_the_extra_channel_adds_the_key_bias():  # what CUDA runs, so that SDPA keeps FlashAttention
+    from tofu_triton.patch.dit import attention_with_key_bias
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(2, 3, 5, 20, generator=g), torch.randn(2, 3, 7, 20, generator=g), torch.randn(2, 3, 7, 20,
+                                                                                                          generator=g)
+    bias = torch.rand(2, 7, generator=g).mul(3).log()
+    got = attention_with_key_bias(q, k, v, bias)
+    assert got.shape == (2, 3, 5, 20)
+    torch.testing.assert_close(got.transpose(1, 2).flatten(2), attention(q, k, v, bias), rtol=1e-5, atol=1e-6)
+    assert (got.transpose(1, 2).flatten(2) - attention(q, k, v)).abs().max() > 1e-2
+
+
 def test_flux_grid_comes_from_img_ids_or_the_caller():
     model, args = build("flux"), inputs("flux", grid=(4, 6))
     tp.diffusers(model, ratio=0.5, seed=0)
@@ -439,9 +452,10 @@ def test_plan_and_settings_of_a_transformer():
     assert {(p.mode, p.r) for p in tp.plan(model, 36)} == {("todo", 27)}  # 9 pooled keys of 36
     model.ratio = 0.0
     assert {p.mode for p in tp.plan(model, 36)} == {None}
-    settings = tp.settings(model)
-    assert settings["max_downsample"] is None and settings["merge_crossattn"] is False
-    assert isinstance(settings["merge_mlp"], bool) and isinstance(settings["prop_attn"], bool)  # defaults resolved
+    settings = tp.settings(model)  # the defaults, resolved: proportional attention where text competes (joint)
+    assert settings["max_downsample"] is None and (settings["merge_mlp"], settings["prop_attn"]) == (False, True)
+    assert (tp.settings(tp.diffusers(build("pixart")))["prop_attn"], tp.settings(tp.diffusers(build("sd3")))[
+        "prop_attn"]) == (False, True)
     with pytest.raises(ValueError, match="not a square grid"):
         tp.plan(model, 24)
 

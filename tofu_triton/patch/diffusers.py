@@ -92,10 +92,14 @@ CONFIG = ("ratio", "tofu_mode", "max_downsample", "sx", "sy", "use_rand", "merge
 MODES = MODEL_MODES + ("todo",)
 BACKENDS = ops.BACKENDS
 TRANSFORMERS = (PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
-# Defaults of the settings whose best value differs between UNets (tomesd's) and the transformers. The
-# transformers' are chosen from the fidelity measured in bench/results/dit_cpu.md (docs/design.md §5.3).
-UNET_DEFAULTS = dict(merge_mlp=False, prop_attn=False)
-DIT_DEFAULTS = dict(merge_mlp=False, prop_attn=False)
+# Defaults of the settings whose best value differs between models (None in patch()). UNets: tomesd's. The
+# transformers': from the fidelity measured in bench/results/dit_cpu.md (docs/design.md §5.3): merging the MLP
+# too costs 3-5x the error everywhere; proportional attention helps or is neutral in joint attention, where
+# text keys compete with the merged image keys (SD3, Flux), and hurts MLERP in PixArt's image-only attention.
+DEFAULTS = {UNet2DConditionModel: dict(merge_mlp=False, prop_attn=False),
+            PixArtTransformer2DModel: dict(merge_mlp=False, prop_attn=False),
+            SD3Transformer2DModel: dict(merge_mlp=False, prop_attn=True),
+            FluxTransformer2DModel: dict(merge_mlp=False, prop_attn=True)}
 FLUX_TOKENS = (64, 64)  # Flux has no configured sample size: its plan defaults to 1024 px (64x64 tokens)
 
 
@@ -505,13 +509,13 @@ def patch(model: nn.Module, ratio: float = 0.5, mode: str = "tofu", max_downsamp
     destinations (None: drawn now) and ``backend`` ("auto" | "triton" |
     "reference"). None picks the model's default: ``max_downsample`` the
     highest resolution with attention (UNets; transformers take None only),
-    ``merge_mlp`` and ``prop_attn`` from :data:`UNET_DEFAULTS` /
-    :data:`DIT_DEFAULTS`. Patching a patched model only updates the settings;
+    ``merge_mlp`` and ``prop_attn`` from :data:`DEFAULTS` (on: SD3, Flux).
+    Patching a patched model only updates the settings;
     settings it refuses leave it as it was.
     """
     check_model(model)
     target = _target(model)
-    defaults = UNET_DEFAULTS if _is_unet(target) else DIT_DEFAULTS
+    defaults = next(d for cls, d in DEFAULTS.items() if isinstance(target, cls))
     if max_downsample is None and _is_unet(target):
         max_downsample = _highest_attention(target)
     merge_mlp = defaults["merge_mlp"] if merge_mlp is None else merge_mlp

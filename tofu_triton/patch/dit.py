@@ -22,7 +22,8 @@ sub-layers it merges:
 
 Attention in a merging block runs PyTorch SDPA here rather than the block's
 processor (the processors cannot take per-image rotary tables or a key
-bias), which is why only diffusers' default processors are accepted.
+bias), which is why only diffusers' default processors are accepted; on
+CUDA a key bias rides in an extra channel, so SDPA keeps FlashAttention.
 ``log(size)`` is added to the image keys' logits when ``prop_attn`` is on;
 the text keys get 0. In ToDo mode the image keys and values are
 average-pooled after their norm and rotation, queries stay whole.
@@ -70,18 +71,42 @@ def attend(image: Tuple[Tensor, Tensor, Tensor], text: Optional[Tuple[Tensor, Te
     """
     parts = [image] if text is None else ([text, image] if text_first else [image, text])
     q, k, v = (torch.cat([p[i] for p in parts], dim=2) for i in range(3))
-    mask = None
-    if image_bias is not None:
+    if image_bias is None:
+        out = F.scaled_dot_product_attention(q, k, v)
+    else:
         zeros = image_bias.new_zeros(image_bias.shape[0], 0 if text is None else text[1].shape[2])
-        mask = torch.cat([zeros, image_bias] if text_first else [image_bias, zeros], dim=1)
-        mask = mask[:, None, None, :].to(q.dtype)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask).transpose(1, 2).flatten(2)
+        bias = torch.cat([zeros, image_bias] if text_first else [image_bias, zeros], dim=1)
+        if q.is_cuda:  # FlashAttention takes no mask: carry the bias in an extra channel
+            out = attention_with_key_bias(q, k, v, bias)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias[:, None, None, :].to(q.dtype))
+    out = out.transpose(1, 2).flatten(2)
     n_img = image[0].shape[2]
     if text is None:
         return out, None
     if text_first:
         return out[:, out.shape[1] - n_img:], out[:, :out.shape[1] - n_img]
     return out[:, :n_img], out[:, n_img:]
+
+
+def attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Tensor:
+    """SDPA with ``bias`` [B, S_k] (float32) added to every query's logit of each key, without a mask.
+
+    q, k, v: [B, H, S, D]; returns [B, H, S_q, D] in q's dtype. The bias
+    rides in one extra channel (docs/design.md §6): q' = [q, 1], k' = [k,
+    sqrt(D) * bias], zero-padded to a multiple of 8 channels (v too), with the
+    scale 1/sqrt(D) of the original width passed explicitly, so q'.k' / sqrt(D)
+    = q.k / sqrt(D) + bias. SDPA then keeps its FlashAttention kernel, which a
+    float mask would rule out, for ~8 more channels of work.
+    """
+    d = q.shape[-1]
+    pad = 8 - d % 8  # at least the one channel the bias needs
+    q = F.pad(q, (0, pad))
+    q[..., d] = 1
+    k = F.pad(k, (0, pad))
+    k[..., d] = (bias * d ** 0.5)[:, None, :].to(k.dtype)
+    out = F.scaled_dot_product_attention(q, k, F.pad(v, (0, pad)), scale=d ** -0.5)
+    return out[..., :d]
 
 
 def image_keys(step: Step, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Tuple[Tensor, Tensor]],
