@@ -33,8 +33,6 @@ judges the goal: ToFu at ratio 0.5 at least 1.3x faster than unpatched on
 Flux, per dtype, batch and execution mode.
 """
 import argparse
-import json
-import shlex
 import statistics
 import sys
 import time
@@ -43,8 +41,10 @@ from typing import Callable, Dict, List, Optional
 
 import torch
 
-from measure import environment  # noqa: E402
-from throughput_sd import Timer, _failure, _fmt, _split, card_slug, versions  # noqa: E402
+from throughput_sd import (  # noqa: E402
+    Timer, _failure, _fmt, _split, cannot_start, goal_lines, output_files, smoke_defaults, versions,
+    write_report,
+)
 
 MODELS = {"pixart-sigma": "PixArt-Sigma, 1024 px", "sd3-medium": "SD3 medium, 1024 px",
           "flux-dev": "Flux.1 dev, 1024 px", "tiny-pixart": "PixArt layout, tiny", "tiny-sd3": "SD3 layout, tiny",
@@ -52,7 +52,6 @@ MODELS = {"pixart-sigma": "PixArt-Sigma, 1024 px", "sd3-medium": "SD3 medium, 10
 VARIANTS = ("unpatched", "tofu", "todo")
 EXECS = ("eager", "graph")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
-RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_MODEL, GOAL_RATIO, GOAL_SPEEDUP = "flux-dev", 0.5, 1.3
 
 
@@ -76,13 +75,9 @@ def parse_args(argv=None):
                         "1 timed call (checks the script, times nothing useful)")
     p.add_argument("--out", default=None, help="directory for throughput_dit_<card>.{json,md} (default bench/results)")
     args = p.parse_args(argv)
-    if args.smoke:  # the CPU settings, for the options not given on the command line
-        given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
-        smoke = dict(models="tiny-pixart,tiny-sd3,tiny-flux", dtypes="fp32", batches="1", ratios="0.5",
-                     execs="eager", size=16, warmup=0, repeats=1, rounds=1)
-        for name, value in smoke.items():
-            if "--" + name not in given:
-                setattr(args, name, value)
+    if args.smoke:
+        smoke_defaults(args, argv, dict(models="tiny-pixart,tiny-sd3,tiny-flux", dtypes="fp32", batches="1",
+                                        ratios="0.5", execs="eager", size=16, warmup=0, repeats=1, rounds=1))
     for name, allowed in (("models", MODELS), ("variants", VARIANTS), ("dtypes", DTYPES), ("execs", EXECS)):
         values = _split(getattr(args, name))
         bad = [v for v in values if v not in allowed]
@@ -266,36 +261,22 @@ def write_markdown(path: Path, report: Dict) -> None:
             f"{r['exec']} | {_fmt(r.get('ms'))} | {spread} | {_fmt(r.get('vs_unpatched'))} | "
             f"{_fmt(r.get('rel_l2'), '.4f')} | {_fmt(r.get('cosine'), '.4f')} | {r.get('finite', '')} | "
             f"{r['status']} |")
-    lines += ["", f"## Goal: ToFu >= {GOAL_SPEEDUP}x unpatched on {GOAL_MODEL} at ratio {GOAL_RATIO} (SDPA)", ""]
-    if not report["goal"]:
-        lines.append("- not measured in this run")
-    lines += [f"- {goal_line(t)}" for t in report["goal"]]
+    lines += goal_lines(f"## Goal: ToFu >= {GOAL_SPEEDUP}x unpatched on {GOAL_MODEL} at ratio {GOAL_RATIO} (SDPA)",
+                        report["goal"], goal_line)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("throughput_dit.py times diffusion transformers on a GPU and found no CUDA device; nothing was timed.\n"
-              "Run it on a GPU machine, or use --smoke to check the script end to end on the CPU.", file=sys.stderr)
+    if cannot_start("throughput_dit", "diffusion transformers", args.smoke):
         return 2
     if device == "cpu" and "graph" in args.execs:
         print("--execs graph needs CUDA (CUDA graphs); on the CPU use --execs eager", file=sys.stderr)
         return 2
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        print('throughput_dit.py needs diffusers: pip install "tofu-triton[diffusers]"', file=sys.stderr)
-        return 2
     from tofu_triton.models import create_transformer
 
-    env = environment()
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput_dit_{card_slug(env['device'])}" + ("_smoke" if args.smoke else "")
-    given = argv if argv is not None else sys.argv[1:]
-    command = "python bench/throughput_dit.py " + " ".join(shlex.quote(a) for a in given)
+    env, out, stem, command = output_files("throughput_dit", args, argv)
 
     started = time.monotonic()
     rows: List[Dict] = []
@@ -337,11 +318,7 @@ def main(argv=None) -> int:
                   settings=dict(batches=args.batches, dtypes=args.dtypes, ratios=args.ratios, execs=args.execs,
                                 warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, size=args.size),
                   elapsed_s=round(time.monotonic() - started, 1), rows=rows, goal=judge(rows, why_not))
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    write_markdown(out / f"{stem}.md", report)
-    for t in report["goal"]:
-        print("target DiT " + goal_line(t))
-    print(f"wrote {out / stem}.{{json,md}} in {report['elapsed_s']} s")
+    write_report(out, stem, report, write_markdown, "target DiT ", goal_line)
     return 0
 
 

@@ -162,14 +162,19 @@ def create_unet(name: str, seed: int = 0, device=None, dtype: Optional[torch.dty
     config = unet_config(name)
     from diffusers import UNet2DConditionModel
 
+    return _build(UNet2DConditionModel, config, seed, device, dtype)
+
+
+def _build(cls: type, config: dict, seed: int, device, dtype: Optional[torch.dtype]) -> nn.Module:
+    """``cls(**config)`` built on ``device`` with the global RNGs seeded and restored, cast, in eval mode."""
     device = torch.device(device or "cpu")
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         with device:
-            model = UNet2DConditionModel(**config)
+            model = cls(**config)
     # nn.Module.to, not ModelMixin.to: the latter warns about keeping modules in float32 for
-    # from_pretrained, a list that is empty for this UNet.
+    # from_pretrained, a list that is empty for these models.
     return nn.Module.to(model, dtype=dtype or torch.float32).eval()
 
 
@@ -286,13 +291,7 @@ def create_transformer(name: str, seed: int = 0, device=None, dtype: Optional[to
     from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
 
     cls = {"pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[family]
-    device = torch.device(device or "cpu")
-    cuda = [device.index or 0] if device.type == "cuda" else []
-    with torch.random.fork_rng(devices=cuda):
-        torch.manual_seed(seed)
-        with device:
-            model = cls(**config)
-    return nn.Module.to(model, dtype=dtype or torch.float32).eval()
+    return _build(cls, config, seed, device, dtype)
 
 
 def transformer_inputs(model: nn.Module, batch: int, size: int, seed: int = 0, device=None,

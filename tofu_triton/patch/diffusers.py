@@ -72,7 +72,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 import torch
 from torch import Tensor, nn
 
-from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock, _chunked_feed_forward
+from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
 from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0, JointAttnProcessor2_0
 from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
 from diffusers.models.transformers.transformer_flux import (
@@ -84,7 +84,7 @@ from diffusers.models.unets.unet_2d_condition import UNet2DConditionModel
 from .. import ops
 from ..schedule import MODEL_MODES
 from . import lifecycle
-from .dit import GRID_KEY, PatchedFluxBlock, PatchedFluxSingleBlock, PatchedJointBlock, flux_grid
+from .dit import GRID_KEY, PatchedFluxBlock, PatchedFluxSingleBlock, PatchedJointBlock, feed_forward, flux_grid
 from .latent_step import CALL_KEY, Call, Step, grid_at, pooled_sizes
 
 CONFIG = ("ratio", "tofu_mode", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn",
@@ -161,11 +161,7 @@ class _PatchedBlock:
             norm = self.norm2(hidden_states) * (1 + scale_mlp) + shift_mlp
         else:
             norm = self.norm3(hidden_states)
-        norm = step.merge(norm, on_mlp)
-        if self._chunk_size is not None:
-            out = _chunked_feed_forward(self.ff, norm, self._chunk_dim, self._chunk_size)
-        else:
-            out = self.ff(norm)
+        out = feed_forward(self, self.ff, step.merge(norm, on_mlp))
         if pixart:
             out = gate_mlp * out
         return step.back(out, on_mlp, hidden_states)

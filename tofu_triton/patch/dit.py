@@ -93,7 +93,7 @@ def attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Te
     """SDPA with ``bias`` [B, S_k] (float32) added to every query's logit of each key, without a mask.
 
     q, k, v: [B, H, S, D]; returns [B, H, S_q, D] in q's dtype. The bias
-    rides in one extra channel (docs/design.md §6): q' = [q, 1], k' = [k,
+    rides in one extra channel (docs/design.md §5.2): q' = [q, 1], k' = [k,
     sqrt(D) * bias], zero-padded to a multiple of 8 channels (v too), with the
     scale 1/sqrt(D) of the original width passed explicitly, so q'.k' / sqrt(D)
     = q.k / sqrt(D) + bias. SDPA then keeps its FlashAttention kernel, which a
@@ -157,6 +157,21 @@ def _flux_qkv(attn, x: Tensor, context: bool) -> Tuple[Tensor, Tensor, Tensor]:
         q, k, v = (p(x) for p in projections)
     q, k, v = (t.unflatten(-1, (-1, attn.head_dim)) for t in (q, k, v))
     return norms[0](q).transpose(1, 2), norms[1](k).transpose(1, 2), v.transpose(1, 2)
+
+
+def _rotated(qkv: Tuple[Tensor, Tensor, Tensor], rope) -> Tuple[Tensor, Tensor, Tensor]:
+    """(q, k, v) with q and k rotated by ``rope`` (cos, sin) [S, D]; as they are when there is none."""
+    if rope is None:
+        return qkv
+    q, k, v = qkv
+    return rotate(q, *rope), rotate(k, *rope), v
+
+
+def feed_forward(block, ff, x: Tensor) -> Tensor:
+    """``ff(x)``, in chunks where the block was told to (``set_chunk_feed_forward``), as diffusers does."""
+    if block._chunk_size is not None:
+        return _chunked_feed_forward(ff, x, block._chunk_dim, block._chunk_size)
+    return ff(x)
 
 
 def _split_rope(rope, text_len: int):
@@ -225,28 +240,20 @@ class PatchedJointBlock:
                 encoder_hidden_states, emb=temb)
 
         out, context_out = _sd3_attention(self.attn, step, step.merge(norm, on_attn), norm_context, on_attn)
-        residual = hidden_states
-        hidden_states = step.back(gate_msa.unsqueeze(1) * out, on_attn, residual)
+        hidden_states = step.back(gate_msa.unsqueeze(1) * out, on_attn, hidden_states)
         if self.use_dual_attention:
             out2, _ = _sd3_attention(self.attn2, step, step.merge(norm2, on_attn), None, on_attn)
             hidden_states = step.back(gate_msa2.unsqueeze(1) * out2, on_attn, hidden_states)
 
         norm = self.norm2(hidden_states) * (1 + scale_mlp[:, None]) + shift_mlp[:, None]
-        norm = step.merge(norm, on_mlp)
-        if self._chunk_size is not None:
-            ff = _chunked_feed_forward(self.ff, norm, self._chunk_dim, self._chunk_size)
-        else:
-            ff = self.ff(norm)
+        ff = feed_forward(self, self.ff, step.merge(norm, on_mlp))
         hidden_states = step.back(gate_mlp.unsqueeze(1) * ff, on_mlp, hidden_states)
 
         if self.context_pre_only:  # the last block: its text stream has no output
             return None, hidden_states
         encoder_hidden_states = encoder_hidden_states + c_gate_msa.unsqueeze(1) * context_out
         norm_context = self.norm2_context(encoder_hidden_states) * (1 + c_scale_mlp[:, None]) + c_shift_mlp[:, None]
-        if self._chunk_size is not None:
-            ff = _chunked_feed_forward(self.ff_context, norm_context, self._chunk_dim, self._chunk_size)
-        else:
-            ff = self.ff_context(norm_context)
+        ff = feed_forward(self, self.ff_context, norm_context)
         return encoder_hidden_states + c_gate_mlp.unsqueeze(1) * ff, hidden_states
 
 
@@ -269,9 +276,7 @@ class PatchedFluxBlock:
         text_rope, image_rope = _split_rope(image_rotary_emb, encoder_hidden_states.shape[1])
         attn = self.attn
         img, bias = image_keys(step, *_flux_qkv(attn, step.merge(norm, on_attn), context=False), image_rope, on_attn)
-        txt = _flux_qkv(attn, norm_context, context=True)
-        if text_rope is not None:
-            txt = (rotate(txt[0], *text_rope), rotate(txt[1], *text_rope), txt[2])
+        txt = _rotated(_flux_qkv(attn, norm_context, context=True), text_rope)
         out, context_out = attend(img, txt, bias, text_first=True)
         out = attn.to_out[1](attn.to_out[0](out))
         context_out = attn.to_add_out(context_out)
@@ -306,9 +311,7 @@ class PatchedFluxSingleBlock:
         text_rope, image_rope = _split_rope(image_rotary_emb, text_len)
         q, k, v = _flux_qkv(self.attn, x, context=False)
         img, bias = image_keys(step, q[:, :, text_len:], k[:, :, text_len:], v[:, :, text_len:], image_rope, on)
-        txt = (q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len])
-        if text_rope is not None:
-            txt = (rotate(txt[0], *text_rope), rotate(txt[1], *text_rope), txt[2])
+        txt = _rotated((q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len]), text_rope)
         out, context_out = attend(img, txt, bias, text_first=True)
 
         out = gate.unsqueeze(1) * self.proj_out(torch.cat([torch.cat([context_out, out], dim=1), mlp], dim=2))
