@@ -1,6 +1,6 @@
 """Diffusion transformer step on a GPU: unpatched vs tofu_triton (ToFu at two ratios, ToDo), eager and CUDA graph.
 
-    python bench/throughput_dit.py              # PixArt-Sigma, SD3-medium, Flux.1-dev, 1024 px; B=1,2; bf16, fp16
+    python bench/throughput_dit.py              # Flux.1-dev, SD3-medium, PixArt-Sigma, 1024 px; B=1,2; bf16, fp16
     python bench/throughput_dit.py --models flux-dev --dtypes bf16 --batches 1 --budget-s 200
     python bench/throughput_dit.py --smoke      # tiny layouts on the CPU in fp32: checks the script end to end
 
@@ -58,7 +58,8 @@ GOAL_MODEL, GOAL_RATIO, GOAL_SPEEDUP = "flux-dev", 0.5, 1.3
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default="pixart-sigma,sd3-medium,flux-dev", help="comma list of " + ", ".join(MODELS))
+    p.add_argument("--models", default="flux-dev,sd3-medium,pixart-sigma",  # the goal's model first: budget
+                   help="comma list of " + ", ".join(MODELS))
     p.add_argument("--ratios", default="0.3,0.5", help="comma list of ToFu merge ratios in (0, 1)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
     p.add_argument("--batches", default="1,2", help="comma list of batch sizes")

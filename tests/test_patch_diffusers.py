@@ -248,12 +248,12 @@ def test_ratio_can_change_between_calls_and_pipelines_work():
 
 @pytest.mark.parametrize("kwargs", [dict(mode="tofu", use_rand=True), dict(mode="tome", merge_crossattn=True,
                                                                        merge_mlp=True, ratio=0.7, sx=3)])
-def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch):
-    # The whole patched UNet on the Triton kernels (the interpreter here) against the reference backend.
+def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch, device):
+    # The whole patched UNet on the Triton kernels (the interpreter on a CPU) against the reference backend.
     from tofu_triton.kernels import tofu as kernels
 
     calls = count_calls(monkeypatch, kernels, ["spatial_partition", "spatial_unmerge"])
-    model, args = unet("sd15"), inputs("sd15", side=8)
+    model, args = unet("sd15").to(device), {k: v.to(device) for k, v in inputs("sd15", side=8).items()}
     settings = dict(dict(ratio=0.5, seed=3), **kwargs)
     want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)
     got = run(tp.diffusers(model, backend="triton", **settings), args)

@@ -377,11 +377,13 @@ def test_text_tokens_are_never_merged(family):
 
 
 @pytest.mark.parametrize("family", ["pixart", "sd35", "flux"])
-def test_fused_kernels_match_the_reference(family, monkeypatch):
+def test_fused_kernels_match_the_reference(family, monkeypatch, device):
+    # The whole patched model on the Triton kernels (the interpreter on a CPU) against the reference backend.
     from tofu_triton.kernels import tofu as kernels
 
     calls = count_calls(monkeypatch, kernels, ["spatial_partition", "spatial_unmerge"])
-    model, args = build(family), inputs(family, grid=(6, 6))
+    model = build(family).to(device)
+    args = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in inputs(family, grid=(6, 6)).items()}
     settings = dict(ratio=0.5, mode="tofu", merge_mlp=True, prop_attn=True, seed=3)
     want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)
     got = run(tp.diffusers(model, backend="triton", **settings), args)
