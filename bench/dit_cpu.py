@@ -1,6 +1,6 @@
 """One denoiser step on the CPU: how far each merge mode moves it, and what it costs, UNets and transformers.
 
-    python bench/dit_cpu.py                     # ~15 minutes on 2 shared cores; bench/results/dit_cpu.{json,md}
+    python bench/dit_cpu.py                     # ~45 minutes on 2 shared cores; bench/results/dit_cpu.{json,md}
     python bench/dit_cpu.py --families flux --repeats 2 --size 32
 
 Denoisers (random weights, the published layouts at 64 channels: ``tofu_triton.models`` presets ``tiny``
@@ -15,13 +15,15 @@ thread. Two tables:
   chosen from (docs/design.md §5.3).
 
 Per row: relative L2 error and mean per-image cosine of the noise prediction against the unpatched
-one, and the step's time: ``--repeats`` rounds over a family's rows (interleaved, so a slow moment of
-the shared machine hits them alike), median and min-max. Random weights: the errors show how much a
+one, and the step's CPU time (this process's, with one torch thread: other jobs on a shared machine
+change it far less than the wall clock): ``--repeats`` rounds over a family's rows, interleaved,
+median and min-max. Random weights: the errors show how much a
 setting perturbs a random network of this layout, not image quality, which needs the real weights.
 The CPU runs the PyTorch reference step, so times say whether fewer tokens pay off on a CPU, not on a GPU.
 """
 import argparse
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -73,10 +75,10 @@ def measure_family(family: str, size: int, repeats: int) -> List[Dict]:
         tp.unpatch(model)
         if patch is not None:
             tp.diffusers(model, use_rand=False, **patch)
-        t0 = time.perf_counter()
+        t0 = time.process_time()  # CPU time of this process: what other jobs on a shared machine disturb least
         with torch.inference_mode():
             out = denoiser_step(model, inputs)
-        return out, time.perf_counter() - t0
+        return out, time.process_time() - t0
 
     base = None
     for row in rows:  # the compared output, and a warm-up
@@ -120,20 +122,22 @@ def write_markdown(path: Path, report: Dict) -> None:
         f"- one step at a {report['size']}x{report['size']} latent ({8 * report['size']} px), batch 2, random "
         "weights, the published layouts at 64 channels (`tofu_triton.models` presets tiny, tiny-xl, tiny-pixart, "
         "tiny-sd3, tiny-flux); each pipeline's text length; `use_rand=False`",
-        f"- time: median (min-max) of {report['repeats']} interleaved rounds on the PyTorch reference step; "
-        "rel. L2 / cosine: the noise prediction against the unpatched one",
+        f"- time: the step's CPU time (process time, one thread), median (min-max) of {report['repeats']} "
+        "interleaved rounds, on the PyTorch reference step; load average of the machine "
+        f"{report['load_before']} before, {report['load_after']} after (other jobs share it); rel. L2 / cosine: "
+        "the noise prediction against the unpatched one",
         "- **random weights**: the errors say how much a setting perturbs a random network of this layout; "
         "image quality needs the real weights",
         "",
         "## Modes (each model's default settings)",
         "",
-        "| model | mode | ratio | merging blocks | prop_attn / merge_mlp | s/step (min-max) | vs unpatched "
+        "| model | mode | ratio | merging blocks | prop_attn / merge_mlp | CPU s/step (min-max) | vs unpatched "
         "| rel. L2 | cosine |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     lines += [_row(r) for r in report["rows"] if r["table"] == "modes"]
     lines += ["", "## Transformers' settings at ratio 0.5", "",
-              "| model | mode | ratio | merging blocks | prop_attn / merge_mlp | s/step (min-max) | vs unpatched "
+              "| model | mode | ratio | merging blocks | prop_attn / merge_mlp | CPU s/step (min-max) | vs unpatched "
               "| rel. L2 | cosine |",
               "|---|---|---|---|---|---|---|---|---|"]
     lines += [_row(r) for r in report["rows"] if r["table"] == "settings"]
@@ -166,10 +170,12 @@ def main(argv=None) -> int:
 
     import tofu_triton
 
+    load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
     rows = [row for family in families for row in measure_family(family, args.size, args.repeats)]
     given = argv if argv is not None else sys.argv[1:]
     report = dict(environment=environment(), diffusers=version("diffusers"), tofu_triton=tofu_triton.__version__,
                   threads=torch.get_num_threads(), size=args.size, repeats=args.repeats, rows=rows,
+                  load_before=load_before, load_after=" / ".join(f"{v:.1f}" for v in os.getloadavg()),
                   command=" ".join(["python bench/dit_cpu.py", *(shlex.quote(a) for a in given)]))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

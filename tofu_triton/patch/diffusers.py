@@ -32,7 +32,8 @@ before cross-attention (``merge_crossattn``: UNets and PixArt) and the MLP
 MLERP after), and ``todo`` (ToDo: self-attention's keys and values
 average-pooled over the cells, queries and everything else untouched;
 ``ratio = 0`` switches it off like the other modes, any other ``ratio``
-switches it on, the cells set how much it pools: 2x2, a quarter of the keys).
+switches it on, the cells set how much it pools: 2x2, a quarter of the keys;
+the ``merge_*`` flags do not apply to it).
 
 Transformers only: text tokens in joint attention are never merged; they
 attend to the merged image tokens, with ``log(size)`` on those keys when
