@@ -10,7 +10,7 @@ thread. Two tables:
 
 * **modes**: unpatched, ``tome`` / ``tofu`` / ``mlerp`` / ``prune`` at ratios 0.3, 0.5, 0.7 and ``todo``
   (2x2 pooling of self-attention's keys and values), each with the model's default settings;
-* **settings** (transformers): at ratio 0.5 in ``tome`` and ``tofu`` every combination of ``prop_attn``
+* **settings** (transformers): at ratio 0.5 in ``tome``, ``mlerp`` and ``tofu`` every combination of ``prop_attn``
   and ``merge_mlp``, and ``todo`` with and without ``prop_attn``: what the transformers' defaults are
   chosen from (docs/design.md §5.3).
 
@@ -48,7 +48,7 @@ def configurations(family: str) -> List[Dict]:
     rows.append(dict(table="modes", mode="todo", ratio=None, patch=dict(mode="todo", ratio=0.5)))
     if family in ("sd15", "sdxl"):
         return rows
-    for mode in ("tome", "tofu"):
+    for mode in ("tome", "mlerp", "tofu"):
         rows += [dict(table="settings", mode=mode, ratio=0.5, patch=dict(mode=mode, ratio=0.5, prop_attn=prop,
                                                                          merge_mlp=mlp))
                  for prop in (False, True) for mlp in (False, True)]
