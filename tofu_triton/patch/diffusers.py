@@ -129,7 +129,8 @@ class _PatchedBlock:
                                    timestep, kwargs or None, class_labels, added_cond_kwargs)
         step = Step(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
         on_attn, on_cross, on_mlp = call.merges if step.merging else (False, False, False)
-        if attention_mask is not None and (on_attn or not step.merging):
+        changed = on_attn or not step.merging  # self-attention sees merged tokens, or (ToDo) pooled keys
+        if attention_mask is not None and changed:
             raise ValueError("attention_mask (over all image tokens) cannot follow merged or pooled tokens: "
                              "pass none, or set ratio=0")
         pixart = self.norm_type == "ada_norm_single"
@@ -140,12 +141,12 @@ class _PatchedBlock:
         norm = self.norm1(hidden_states)
         if pixart:
             norm = norm * (1 + scale_msa) + shift_msa
-        bias = step.key_bias()  # the processor adds the [B, 1, N_keys] mask to every query's logits
-        mask = bias[:, None, :].to(norm.dtype) if bias is not None and (on_attn or not step.merging) else None
+        bias = step.key_bias() if changed else None  # log(size) of the keys, or None: no bias at all
+        mask = bias[:, None, :].to(norm.dtype) if bias is not None else attention_mask  # [B, 1, N_keys]: per key
         if step.merging:
             out = self.attn1(step.merge(norm, on_attn),
                              encoder_hidden_states=encoder_hidden_states if self.only_cross_attention else None,
-                             attention_mask=mask if on_attn else attention_mask, **kwargs)
+                             attention_mask=mask, **kwargs)
         else:  # ToDo: the keys and values come from the pooled tokens (a linear projection commutes with pooling)
             out = self.attn1(norm, encoder_hidden_states=step.pool(norm), attention_mask=mask, **kwargs)
         if pixart:
