@@ -95,7 +95,7 @@ BACKENDS = ops.BACKENDS
 TRANSFORMERS = (PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
 # Defaults of the settings whose best value differs between models (None in patch()). UNets: tomesd's. The
 # transformers': from the fidelity measured in bench/results/dit_cpu.md (docs/design.md §5.3): merging the MLP
-# too costs 3-5x the error everywhere; proportional attention helps or is neutral in joint attention, where
+# too costs 1.3-6x the error everywhere; proportional attention helps or is neutral in joint attention, where
 # text keys compete with the merged image keys (SD3, Flux), and hurts MLERP in PixArt's image-only attention.
 DEFAULTS = {UNet2DConditionModel: dict(merge_mlp=False, prop_attn=False),
             PixArtTransformer2DModel: dict(merge_mlp=False, prop_attn=False),
