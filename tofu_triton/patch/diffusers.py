@@ -86,7 +86,7 @@ from .. import ops
 from ..schedule import MODEL_MODES
 from . import lifecycle
 from .dit import GRID_KEY, PatchedFluxBlock, PatchedFluxSingleBlock, PatchedJointBlock, feed_forward, flux_grid
-from .latent_step import CALL_KEY, Call, Step, grid_at, pooled_sizes
+from .latent_step import CALL_KEY, Call, LatentStep, grid_at, pooled_sizes
 
 CONFIG = ("ratio", "tofu_mode", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn",
           "merge_mlp", "prop_attn", "seed", "tofu_backend")
@@ -127,7 +127,7 @@ class _PatchedBlock:
         if mode is None:  # not patched in this call: diffusers' own block, bitwise
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                    timestep, kwargs or None, class_labels, added_cond_kwargs)
-        step = Step(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
+        step = LatentStep(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
         on_attn, on_cross, on_mlp = call.merges if step.merging else (False, False, False)
         changed = on_attn or not step.merging  # self-attention sees merged tokens, or (ToDo) pooled keys
         if attention_mask is not None and changed:

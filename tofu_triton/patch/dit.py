@@ -36,7 +36,7 @@ from torch import Tensor
 
 from diffusers.models.attention import _chunked_feed_forward
 
-from .latent_step import CALL_KEY, Call, Step, grid_at
+from .latent_step import CALL_KEY, Call, LatentStep, grid_at
 
 GRID_KEY = "tofu_grid"  # joint_attention_kwargs={"tofu_grid": (h, w)}: Flux's token grid, given by the caller
 
@@ -109,7 +109,7 @@ def attention_with_key_bias(q: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> Te
     return out[..., :d]
 
 
-def image_keys(step: Step, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Tuple[Tensor, Tensor]],
+def image_keys(step: LatentStep, q: Tensor, k: Tensor, v: Tensor, rope: Optional[Tuple[Tensor, Tensor]],
                merged: bool) -> Tuple[Tuple[Tensor, Tensor, Tensor], Optional[Tensor]]:
     """The image queries, keys and values a merging block attends with, and their key bias.
 
@@ -196,9 +196,9 @@ def _begin(block, kwargs) -> Tuple[Optional[Call], Optional[str], dict]:
     return call, mode, kwargs
 
 
-def _step(block, call: Call, mode: str, hidden_states: Tensor) -> Step:
+def _step(block, call: Call, mode: str, hidden_states: Tensor) -> LatentStep:
     index, factor = block._tofu_layer
-    return Step(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
+    return LatentStep(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
 
 
 def _clip_fp16(x: Tensor) -> Tensor:
@@ -206,7 +206,7 @@ def _clip_fp16(x: Tensor) -> Tensor:
     return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
 
 
-def _sd3_attention(attn, step: Step, image: Tensor, text: Optional[Tensor], merged: bool):
+def _sd3_attention(attn, step: LatentStep, image: Tensor, text: Optional[Tensor], merged: bool):
     """One SD3 attention (joint, or image-only for SD3.5's ``attn2``): (image out, text out or None), projected."""
     img, bias = image_keys(step, *_sd3_qkv(attn, image, context=False), None, merged)
     txt = _sd3_qkv(attn, text, context=True) if text is not None else None

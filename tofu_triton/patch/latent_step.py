@@ -2,19 +2,19 @@
 
 One :class:`Call` travels with each denoiser call (the latent's token grid,
 the denoising step, the settings as they were when the call began); each
-patched block builds one :class:`Step` from its input image tokens and uses
+patched block builds one :class:`LatentStep` from its input image tokens and uses
 it around the sub-layers it merges:
 
 * merge modes (``mean`` / ``mlerp`` / ``prune``): partition the token grid
   into cells, match, ``merge`` before a sub-layer, ``back`` (unmerge + the
-  block's residual) after it; :meth:`Step.key_bias` and
-  :meth:`Step.positions` give proportional attention its ``log(size)`` and
+  block's residual) after it; :meth:`LatentStep.key_bias` and
+  :meth:`LatentStep.positions` give proportional attention its ``log(size)`` and
   rotary embeddings the grid position of every merged token;
-* ``todo``: nothing is merged; :meth:`Step.pool` average-pools keys and
-  values over the same cells (ToDo), and :meth:`Step.key_bias` gives the
+* ``todo``: nothing is merged; :meth:`LatentStep.pool` average-pools keys and
+  values over the same cells (ToDo), and :meth:`LatentStep.key_bias` gives the
   pooled keys their sizes.
 
-Nothing here is stored on a module: a Step lives for one block call.
+Nothing here is stored on a module: a LatentStep lives for one block call.
 """
 import math
 from typing import NamedTuple, Optional, Tuple
@@ -77,7 +77,7 @@ def pool_grid(x: Tensor, h: int, w: int, sy: int, sx: int) -> Tensor:
     return pooled.permute(0, 2, 3, 1).reshape(*lead, -1, c)
 
 
-class Step:
+class LatentStep:
     """One block call's merge (or ToDo pooling) of its image tokens.
 
     x: the block's input image tokens [B, N, C] (the similarity metric, as
