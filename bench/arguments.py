@@ -1,7 +1,7 @@
-"""Command-line handling the bench scripts share: comma lists checked against their choices."""
+"""Command-line handling the bench scripts share: comma lists checked against their choices, presets."""
 import argparse
 import sys
-from typing import Iterable, List, Optional, Sequence, Set
+from typing import Dict, Iterable, List, Optional, Sequence, Set
 
 
 def split_list(text: str) -> List[str]:
@@ -24,3 +24,12 @@ def given_options(argv: Optional[Sequence[str]]) -> Set[str]:
     """The long options written on the command line (``argv``, default ``sys.argv[1:]``), without values:
     presets such as ``--quick`` fill in only the options the user left out."""
     return {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:]) if a.startswith("--")}
+
+
+def fill_preset(args: argparse.Namespace, argv: Optional[Sequence[str]], preset: Dict[str, object]) -> None:
+    """Set each attribute of ``preset`` on ``args`` unless its option (``--name``, ``_`` written ``-``)
+    was given on the command line: what ``--smoke`` or ``--quick`` mean, overridable option by option."""
+    given = given_options(argv)
+    for name, value in preset.items():
+        if "--" + name.replace("_", "-") not in given:
+            setattr(args, name, value)

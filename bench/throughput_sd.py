@@ -41,11 +41,11 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 
-from arguments import choice_list, given_options, split_list  # noqa: E402
+from arguments import choice_list, fill_preset, split_list  # noqa: E402
 from measure import environment  # noqa: E402
 
 MODELS = {"sd15": "SD 1.5, 512 px", "sdxl": "SDXL, 1024 px", "tiny": "SD 1.5 layout, tiny",
@@ -81,11 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--out", default=None, help="directory for throughput_sd_<card>.{json,md} (default bench/results)")
     args = p.parse_args(argv)
     if args.smoke:  # the CPU settings, for the options not given on the command line
-        given = given_options(argv)
-        smoke = dict(models="tiny,tiny-xl", dtype="fp32", size=16, warmup=1, repeats=2, rounds=1)
-        for name, value in smoke.items():
-            if "--" + name not in given:
-                setattr(args, name, value)
+        fill_preset(args, argv, dict(models="tiny,tiny-xl", dtype="fp32", size=16, warmup=1, repeats=2, rounds=1))
     args.models = choice_list(p, "--models", args.models, MODELS)
     args.variants = choice_list(p, "--variants", args.variants, VARIANTS)
     try:
@@ -338,26 +334,58 @@ def write_markdown(path: Path, report: Dict) -> None:
             f"{_fmt(r.get('ms'))} | {spread} | "
             f"{_fmt(r.get('vs_unpatched'))} | {_fmt(r.get('rel_l2'), '.4f')} | {_fmt(r.get('cosine'), '.4f')} | "
             f"{r['status']} |")
-    lines += ["", f"## Goal: ToFu >= {GOAL_TOFU}x unpatched at ratio {GOAL_RATIO} (tomesd: <= {CONTEXT_TOMESD}x)",
-              ""]
-    if not report["goal"]:
-        lines.append("- not measured in this run")
-    lines += [f"- {goal_line(t)}" for t in report["goal"]]
+    lines += goal_lines(f"## Goal: ToFu >= {GOAL_TOFU}x unpatched at ratio {GOAL_RATIO} (tomesd: <= "
+                        f"{CONTEXT_TOMESD}x)", report["goal"], goal_line)
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def cannot_start(script: str, what: str, smoke: bool, also: str = "") -> bool:
+    """True, after saying why on stderr, when bench/<script>.py cannot run: no CUDA device (and no ``--smoke``),
+    or no diffusers (``also``: what else to install)."""
+    if not smoke and not torch.cuda.is_available():
+        print(f"{script}.py times {what} on a GPU and found no CUDA device; nothing was timed.\n"
+              "Run it on a GPU machine, or use --smoke to check the script end to end on the CPU.", file=sys.stderr)
+        return True
+    try:
+        import diffusers  # noqa: F401
+    except ImportError:
+        print(f'{script}.py needs diffusers: pip install "tofu-triton[diffusers]"{also}, or pip install -e ".[test]"',
+              file=sys.stderr)
+        return True
+    return False
+
+
+def output_files(script: str, args, argv) -> Tuple[Dict, Path, str, str]:
+    """(environment, results directory, file stem, the exact command) of a run of bench/<script>.py: files
+    ``<script>_<card>[_smoke].{json,md}`` under ``--out`` (default bench/results)."""
+    env = environment()
+    out = Path(args.out) if args.out else RESULTS
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"{script}_{card_slug(env['device'])}" + ("_smoke" if args.smoke else "")
+    given = argv if argv is not None else sys.argv[1:]
+    return env, out, stem, f"python bench/{script}.py " + " ".join(shlex.quote(a) for a in given)
+
+
+def write_report(out: Path, stem: str, report: Dict, write_markdown, prefix: str, goal_line) -> None:
+    """``<stem>.json`` and ``<stem>.md`` under ``out``; the goal lines printed (``prefix`` + line: what
+    bench/gpu_check.sh's summary greps for)."""
+    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+    write_markdown(out / f"{stem}.md", report)
+    for t in report["goal"]:
+        print(prefix + goal_line(t))
+    print(f"wrote {out / stem}.{{json,md}} in {report['elapsed_s']} s")
+
+
+def goal_lines(heading: str, goals: List[Dict], line) -> List[str]:
+    """The Markdown goal section: the heading, then ``line(goal)`` per judged goal."""
+    return ["", heading, ""] + ([f"- {line(t)}" for t in goals] or ["- not measured in this run"])
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = "cpu" if args.smoke else "cuda"
-    if device == "cuda" and not torch.cuda.is_available():
-        print("throughput_sd.py times Stable Diffusion UNets on a GPU and found no CUDA device; nothing was timed.\n"
-              "Run it on a GPU machine, or use --smoke to check the script end to end on the CPU.", file=sys.stderr)
-        return 2
-    try:
-        import diffusers  # noqa: F401
-    except ImportError:
-        print('throughput_sd.py needs diffusers: pip install "tofu-triton[diffusers]" (and tomesd==0.1.3 for the '
-              'tomesd rows), or pip install -e ".[test]"', file=sys.stderr)
+    if cannot_start("throughput_sd", "Stable Diffusion UNets", args.smoke, also=" (and tomesd==0.1.3 for the "
+                    "tomesd rows)"):
         return 2
     try:
         import tomesd
@@ -365,12 +393,7 @@ def main(argv=None) -> int:
         tomesd = None
         print("tomesd is not installed (pip install tomesd==0.1.3): its rows are skipped", file=sys.stderr)
 
-    env = environment()
-    out = Path(args.out) if args.out else RESULTS
-    out.mkdir(parents=True, exist_ok=True)
-    stem = f"throughput_sd_{card_slug(env['device'])}" + ("_smoke" if args.smoke else "")
-    given = argv if argv is not None else sys.argv[1:]
-    command = "python bench/throughput_sd.py " + " ".join(shlex.quote(a) for a in given)
+    env, out, stem, command = output_files("throughput_sd", args, argv)
 
     started = time.monotonic()
     rows: List[Dict] = []
@@ -403,11 +426,7 @@ def main(argv=None) -> int:
                   settings=dict(batch=args.batch, ratios=args.ratios, warmup=args.warmup, repeats=args.repeats,
                                 rounds=args.rounds, size=args.size, max_downsample=args.max_downsample),
                   elapsed_s=round(time.monotonic() - started, 1), rows=rows, goal=judge(rows, why_not))
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    write_markdown(out / f"{stem}.md", report)
-    for t in report["goal"]:
-        print("target SD " + goal_line(t))
-    print(f"wrote {out / stem}.{{json,md}} in {report['elapsed_s']} s")
+    write_report(out, stem, report, write_markdown, "target SD ", goal_line)
     return 0
 
 

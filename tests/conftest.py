@@ -51,6 +51,15 @@ def count_calls(monkeypatch, module, names) -> dict:
     return counts
 
 
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (see tofu_triton.testing.one_thread: shared CPUs)."""
+    from tofu_triton.testing import one_thread as single
+
+    with single():
+        yield
+
+
 def assert_match(km, rm, metric, n):
     """A kernel's Match ``km`` equals the reference's ``rm`` on ``metric`` [B, N, D]: exactly,
     or where they differ only by choices between scores within rounding of each other."""

@@ -17,6 +17,8 @@ from tofu_triton.testing import run_in_threads  # noqa: E402
 
 from conftest import count_calls  # noqa: E402
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.one_thread
+
 # The published configs' layout (block types, layers, projections, SDXL's added conditioning)...
 SD15 = dict(down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
             up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3, layers_per_block=2)
@@ -65,16 +67,14 @@ def test_ratio_0_is_bitwise_unpatched(name):
                                     dict(ratio=0.7, sx=3, sy=2)])
 def test_tome_mode_reproduces_tomesd(name, kwargs):
     ours, theirs, args = unet(name), unet(name), inputs(name)
-    settings = dict(dict(ratio=0.5, max_downsample=1, sx=2, sy=2), **kwargs)
+    # SDXL has no transformer block at full resolution: its highest-resolution attention is at 1/2.
+    settings = dict(dict(ratio=0.5, max_downsample=2 if name == "sdxl" else 1, sx=2, sy=2), **kwargs)
     tp.diffusers(ours, mode="tome", use_rand=False, **settings)
     tomesd.apply_patch(theirs, use_rand=False, **settings)
     got, want = run(ours, args), run(theirs, args)
     unpatched = run(unet(name), args)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
-    if any(p.mode for p in tp.plan(ours)):
-        assert (got - unpatched).abs().max() > 1e-3  # merging did happen
-    else:  # SDXL has no transformer block at full resolution: max_downsample=1 merges nothing, as in tomesd
-        assert name == "sdxl" and torch.equal(got, unpatched)
+    assert (got - unpatched).abs().max() > 1e-3  # merging did happen
 
 
 def test_the_step_matches_tomesd_merge_and_unmerge():
@@ -92,6 +92,79 @@ def test_the_step_matches_tomesd_merge_and_unmerge():
             want = u(layer(m(x, mode="mean")))
             got = reference.spatial_unmerge(layer(reference.spatial_merge(x, match, part, "mean")), match, part)
         torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+
+
+def test_sdxl_merges_at_its_highest_attention_by_default_and_a_setting_that_patches_nothing_is_refused():
+    # tomesd's trap: max_downsample=1 reaches no block of SDXL (no attention at full resolution): no speed-up,
+    # silently. Our default is the highest resolution that has attention, and the plan says so.
+    model = unet("sdxl")
+    tp.diffusers(model, ratio=0.5)
+    assert tp.settings(model)["max_downsample"] == 2
+    plan = tp.plan(model, 16 * 16)
+    assert [p.mode is not None for p in plan] == [p.downsample == 2 for p in plan] and plan[0].downsample == 2
+    assert {(p.tokens, p.r) for p in plan if p.mode} == {(64, 32)}  # an 8x8 grid at 1/2 of a 16x16 latent
+    tp.unpatch(model)
+    with pytest.raises(ValueError, match="max_downsample=1 reaches no transformer block.*use max_downsample=2"):
+        tp.diffusers(model, ratio=0.5, max_downsample=1)
+    assert not tp.is_patched(model)
+    with pytest.raises(ValueError, match="nothing would merge"):
+        tp.diffusers(model, merge_attn=False)
+
+
+def test_plan_follows_the_latent_size():
+    model = tp.diffusers(unet("sd15"), ratio=0.5)  # blocks at 1x, 2x, 4x, 8x below the latent
+    by_factor = {p.downsample: (p.tokens, p.r) for p in tp.plan(model, (24, 40)) if p.mode}
+    assert by_factor == {1: (960, 480)}
+    model.max_downsample = 8
+    by_factor = {p.downsample: (p.tokens, p.r) for p in tp.plan(model, (24, 40))}
+    assert by_factor == {1: (960, 480), 2: (240, 120), 4: (60, 30), 8: (15, 7)}
+    assert [p.tokens for p in tp.plan(model)][:2] == [16 * 16] * 2  # default: the configured sample_size
+    assert [p.tokens for p in tp.plan(model, 64)][:2] == [64] * 2
+
+
+def test_patching_a_patched_unet_takes_the_new_settings():
+    model, args = unet("sd15"), inputs("sd15", side=8)
+    want = run(tp.diffusers(unet("sd15"), ratio=0.3, mode="tome", seed=1), args)
+    tp.diffusers(model, ratio=0.5, seed=1)
+    tp.diffusers(model, ratio=0.3, mode="tome", seed=1)  # was a TypeError ("block 0 ... with its own forward")
+    assert torch.equal(run(model, args), want)
+    model.ratio = 0.5
+    with tp.patched(model, ratio=0.3, mode="tome", seed=1):
+        assert torch.equal(run(model, args), want)
+    assert tp.settings(model)["ratio"] == 0.5
+
+
+@pytest.mark.parametrize("name, value, err", [("ratio", 1.5, ValueError), ("ratio", -0.1, ValueError),
+                                              ("ratio", 2.0, ValueError), ("sx", 0, ValueError),
+                                              ("prop_attn", True, ValueError), ("merge_mlp", None, TypeError)])
+def test_settings_are_checked_at_each_call(name, value, err):
+    model, args = tp.diffusers(unet("sd15"), ratio=0.5), inputs("sd15", side=8)
+    setattr(model, name, value)  # set between calls, as users do
+    with pytest.raises(err, match=name):
+        run(model, args)
+
+
+def test_todo_pools_self_attention_keys_and_values_over_the_grid():
+    model, args = unet("sd15"), inputs("sd15", side=8)
+    tp.diffusers(model, ratio=0.5, mode="todo")  # 2x2 cells: a quarter of the keys
+    first = next(m for m in model.modules() if type(m).__name__ == "TofuBasicTransformerBlock")
+    seen = {}
+    first.register_forward_hook(lambda m, a, kw, out: seen.update(x=a[0], kw=kw, out=out), with_kwargs=True)
+    run(model, args)
+    x, kw, a = seen["x"], seen["kw"], first.attn1
+    with torch.no_grad():  # the block restated, with self-attention's keys and values averaged over 2x2 cells
+        def pooled(t):
+            return torch.nn.functional.avg_pool2d(t.unflatten(1, (8, 8)).permute(0, 3, 1, 2), 2).flatten(2).mT
+
+        norm = first.norm1(x)
+        q, k, v = (t.unflatten(-1, (a.heads, -1)).transpose(1, 2) for t in (a.to_q(norm), pooled(a.to_k(norm)),
+                                                                             pooled(a.to_v(norm))))
+        attn = torch.nn.functional.scaled_dot_product_attention(q, k, v).transpose(1, 2).flatten(2)
+        h = x + a.to_out[0](attn)
+        h = h + first.attn2(first.norm2(h), encoder_hidden_states=kw["encoder_hidden_states"])
+        want = h + first.ff(first.norm3(h))
+    torch.testing.assert_close(seen["out"], want, rtol=1e-5, atol=1e-5)
+    assert [p.r for p in tp.plan(model, 8 * 8) if p.mode] == [64 - 16] * 5
 
 
 def test_published_sd15_layout_plans_the_highest_resolution_blocks():
@@ -175,12 +248,12 @@ def test_ratio_can_change_between_calls_and_pipelines_work():
 
 @pytest.mark.parametrize("kwargs", [dict(mode="tofu", use_rand=True), dict(mode="tome", merge_crossattn=True,
                                                                        merge_mlp=True, ratio=0.7, sx=3)])
-def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch):
-    # The whole patched UNet on the Triton kernels (the interpreter here) against the reference backend.
+def test_fused_kernels_match_the_reference_in_a_unet(kwargs, monkeypatch, device):
+    # The whole patched UNet on the Triton kernels (the interpreter on a CPU) against the reference backend.
     from tofu_triton.kernels import partition, unmerge
 
     calls = count_calls(monkeypatch, [partition, unmerge], ["spatial_partition", "spatial_unmerge"])
-    model, args = unet("sd15"), inputs("sd15", side=8)
+    model, args = unet("sd15").to(device), {k: v.to(device) for k, v in inputs("sd15", side=8).items()}
     settings = dict(dict(ratio=0.5, seed=3), **kwargs)
     want = run(tp.diffusers(copy.deepcopy(model), backend="reference", **settings), args)
     got = run(tp.diffusers(model, backend="triton", **settings), args)

@@ -5,9 +5,10 @@ dispatches CUDA tensors to the kernels in ``tofu_triton.kernels`` and CPU
 tensors to the reference; ``tofu_triton.patch`` patches whole models: timm
 ``VisionTransformer`` and Hugging Face ``BertModel``, ``ViTModel``,
 ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``, SigLIP,
-EVA-02, and diffusers' Stable Diffusion UNets (imported on first use, since it
-imports timm). ``token_fusion_step`` is a ViT block's whole step from its
-attention keys (one launch on the GPU). The Stable Diffusion step's ops: ``spatial_partition``,
+EVA-02, and diffusers' Stable Diffusion UNets and PixArt / SD3 / Flux
+transformers (imported on first use, since it imports timm).
+``token_fusion_step`` is a ViT block's whole step from its attention keys (one
+launch on the GPU). The diffusion step's ops: ``spatial_partition``,
 ``spatial_match``, ``spatial_merge``, ``spatial_unmerge``.
 """
 import importlib

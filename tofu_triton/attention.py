@@ -62,17 +62,23 @@ def choose(q: Tensor, dropout_p: float = 0.0) -> str:
 
 def sized_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dropout_p: float = 0.0,
                     path: str = "auto") -> Tensor:
-    """``softmax(q k^T / sqrt(D) + bias) v`` for q, k, v [B, H, N, D].
+    """``softmax(q k^T / sqrt(D) + bias) v`` for q [B, H, Nq, D], k, v [B, H, Nk, D].
 
-    bias: [B, 1, 1, N], added to every query's logit of key n, or None (then
-    plain SDPA, bitwise what timm computes). ``path``: one of :data:`PATHS`.
-    Returns [B, H, N, D] in q's dtype.
+    bias: [B, 1, 1, Nk] (any float dtype), added to every query's logit of
+    key n, or None (then plain SDPA, bitwise what timm computes). ``path``:
+    one of :data:`PATHS`. Returns [B, H, Nq, D] in q's dtype.
     """
     if bias is None:
         return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
     if path == "auto":
         path = choose(q, dropout_p)
-    if bias.dtype != q.dtype:  # under autocast q is in the autocast dtype
+    if path == "channel":
+        return _bias_channel(q, k, v, bias, dropout_p)
+    if path == "flex":
+        if dropout_p:
+            raise ValueError("the flex_attention path has no dropout; use path='mask' while training with dropout")
+        return _flex(q, k, v, bias)
+    if bias.dtype != q.dtype:  # a mask must be in the query's dtype (under autocast, the autocast dtype)
         bias = bias.to(q.dtype)
     if path == "mask":
         return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
@@ -82,12 +88,6 @@ def sized_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dro
         # process-wide setting, which other threads would see.
         lse = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
         return torch.ops.aten._scaled_dot_product_cudnn_attention(q, k, v, bias, lse, dropout_p, False, False)[0]
-    if path == "channel":
-        return _bias_channel(q, k, v, bias, dropout_p)
-    if path == "flex":
-        if dropout_p:
-            raise ValueError("the flex_attention path has no dropout; use path='mask' while training with dropout")
-        return _flex(q, k, v, bias)
     raise ValueError(f"attention path must be one of {PATHS}, got {path!r}")
 
 

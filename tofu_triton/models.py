@@ -7,10 +7,13 @@
     unet = create_unet("sd15", device="cuda", dtype=torch.float16)   # SD 1.5's UNet layout, random weights
     unet = create_unet("tiny")                              # SD 1.5's layout at 32-64 channels: a CPU runs it
     out = unet_step(unet, unet_inputs(unet, batch=2, size=64))     # one denoising step's UNet forward
+
+    flux = create_denoiser("tiny-flux")                     # Flux.1's layout (19 + 38 blocks) at 64 channels
+    out = denoiser_step(flux, denoiser_inputs(flux, batch=1, size=64))   # any preset: UNet or transformer
 """
 import difflib
 import os
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -185,14 +188,19 @@ def unet_config(name: str) -> dict:
 
 
 def latent_multiple(name: str) -> int:
-    """The latent side must be a multiple of this: the UNet halves it once per down block but the last."""
+    """The latent side must be a multiple of this: the UNet halves it once per down block but the last; the
+    transformers cut it into 2x2 patches (Flux packs 2x2 latent pixels into one token)."""
+    if name in DIT_PRESETS:
+        return 2
     return 2 ** (len(unet_config(name)["block_out_channels"]) - 1)
 
 
 def attention_downsample(name: str) -> int:
     """How far below the latent's resolution the highest-resolution transformer blocks run: 1 for SD 1.x/2.x,
     2 for SDXL (its first down block has no attention). tomesd's ``max_downsample`` must be at least this
-    for anything to merge."""
+    for anything to merge. 1 for the transformers (every block runs on the patch grid)."""
+    if name in DIT_PRESETS:
+        return 1
     types = unet_config(name)["down_block_types"]
     return 2 ** next(i for i, kind in enumerate(types) if "CrossAttn" in kind)
 
@@ -210,14 +218,19 @@ def create_unet(name: str, seed: int = 0, device=None, dtype: Optional[torch.dty
     config = unet_config(name)
     from diffusers import UNet2DConditionModel
 
+    return _build(UNet2DConditionModel, config, seed, device, dtype)
+
+
+def _build(cls: type, config: dict, seed: int, device, dtype: Optional[torch.dtype]) -> nn.Module:
+    """``cls(**config)`` built on ``device`` with the global RNGs seeded and restored, cast, in eval mode."""
     device = torch.device(device or "cpu")
     cuda = [device.index or 0] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         with device:
-            model = UNet2DConditionModel(**config)
+            model = cls(**config)
     # nn.Module.to, not ModelMixin.to: the latter warns about keeping modules in float32 for
-    # from_pretrained, a list that is empty for this UNet.
+    # from_pretrained, a list that is empty for these models.
     return nn.Module.to(model, dtype=dtype or torch.float32).eval()
 
 
@@ -262,3 +275,150 @@ def unet_step(model: nn.Module, inputs: Dict[str, object]) -> torch.Tensor:
     """
     rest = {k: v for k, v in inputs.items() if k != "sample"}
     return model(inputs["sample"], **rest).sample
+
+
+# --------------------------------------------------------------------------- diffusion transformers
+
+# The transformer configs of PixArt-Sigma (PixArt-alpha/PixArt-Sigma-XL-2-1024-MS), Stable Diffusion 3
+# medium (stabilityai/stable-diffusion-3-medium-diffusers) and Flux.1 dev (black-forest-labs/FLUX.1-dev),
+# transformer/config.json each, written out as for the UNets (keys left out are the class defaults, which
+# are the published values). tests/test_dit_presets.py checks the published parameter counts.
+PIXART_SIGMA = dict(
+    num_attention_heads=16, attention_head_dim=72, in_channels=4, out_channels=8, num_layers=28,
+    cross_attention_dim=1152, caption_channels=4096, sample_size=128, patch_size=2, interpolation_scale=2,
+    use_additional_conditions=False, norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+)
+SD3_MEDIUM = dict(
+    sample_size=128, patch_size=2, in_channels=16, out_channels=16, num_layers=24, attention_head_dim=64,
+    num_attention_heads=24, joint_attention_dim=4096, caption_projection_dim=1536, pooled_projection_dim=2048,
+    pos_embed_max_size=192,
+)
+FLUX_DEV = dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128, num_attention_heads=24,
+    joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True, axes_dims_rope=(16, 56, 56),
+)
+# The same layouts (every block) at 64 channels (2 heads of 32) and 32-wide text embeddings: a CPU runs a
+# step in about a second at a 64x64 latent.
+_TINY_DIT = dict(num_attention_heads=2, attention_head_dim=32)
+DIT_PRESETS: Dict[str, Tuple[str, dict]] = {  # name: (family, config)
+    "tiny-pixart": ("pixart", dict(PIXART_SIGMA, **_TINY_DIT, cross_attention_dim=64, caption_channels=32)),
+    "tiny-sd3": ("sd3", dict(SD3_MEDIUM, **_TINY_DIT, joint_attention_dim=32, caption_projection_dim=64,
+                             pooled_projection_dim=32)),
+    "tiny-flux": ("flux", dict(FLUX_DEV, **_TINY_DIT, joint_attention_dim=32, pooled_projection_dim=32,
+                               axes_dims_rope=(4, 14, 14))),
+    "pixart-sigma": ("pixart", PIXART_SIGMA),
+    "sd3-medium": ("sd3", SD3_MEDIUM),
+    "flux-dev": ("flux", FLUX_DEV),
+}
+# Text tokens each pipeline passes: PixArt-Sigma's T5 (300), SD3's CLIP (77) + T5 (256), Flux dev's T5 (512).
+DIT_TEXT_TOKENS = {"pixart": 300, "sd3": 77 + 256, "flux": 512}
+LATENT_CHANNELS = {"pixart": 4, "sd3": 16, "flux": 16}  # the VAE's: Flux packs 2x2 of its 16 into 64
+FLUX_GUIDANCE = 3.5  # Flux dev's default guidance scale, embedded by its transformer
+
+
+def is_dit(name: str) -> bool:
+    """True for a transformer preset of :data:`DIT_PRESETS`, False for a UNet of :data:`UNET_PRESETS`."""
+    if name not in DIT_PRESETS and name not in UNET_PRESETS:
+        raise ValueError(f"unknown preset {name!r}: choose one of {', '.join(list(UNET_PRESETS) + list(DIT_PRESETS))}")
+    return name in DIT_PRESETS
+
+
+def dit_family(model: nn.Module) -> str:
+    """"pixart", "sd3" or "flux" for a diffusers transformer; ValueError for anything else."""
+    families = {"PixArtTransformer2DModel": "pixart", "SD3Transformer2DModel": "sd3", "FluxTransformer2DModel": "flux"}
+    for cls in type(model).__mro__:
+        if cls.__name__ in families:
+            return families[cls.__name__]
+    raise ValueError(f"{type(model).__name__} is not a PixArt, SD3 or Flux transformer")
+
+
+def create_transformer(name: str, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """A diffusers PixArt / SD3 / Flux transformer of preset ``name`` with random weights, in eval mode.
+
+    As :func:`create_unet`: built on ``device``, seeded without touching the
+    global RNGs, float32 cast to ``dtype``, default attention processors
+    (PyTorch SDPA), nothing downloaded.
+    """
+    if name not in DIT_PRESETS:
+        raise ValueError(f"unknown transformer preset {name!r}: choose one of {', '.join(DIT_PRESETS)}")
+    family, config = DIT_PRESETS[name]
+    from diffusers.models.transformers.pixart_transformer_2d import PixArtTransformer2DModel
+    from diffusers.models.transformers.transformer_flux import FluxTransformer2DModel
+    from diffusers.models.transformers.transformer_sd3 import SD3Transformer2DModel
+
+    cls = {"pixart": PixArtTransformer2DModel, "sd3": SD3Transformer2DModel, "flux": FluxTransformer2DModel}[family]
+    return _build(cls, config, seed, device, dtype)
+
+
+def transformer_inputs(model: nn.Module, batch: int, size: int, seed: int = 0, device=None,
+                       dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """Random inputs of one denoising step of a PixArt / SD3 / Flux transformer, as its pipeline passes them.
+
+    ``size`` is the latent's side (image side / 8), even. All three get a
+    standard normal latent, stand-in text embeddings (the pipeline's text
+    length, :data:`DIT_TEXT_TOKENS`) and a mid-schedule timestep:
+
+    * PixArt: ``hidden_states`` [batch, 4, size, size], ``encoder_hidden_states``
+      [batch, 300, caption_channels], ``timestep`` [batch] int64 (500),
+      ``added_cond_kwargs`` (no resolution / aspect-ratio conditions);
+    * SD3: ``hidden_states`` [batch, 16, size, size], ``encoder_hidden_states``
+      [batch, 333, joint_attention_dim], ``pooled_projections`` [batch, pooled
+      width], ``timestep`` [batch] float (500.0);
+    * Flux: ``hidden_states`` [batch, (size/2)^2, 64] (the 16-channel latent
+      packed 2x2, row-major), ``encoder_hidden_states`` [batch, 512, ...],
+      ``pooled_projections``, ``timestep`` [batch] (0.5: Flux scales by 1000
+      itself), ``guidance`` [batch] (3.5) where the model embeds it,
+      ``img_ids`` [(size/2)^2, 3] (0, row, col) and ``txt_ids`` [512, 3] zeros.
+
+    Floats in ``dtype`` (default float32) on ``device``, drawn on the CPU from ``seed``.
+    """
+    family, cfg = dit_family(model), model.config
+    if size < 2 or size % 2:
+        raise ValueError(f"size (the latent side) must be even and >= 2 for a transformer, got {size}")
+    g = torch.Generator().manual_seed(seed)
+    dtype = dtype or torch.float32
+
+    def normal(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    text = DIT_TEXT_TOKENS[family]
+    latent = normal(batch, LATENT_CHANNELS[family], size, size)  # drawn first: the same latent for every family
+    if family == "pixart":
+        return dict(hidden_states=latent, encoder_hidden_states=normal(batch, text, cfg.caption_channels),
+                    timestep=torch.full((batch,), TIMESTEP, dtype=torch.int64, device=device),
+                    added_cond_kwargs=dict(resolution=None, aspect_ratio=None))
+    context = normal(batch, text, cfg.joint_attention_dim)
+    pooled = normal(batch, cfg.pooled_projection_dim)
+    if family == "sd3":
+        return dict(hidden_states=latent, encoder_hidden_states=context, pooled_projections=pooled,
+                    timestep=torch.full((batch,), float(TIMESTEP), device=device))
+    h = w = size // 2  # Flux packs each 2x2 patch of the latent into one token of 4 * 16 channels
+    packed = latent.reshape(batch, -1, h, 2, w, 2).permute(0, 2, 4, 1, 3, 5).reshape(batch, h * w, -1)
+    rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3)
+    out = dict(hidden_states=packed, encoder_hidden_states=context, pooled_projections=pooled,
+               timestep=torch.full((batch,), TIMESTEP / 1000, device=device, dtype=dtype),
+               img_ids=img_ids.to(device=device, dtype=dtype), txt_ids=torch.zeros(text, 3, device=device, dtype=dtype))
+    if cfg.guidance_embeds:
+        out["guidance"] = torch.full((batch,), FLUX_GUIDANCE, device=device, dtype=dtype)
+    return out
+
+
+def create_denoiser(name: str, seed: int = 0, device=None, dtype: Optional[torch.dtype] = None) -> nn.Module:
+    """:func:`create_unet` or :func:`create_transformer`, by preset name."""
+    return (create_transformer if is_dit(name) else create_unet)(name, seed=seed, device=device, dtype=dtype)
+
+
+def denoiser_inputs(model: nn.Module, batch: int, size: int, seed: int = 0, device=None,
+                    dtype: Optional[torch.dtype] = None) -> Dict[str, object]:
+    """:func:`unet_inputs` or :func:`transformer_inputs`, by model class."""
+    build = unet_inputs if type(model).__name__.endswith("UNet2DConditionModel") else transformer_inputs
+    return build(model, batch, size, seed=seed, device=device, dtype=dtype)
+
+
+def denoiser_step(model: nn.Module, inputs: Dict[str, object]) -> torch.Tensor:
+    """One step's noise prediction of a UNet (:func:`unet_step`) or transformer: [batch, C, size, size], or for
+    Flux the packed [batch, (size/2)^2, 64]."""
+    if "sample" in inputs:
+        return unet_step(model, inputs)
+    return model(**inputs).sample

@@ -1,8 +1,9 @@
 """``tofu-triton demo-sd``: one Stable Diffusion denoising step, unpatched, with tomesd and with ours.
 
 Builds a diffusers ``UNet2DConditionModel`` from a preset of
-:data:`tofu_triton.models.UNET_PRESETS` with random weights (nothing is
-downloaded), runs the UNet forward of one step on a random latent with random
+:data:`tofu_triton.models.UNET_PRESETS`, or a PixArt / SD3 / Flux transformer
+from :data:`tofu_triton.models.DIT_PRESETS`, with random weights (nothing is
+downloaded), runs the denoiser forward of one step on a random latent with random
 text embeddings, and prints per variant the median step time, the speed-up
 over the unpatched UNet and how close its noise prediction is to the
 unpatched one (relative L2 error, cosine). Saves a picture of which latent
@@ -26,12 +27,16 @@ import torch.nn.functional as F
 import tofu_triton
 
 from .. import patch as tp
-from ..models import attention_downsample, create_unet, latent_multiple, unet_config, unet_inputs, unet_step
+from ..models import (
+    attention_downsample, create_denoiser, denoiser_inputs, denoiser_step, is_dit, latent_multiple, unet_config,
+)
 from ..reference import spatial_match, spatial_partition
 from ..visualize import save_latent_merge_picture
 from .common import resolve_device, time_windows
 
-PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl")
+PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "pixart-sigma",
+                  "sd3-medium", "flux-dev")
+DIT_SIZE = 128  # the transformers' latent side on a GPU: 1024 px images
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 CPU_SIZE = 32  # latent side on the CPU by default: 256 px images, a fraction of a second per step for "tiny"
 DEFAULT_OUT = "tofu_sd_demo"
@@ -39,8 +44,8 @@ DEFAULT_OUT = "tofu_sd_demo"
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", choices=PRESET_CHOICES, default=None,
-                   help="UNet preset, random weights (default: sd15 on GPU, tiny on CPU; tiny/tiny-xl are the SD 1.5 / "
-                        "SDXL layouts at 32-64 channels)")
+                   help="denoiser preset, random weights (default: sd15 on GPU, tiny on CPU; tiny/tiny-xl are the "
+                        "SD 1.5 / SDXL layouts at 32-64 channels, tiny-pixart/-sd3/-flux the transformers' at 64)")
     p.add_argument("--size", type=int, default=None,
                    help=f"latent side in tokens, image side / 8 (default: the preset's own on GPU, {CPU_SIZE} on CPU)")
     p.add_argument("--batch", type=int, default=2, help="latents per step (default 2: classifier-free guidance)")
@@ -66,12 +71,15 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--batch must be >= 1")
     if args.iters is not None and args.iters < 1:
         parser.error("--iters must be >= 1")
+    if args.max_downsample is not None and args.model and is_dit(args.model):
+        parser.error(f"--max-downsample applies to UNets; every block of {args.model} runs on its patch grid")
     if args.size is not None:
         multiple = latent_multiple(args.model or "tiny")
         if args.size < multiple or args.size % multiple:
             unet = f"the {args.model} UNet" if args.model else "the UNet"
-            parser.error(f"--size must be a positive multiple of {multiple} ({unet} halves the latent "
-                         f"{multiple.bit_length() - 1} times), got {args.size}")
+            why = (f"{args.model} cuts it into 2x2 patches" if args.model and is_dit(args.model)
+                   else f"{unet} halves the latent {multiple.bit_length() - 1} times")
+            parser.error(f"--size must be a positive multiple of {multiple} ({why}), got {args.size}")
 
 
 def package_version(name: str) -> str:
@@ -96,10 +104,11 @@ class Setup(NamedTuple):
 
     device: str
     dtype_name: str  # a key of DTYPES
-    name: str  # the UNet preset
+    name: str  # the denoiser preset
+    dit: bool  # a transformer: no tomesd (UNets only), no max_downsample (one patch grid)
     size: int  # latent side in tokens
     iters: int  # timed steps per variant
-    max_downsample: int
+    max_downsample: Optional[int]  # None for a transformer
 
 
 def resolve(args: argparse.Namespace) -> Setup:
@@ -110,21 +119,25 @@ def resolve(args: argparse.Namespace) -> Setup:
         raise SystemExit("--dtype fp16 is for CUDA only (CPU half-precision convolutions are slow); "
                          "use --dtype fp32 on the CPU")
     name = args.model or ("sd15" if device == "cuda" else "tiny")
-    return Setup(device=device, dtype_name=dtype_name, name=name,
-                 size=args.size or (unet_config(name)["sample_size"] if device == "cuda" else CPU_SIZE),
+    dit = is_dit(name)
+    native = DIT_SIZE if dit else unet_config(name)["sample_size"]
+    return Setup(device=device, dtype_name=dtype_name, name=name, dit=dit,
+                 size=args.size or (native if device == "cuda" else CPU_SIZE),
                  iters=args.iters or (10 if device == "cuda" else 3),
-                 max_downsample=args.max_downsample or attention_downsample(name))
+                 max_downsample=None if dit else args.max_downsample or attention_downsample(name))
 
 
 def _first_block(unet: torch.nn.Module) -> torch.nn.Module:
-    """The first BasicTransformerBlock a forward reaches (modules() lists down blocks first, as they run)."""
-    from diffusers.models.attention import BasicTransformerBlock
+    """The first transformer block a forward reaches (modules() lists down blocks first, as they run)."""
+    from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
+    from diffusers.models.transformers.transformer_flux import FluxTransformerBlock
 
-    return next(m for m in unet.modules() if isinstance(m, BasicTransformerBlock))
+    blocks = (BasicTransformerBlock, JointTransformerBlock, FluxTransformerBlock)
+    return next(m for m in unet.modules() if isinstance(m, blocks))
 
 
 def unpatched_step(unet: torch.nn.Module, inputs: Dict) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The unpatched UNet's noise prediction, and what its first transformer block saw [batch, N, C]
+    """The unpatched denoiser's noise prediction, and what its first transformer block saw [batch, N, C]
     (for the merge picture)."""
     captured = {}
 
@@ -134,7 +147,7 @@ def unpatched_step(unet: torch.nn.Module, inputs: Dict) -> Tuple[torch.Tensor, t
     hook = _first_block(unet).register_forward_pre_hook(capture, with_kwargs=True)
     try:
         with torch.no_grad():
-            base = unet_step(unet, inputs)
+            base = denoiser_step(unet, inputs)
     finally:
         hook.remove()
     return base, captured["x"]
@@ -162,7 +175,7 @@ def compare_variants(unet: torch.nn.Module, inputs: Dict, base: torch.Tensor, se
 
     def step():
         with torch.no_grad():
-            return unet_step(unet, inputs)
+            return denoiser_step(unet, inputs)
 
     rows: List[Dict] = []
     notes: List[str] = []
@@ -170,6 +183,9 @@ def compare_variants(unet: torch.nn.Module, inputs: Dict, base: torch.Tensor, se
         _unpatch(unet, tomesd)
         row = dict(label=label)
         if variant == "tomesd":
+            if setup.dit:
+                rows.append(dict(row, note="not applicable: tomesd patches UNets only"))
+                continue
             if tomesd is None:
                 rows.append(dict(row, note="not installed (pip install tomesd==0.1.3)"))
                 continue
@@ -225,12 +241,13 @@ def run(args: argparse.Namespace) -> int:
     except ImportError:
         tomesd = None
     dtype = DTYPES[setup.dtype_name]
-    unet = create_unet(setup.name, seed=args.seed, device=setup.device, dtype=dtype)
-    inputs = unet_inputs(unet, args.batch, setup.size, seed=args.seed + 1, device=setup.device, dtype=dtype)
+    unet = create_denoiser(setup.name, seed=args.seed, device=setup.device, dtype=dtype)
+    inputs = denoiser_inputs(unet, args.batch, setup.size, seed=args.seed + 1, device=setup.device, dtype=dtype)
     params = sum(p.numel() for p in unet.parameters()) / 1e6
-    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {setup.name} UNet ({params:.1f}M parameters, RANDOM "
-          f"weights), {setup.device} {setup.dtype_name}, batch {args.batch}, {setup.size}x{setup.size} latent "
-          f"({8 * setup.size} px images), ratio {args.ratio}, max_downsample {setup.max_downsample}")
+    where = "on the 2x2 patch grid" if setup.dit else f"max_downsample {setup.max_downsample}"
+    print(f"tofu-triton {tofu_triton.__version__} demo-sd: {setup.name} {'transformer' if setup.dit else 'UNet'} "
+          f"({params:.1f}M parameters, RANDOM weights), {setup.device} {setup.dtype_name}, batch {args.batch}, "
+          f"{setup.size}x{setup.size} latent ({8 * setup.size} px images), ratio {args.ratio}, {where}")
 
     base, hidden = unpatched_step(unet, inputs)
     rows, notes = compare_variants(unet, inputs, base, setup, args.ratio, args.seed, tomesd)
@@ -238,14 +255,17 @@ def run(args: argparse.Namespace) -> int:
     print_table(rows)
     print()
 
-    picture = save_picture(args.out, hidden, setup.size, args.ratio, setup.max_downsample, setup.name, notes)
+    # A transformer's blocks all run on the 2x2 patch grid (1/2 of the latent's side) and all merge.
+    picture = save_picture(args.out, hidden, setup.size, args.ratio, 2 if setup.dit else setup.max_downsample,
+                           setup.name, notes)
     for note in notes:
         print(note)
     if picture:
         print(f"merge picture: {picture}")
-    print("use_rand=False in every variant (each 2x2 cell's destination is its top-left token): tomesd and ToMe "
-          "(tome) compute the same step; ToFu prunes in the first half of the merging blocks and merges with "
-          "MLERP in the second.")
+    same = ("only image tokens merge, text tokens attend to them as they are" if setup.dit
+            else "tomesd and ToMe (tome) compute the same step")
+    print(f"use_rand=False in every variant (each 2x2 cell's destination is its top-left token): {same}; ToFu "
+          "prunes in the first half of the merging blocks and merges with MLERP in the second.")
     if setup.device == "cpu":
         steps = f"{setup.iters} step{'s' if setup.iters > 1 else ''}"
         print(f"(CPU figures: median of {steps}; on the CPU our patch runs the PyTorch reference, so this says "

@@ -15,7 +15,7 @@ Families (one module each, named after its call):
   ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``,
   ``SiglipVisionModel``.
 * ``tp.diffusers(pipe, ...)``, :mod:`tofu_triton.patch.diffusers`: Stable Diffusion UNets
-  (SD 1.x, 2.x, SDXL), tomesd's arguments.
+  (SD 1.x, 2.x, SDXL) and the PixArt, SD3 and Flux transformers, tomesd's arguments.
 
 Every family goes through :mod:`tofu_triton.patch.lifecycle`, so
 :func:`unpatch`, :func:`is_patched`, :func:`plan`, :func:`settings` and
@@ -67,15 +67,17 @@ def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, ba
                                                  prop_attn=prop_attn, backend=backend)
 
 
-def diffusers(model, ratio=0.5, mode="tofu", max_downsample=1, sx=2, sy=2, use_rand=True, merge_attn=True,
-              merge_crossattn=False, merge_mlp=False, seed=None, backend="auto"):
-    """Patch a Stable Diffusion pipeline or UNet in place (see :mod:`tofu_triton.patch.diffusers`); returns it.
+def diffusers(model, ratio=0.5, mode="tofu", max_downsample=None, sx=2, sy=2, use_rand=True, merge_attn=True,
+              merge_crossattn=False, merge_mlp=None, prop_attn=None, seed=None, backend="auto"):
+    """Patch a diffusers pipeline or denoiser in place (see :mod:`tofu_triton.patch.diffusers`); returns it.
 
-    tomesd's arguments; imports ``diffusers`` on this first call.
+    Stable Diffusion UNets and the PixArt, SD3 and Flux transformers; tomesd's
+    arguments (None: the model's default). Imports ``diffusers`` on this first call.
     """
     return _family_module("diffusers").patch(
         model, ratio=ratio, mode=mode, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
-        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, seed=seed, backend=backend)
+        merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, prop_attn=prop_attn, seed=seed,
+        backend=backend)
 
 
 _PATCHERS = {"timm": timm, "transformers": transformers, "diffusers": diffusers}

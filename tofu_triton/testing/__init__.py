@@ -8,6 +8,7 @@ the unfused ToMe-style step the benchmarks compare against,
 run on the CPU.
 """
 import threading
+from contextlib import contextmanager
 from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
@@ -107,6 +108,19 @@ def check_match_against_scores(match, metric: Tensor, tie: float) -> None:
         worst_src = src_best.min(dim=1).values
         best_unm = best.gather(1, match.unm_idx).max(dim=1).values
         assert (best_unm <= worst_src + tie).all(), "an unmerged token scores clearly above a source"
+
+
+@contextmanager
+def one_thread():
+    """One torch intra-op thread inside the block. On a CPU shared with other jobs, OpenMP threads waiting on
+    each other made a tiny UNet's forward ~80x slower (9 s against 0.11 s on a 2-core machine); tests and
+    smoke runs check values and scripts, not the CPU's speed."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def run_in_threads(fn: Callable, inputs: Sequence, repeats: int = 3) -> List:
