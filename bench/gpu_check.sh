@@ -14,6 +14,9 @@
 #   7. export      bench/export_check.py: a patched ViT with the Triton kernels through torch.export + AOTInductor
 #   8. sd          bench/throughput_sd.py: one Stable Diffusion UNet step (SD 1.5 512 px, SDXL 1024 px, B=2, fp16),
 #                  unpatched vs tomesd vs ToMe / ToFu at ratio 0.5 (needs diffusers; tomesd for its rows)
+#      dit         bench/throughput_dit.py: one diffusion transformer step (Flux first, then SD3, PixArt; 1024 px,
+#                  B=1/2, bf16/fp16), unpatched vs ToFu 0.3/0.5 vs ToDo, eager and CUDA graph (needs diffusers;
+#                  GPU_CHECK_SKIP_DIT=1 drops it; ~4 minutes, not yet measured)
 #   9. throughput  bench/throughput.py: ViT-B r=16 fp16 at B = 1, 8, 64, 256, CUDA graph and eager (the targets of
 #                  the one-launch step), then ViT-S/L and r=8 as the budget allows (GPU_CHECK_VIT_ARGS replaces the
 #                  arguments); throughput-x: bf16 and torch.compile at B = 1 and 256 into OUTPUT_DIR/extra/
@@ -25,13 +28,15 @@
 #   GPU_CHECK_TESTS="tests/test_kernels.py" ...          # only these tests
 #   GPU_CHECK_SKIP_INSTALL=1 ...                          # already installed
 #   GPU_CHECK_SKIP_SD=1 ...                               # no Stable Diffusion stage (its time goes to the others)
+#   GPU_CHECK_SKIP_DIT=1 ...                              # no diffusion-transformer stage
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x   # print each stage's limit and command, run nothing
 #
 # Every stage runs under `timeout`, and the benchmark stages also get an
 # internal budget, so no stage eats the others' time; the whole run ends by
 # GPU_CHECK_BUDGET_S (default 540 s) after it starts. Files in OUTPUT_DIR:
 # gpu_check.log, tests.log, microbench.{jsonl,md,png}, benchmark.json,
-# sd_check.{json,md}, probe.{json,md}, export_check.json, throughput_sd_<card>.{json,md}, throughput.{json,md,png},
+# sd_check.{json,md}, probe.{json,md}, export_check.json, throughput_sd_<card>.{json,md},
+# throughput_dit_<card>.{json,md}, throughput.{json,md,png}, extra/{bf16,compile}/throughput.*,
 # and all of them packed into gpu_check.tar.gz. A compact summary is printed last.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -132,7 +137,7 @@ fi
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
 BENCH_LIMIT=$(min 220 $(($(remaining) - 230 - SD_RESERVE)))
 stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider \
-  -k "not throughput_cpu_smoke and not throughput_sd_smoke and not sd_check" \
+  -k "not throughput_cpu_smoke and not throughput_sd_smoke and not throughput_dit_smoke and not sd_check" \
   --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
   --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
 
@@ -149,6 +154,12 @@ if [ -z "${GPU_CHECK_SKIP_SD:-}" ]; then
 fi
 
 # ViT-B r=16 fp16 first (the targets), every batch, CUDA graph then eager; with time left, the rest of the sweep.
+if [ -z "${GPU_CHECK_SKIP_DIT:-}" ]; then
+  DIT_LIMIT=$(min 300 $(($(remaining) - 190)))
+  stage dit "$DIT_LIMIT" "$PY" bench/throughput_dit.py --budget-s $((DIT_LIMIT > 90 ? DIT_LIMIT - 90 : 0)) \
+    --out "$RESULTS"
+fi
+
 TP_LIMIT=$(min 300 $(($(remaining) - 80)))
 VIT_ARGS=${GPU_CHECK_VIT_ARGS:---models vit_b,vit_s,vit_l --batches 1,8,64,256 --r 16,8 --exec graph,eager}
 # shellcheck disable=SC2086
@@ -176,6 +187,7 @@ stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   grep -E "^(sync|launches|attention B=(64|256) N=197|export check)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
   grep -E "^target SD " "$LOG"
+  grep -E "^target DiT" "$LOG"
   grep -E "^sd_check (PASSED|FAILED)|ERROR SUMMARY" "$LOG"
   cat "$SUMMARY_FILE"
 } | tee -a "$LOG"

@@ -15,6 +15,7 @@ import pytest  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # what the kernels take (tolerances: tofu_triton.testing.RTOL)
 
 
 @pytest.fixture
@@ -73,6 +74,19 @@ def assert_match(km, rm, metric, n):
 
 
 # --------------------------------------------------------------------------- the Stable Diffusion step
+
+# (h, w, sx, sy): even grids, odd ones, cells that do not tile the grid, tall cells
+GRIDS = [(8, 8, 2, 2), (7, 9, 2, 2), (6, 10, 3, 2), (9, 5, 1, 3)]
+
+
+@pytest.fixture
+def spatial_launches(monkeypatch):
+    """Counts the SD step's launcher calls (each launches one kernel), so a test fails if an op took another path."""
+    from tofu_triton.kernels import match, merge, partition, select, unmerge
+
+    return count_calls(monkeypatch, [partition, match, select, merge, unmerge],
+                       ("spatial_partition", "match_scores", "spatial_select", "merge_forward", "merge_backward",
+                        "spatial_unmerge"))
 
 
 def make_partition(h, w, sx, sy, rand, seed=0):

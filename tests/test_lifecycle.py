@@ -187,11 +187,10 @@ def _run(code: str) -> subprocess.CompletedProcess:
 
 
 def test_family_functions_survive_importing_their_modules():
-    # Loading tofu_triton.patch.transformers binds the submodule over the
-    # function of the same name unless the package keeps the function.
+    # Importing a submodule binds it on the package: the family modules' names must differ from the calls'.
     proc = _run("import tofu_triton.patch as tp\n"
-                "import tofu_triton.patch.transformers\n"
-                "from tofu_triton.patch.timm import block_forward\n"
+                "import tofu_triton.patch.transformers_models\n"
+                "from tofu_triton.patch.timm_models import block_forward\n"
                 "assert callable(tp.transformers) and callable(tp.timm), (tp.transformers, tp.timm)\n"
                 "assert tp.transformers.__module__ == 'tofu_triton.patch'\n")
     assert proc.returncode == 0, proc.stderr

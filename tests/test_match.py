@@ -12,10 +12,9 @@ from tofu_triton.kernels import match as match_kernels
 from tofu_triton.kernels import select as select_kernels
 from tofu_triton.testing import check_match_structure, make_inputs
 
-from conftest import DEVICE, assert_match, count_calls
+from conftest import DEVICE, DTYPES, assert_match, count_calls
 
 pytestmark = pytest.mark.usefixtures("poisoned")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture

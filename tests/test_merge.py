@@ -10,10 +10,9 @@ from tofu_triton.kernels import common
 from tofu_triton.kernels import merge as merge_kernels
 from tofu_triton.testing import assert_close, make_inputs
 
-from conftest import DEVICE, ON_GPU, count_calls
+from conftest import DEVICE, DTYPES, ON_GPU, count_calls
 
 pytestmark = pytest.mark.usefixtures("poisoned")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
 
 @pytest.fixture

@@ -19,8 +19,7 @@ from tofu_triton.testing.minilm import load_minilm, minilm_path  # noqa: E402
 
 from conftest import DEVICE, assert_r0_is_unpatched, images  # noqa: E402
 
-# The module (tofu_triton.patch.transformers, the attribute, is the patch function).
-hf = importlib.import_module("tofu_triton.patch.transformers")
+hf = importlib.import_module("tofu_triton.patch.transformers_models")
 
 
 IMPLS = ["sdpa", "eager"]

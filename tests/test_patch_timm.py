@@ -10,7 +10,7 @@ from timm.models.vision_transformer import ResPostBlock, VisionTransformer
 
 import tofu_triton.patch as tp
 from tofu_triton import reference
-from tofu_triton.patch.timm import attention_forward
+from tofu_triton.patch.timm_models import attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE, assert_r0_is_unpatched, assert_triton_matches_reference, images

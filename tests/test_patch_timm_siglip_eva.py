@@ -11,7 +11,7 @@ from timm.models.eva import EvaAttention
 
 import tofu_triton.patch as tp
 from tofu_triton import reference
-from tofu_triton.patch.timm import merge_positions, rope_attention_forward
+from tofu_triton.patch.timm_models import merge_positions, rope_attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
 from conftest import DEVICE, assert_r0_is_unpatched, assert_triton_matches_reference, images

@@ -11,26 +11,12 @@ import torch
 from tofu_triton import ops
 from tofu_triton import reference as ref
 from tofu_triton.kernels import match as match_kernels
-from tofu_triton.kernels import merge as merge_kernels
-from tofu_triton.kernels import partition as partition_kernels
 from tofu_triton.kernels import select as select_kernels
-from tofu_triton.kernels import unmerge as unmerge_kernels
 from tofu_triton.testing import SCORE_TIE
 
-from conftest import DEVICE, count_calls, assert_same, make_partition, r_values
+from conftest import DEVICE, DTYPES, GRIDS, assert_same, make_partition, r_values
 
 pytestmark = pytest.mark.usefixtures("poisoned")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (h, w, sx, sy): even grids, odd ones, cells that do not tile the grid, tall cells
-GRIDS = [(8, 8, 2, 2), (7, 9, 2, 2), (6, 10, 3, 2), (9, 5, 1, 3)]
-
-
-@pytest.fixture
-def launched(monkeypatch):
-    """Counts launcher calls (each launches one kernel), so a test fails if an op took another path."""
-    return count_calls(monkeypatch, [partition_kernels, match_kernels, select_kernels, merge_kernels, unmerge_kernels],
-                       ("spatial_partition", "match_scores", "spatial_select", "merge_forward", "merge_backward",
-                        "spatial_unmerge"))
 
 
 @pytest.fixture(params=["one", "many"])
@@ -45,7 +31,7 @@ def programs(request):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("rand", [False, True])
 @pytest.mark.parametrize("grid", GRIDS, ids=lambda g: "x".join(map(str, g)))
-def test_spatial_match_matches_reference(grid, rand, dtype, launched):
+def test_spatial_match_matches_reference(grid, rand, dtype, spatial_launches):
     h, w, sx, sy = grid
     part = make_partition(h, w, sx, sy, rand, seed=h * w)
     na, nb = part.a_pos.numel(), part.b_pos.numel()
@@ -58,9 +44,9 @@ def test_spatial_match_matches_reference(grid, rand, dtype, launched):
     same_idx = node_idx.cpu() == want_idx
     assert same_idx.float().mean() > 0.9
     for r in r_values(na):
-        launched.clear()
+        spatial_launches.clear()
         got = ops.spatial_match(metric.to(DEVICE), part, r, backend="triton")
-        assert launched == {"match_scores": 1, "spatial_select": 1}
+        assert spatial_launches == {"match_scores": 1, "spatial_select": 1}
         assert got.r == r and got.a_row.shape == (2, na) and got.dst_start.shape == (2, nb + 1)
         # Select: exactly the reference's on the kernel's own scores.
         assert_same(got, ref.to_spatial(ref.select(node_max.cpu(), node_idx.cpu(), r, nb, 0)))

@@ -6,33 +6,17 @@ import torch
 
 from tofu_triton import ops
 from tofu_triton import reference as ref
-from tofu_triton.kernels import match as match_kernels
-from tofu_triton.kernels import merge as merge_kernels
-from tofu_triton.kernels import partition as partition_kernels
-from tofu_triton.kernels import select as select_kernels
-from tofu_triton.kernels import unmerge as unmerge_kernels
 from tofu_triton.testing import assert_close
 
-from conftest import DEVICE, count_calls, make_partition, r_values
+from conftest import DEVICE, DTYPES, GRIDS, make_partition, r_values
 
 pytestmark = pytest.mark.usefixtures("poisoned")
-DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-# (h, w, sx, sy): even grids, odd ones, cells that do not tile the grid, tall cells
-GRIDS = [(8, 8, 2, 2), (7, 9, 2, 2), (6, 10, 3, 2), (9, 5, 1, 3)]
-
-
-@pytest.fixture
-def launched(monkeypatch):
-    """Counts launcher calls (each launches one kernel), so a test fails if an op took another path."""
-    return count_calls(monkeypatch, [partition_kernels, match_kernels, select_kernels, merge_kernels, unmerge_kernels],
-                       ("spatial_partition", "match_scores", "spatial_select", "merge_forward", "merge_backward",
-                        "spatial_unmerge"))
 
 
 @pytest.mark.parametrize("mode", ref.MODES)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("grid", GRIDS[:3], ids=lambda g: "x".join(map(str, g)))
-def test_spatial_merge_and_unmerge_match_reference(grid, dtype, mode, launched):
+def test_spatial_merge_and_unmerge_match_reference(grid, dtype, mode, spatial_launches):
     h, w, sx, sy = grid
     part = make_partition(h, w, sx, sy, rand=True, seed=1)
     cpu_part = ref.Partition(*(t.cpu() for t in part))
@@ -42,7 +26,7 @@ def test_spatial_merge_and_unmerge_match_reference(grid, dtype, mode, launched):
     for r in r_values(part.a_pos.numel()):
         match = ref.spatial_match(x, cpu_part, r)
         dev_match = type(match)(*(t.to(DEVICE) for t in match))
-        launched.clear()
+        spatial_launches.clear()
         out = ops.spatial_merge(x.to(DEVICE), dev_match, part, mode, backend="triton")
         want = ref.spatial_merge(x, match, cpu_part, mode)
         assert_close(out.cpu(), want)
@@ -58,7 +42,7 @@ def test_spatial_merge_and_unmerge_match_reference(grid, dtype, mode, launched):
                 assert_close(back, want)  # the interpreter's fp32 -> bf16 cast does not round to nearest
             else:
                 assert torch.equal(back.cpu(), want)  # a gather (+ the add torch does)
-        assert launched == {"merge_forward": 1, "spatial_unmerge": 2}
+        assert spatial_launches == {"merge_forward": 1, "spatial_unmerge": 2}
 
 
 @pytest.mark.parametrize("mode", ref.MODES)

@@ -19,7 +19,7 @@ from tofu_triton.kernels import select as select_kernels
 from tofu_triton.kernels import step as step_kernels
 from tofu_triton.testing import assert_close
 
-from conftest import DEVICE, assert_match, count_calls
+from conftest import DEVICE, DTYPES, assert_match, count_calls
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 
@@ -50,7 +50,7 @@ def copied_rows(match, n_out, mode):
     return copied
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}N{}D{}P{}T{}".format(*s))
 def test_step_matches_reference(shape, dtype):
     # The launcher itself, to set the programs per image (the op picks them from the batch and the GPU).

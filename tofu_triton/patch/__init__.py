@@ -6,15 +6,16 @@
     tp.plan(model)                   # the per-layer schedule it really follows (r clamped)
     tp.unpatch(model)
 
-Families (one module each, named after its call):
+Families (one module each, ``<call>_models.py``: a module named like its
+call would be bound over the function when imported):
 
-* ``tp.timm(model, ...)``, :mod:`tofu_triton.patch.timm`: timm ``VisionTransformer``
+* ``tp.timm(model, ...)``, :mod:`tofu_triton.patch.timm_models`: timm ``VisionTransformer``
   (ViT, DeiT, register tokens, no class token, LayerScale, qk_norm, SigLIP) and ``Eva``
   (EVA-02, rotary ViTs).
-* ``tp.transformers(model, ...)``, :mod:`tofu_triton.patch.transformers`: Hugging Face
+* ``tp.transformers(model, ...)``, :mod:`tofu_triton.patch.transformers_models`: Hugging Face
   ``BertModel``, ``ViTModel``, ``ViTForImageClassification``, ``CLIPVisionModel``, ``Dinov2Model``,
   ``SiglipVisionModel``.
-* ``tp.diffusers(pipe, ...)``, :mod:`tofu_triton.patch.diffusers`: Stable Diffusion UNets
+* ``tp.diffusers(pipe, ...)``, :mod:`tofu_triton.patch.diffusers_models`: Stable Diffusion UNets
   (SD 1.x, 2.x, SDXL) and the PixArt, SD3 and Flux transformers, tomesd's arguments.
 
 Every family goes through :mod:`tofu_triton.patch.lifecycle`, so
@@ -24,8 +25,6 @@ modules (and those libraries) are imported on the first call of
 :func:`transformers` / :func:`diffusers`.
 """
 import importlib
-import sys
-import types
 from contextlib import contextmanager
 from typing import Optional
 
@@ -34,16 +33,18 @@ from torch import Tensor
 
 from . import lifecycle
 from .lifecycle import is_patched, plan, settings, unpatch
-from .timm import TokenInfo, forward_with_info, trace
-from .timm import patch as _patch_timm
+from .timm_models import TokenInfo, forward_with_info, trace
+from .timm_models import patch as _patch_timm
 
 _INSTALL_HINT = {"transformers": 'pip install "tofu-triton[hf]"', "diffusers": 'pip install "tofu-triton[diffusers]"'}
 
 
 def _family_module(name: str):
-    """Import ``tofu_triton.patch.<name>``, saying what to install if its library is missing."""
+    """Import ``tofu_triton.patch.<name>_models`` (the family of ``tofu_triton.patch.<name>(...)``), saying what
+    to install if its library is missing. The modules' names differ from the calls' so that importing a
+    module never binds it over the function of the same name on this package."""
     try:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__name__}.{name}_models")
     except ModuleNotFoundError as e:
         if e.name is not None and e.name.split(".")[0] == name:
             raise ModuleNotFoundError(
@@ -53,13 +54,13 @@ def _family_module(name: str):
 
 def timm(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, trace_source=False, backend="auto",
          attention="auto"):
-    """Patch a timm ``VisionTransformer`` in place (see :mod:`tofu_triton.patch.timm`); returns it."""
+    """Patch a timm ``VisionTransformer`` in place (see :mod:`tofu_triton.patch.timm_models`); returns it."""
     return _patch_timm(model, r=r, mode=mode, prune_layers=prune_layers, prop_attn=prop_attn,
                        trace_source=trace_source, backend=backend, attention=attention)
 
 
 def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, backend="auto"):
-    """Patch a Hugging Face encoder in place (see :mod:`tofu_triton.patch.transformers`); returns it.
+    """Patch a Hugging Face encoder in place (see :mod:`tofu_triton.patch.transformers_models`); returns it.
 
     Imports ``transformers`` on this first call.
     """
@@ -69,7 +70,7 @@ def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, ba
 
 def diffusers(model, ratio=0.5, mode="tofu", max_downsample=None, sx=2, sy=2, use_rand=True, merge_attn=True,
               merge_crossattn=False, merge_mlp=None, prop_attn=None, seed=None, backend="auto"):
-    """Patch a diffusers pipeline or denoiser in place (see :mod:`tofu_triton.patch.diffusers`); returns it.
+    """Patch a diffusers pipeline or denoiser in place (see :mod:`tofu_triton.patch.diffusers_models`); returns it.
 
     Stable Diffusion UNets and the PixArt, SD3 and Flux transformers; tomesd's
     arguments (None: the model's default). Imports ``diffusers`` on this first call.
@@ -131,19 +132,6 @@ def mean_pool(hidden: Tensor, size: Optional[Tensor] = None, mask: Optional[Tens
     pooled = (hidden.float() * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1e-9)
     return pooled.to(hidden.dtype)
 
-
-class _Package(types.ModuleType):
-    """This package's module type. Loading the submodule ``tofu_triton.patch.timm``
-    (or ``.transformers``) makes Python bind it as an attribute of the package,
-    over the patch function of the same name; keep the function."""
-
-    def __setattr__(self, name, value):
-        if name in _PATCHERS and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 
 __all__ = ["TokenInfo", "diffusers", "forward_with_info", "is_patched", "mean_pool", "patched", "plan", "settings",
            "timm", "trace", "transformers", "unpatch"]

@@ -1,6 +1,6 @@
 """The patched blocks of diffusers' diffusion transformers with joint attention: SD3 and Flux.
 
-Used by :mod:`tofu_triton.patch.diffusers` (which owns the settings, the
+Used by :mod:`tofu_triton.patch.diffusers_models` (which owns the settings, the
 per-call :class:`~tofu_triton.patch.latent_step.Call` and the lifecycle);
 PixArt's blocks are ``BasicTransformerBlock`` and are patched there.
 

@@ -1,4 +1,4 @@
-"""``tofu_triton.patch.timm``: ToFu / ToMe inside timm's ``VisionTransformer`` and ``Eva``.
+"""``tofu_triton.patch.timm(model)``: ToFu / ToMe inside timm's ``VisionTransformer`` and ``Eva``.
 
 Supported:
 

@@ -1,4 +1,4 @@
-"""``tofu_triton.patch.diffusers``: ToFu / ToMe / ToDo inside diffusers' denoisers.
+"""``tofu_triton.patch.diffusers(model)``: ToFu / ToMe / ToDo inside diffusers' denoisers.
 
 Supported, passed directly or inside a pipeline (its ``.unet`` or ``.transformer``):
 
