@@ -93,7 +93,7 @@ def timing(side: int) -> dict:
     r = int(side * side * RATIO)
     node_max, node_idx = kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos))
     unm, start, src, a_row = kernels.select.spatial_select(node_max, node_idx, r, part.b_pos.numel())
-    y = kernels.merge.merge_forward(x, None, unm, start, src, 0, "mlerp", positions=(part.a_pos, part.b_pos),
+    y, _ = kernels.merge.merge_forward(x, None, unm, start, src, 0, "mlerp", positions=(part.a_pos, part.b_pos),
                                     with_size=False)
     step = torch.tensor(421, device=DEVICE)
     fns = {
@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="runs of each select case")
     ap.add_argument("--small", action="store_true", help="one small case (for compute-sanitizer)")
     args = ap.parse_args(argv)
-    if DEVICE == "cpu" and not (args.small and kernels.interpreting()):
+    if DEVICE == "cpu" and not (args.small and kernels.common.interpreting()):
         print("sd_check: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
     gen = torch.Generator(device=DEVICE).manual_seed(0)
