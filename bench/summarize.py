@@ -89,7 +89,8 @@ def check_targets(cases: List[Dict]) -> List[Tuple[str, str, str]]:
             out.append((name, "PASS" if r["copy_frac"] >= TARGET_COPY_FRAC else "FAIL",
                         f"{r['copy_frac']:.0%} ({r['gbps']:.0f} of {r['copy_gbps']:.0f} GB/s, "
                         f"{r['device_ms'] * 1e3:.1f} us, "
-                        ("CUDA graph)" if r.get("graph_median_ms") else "do_bench median, launch overhead included)")))
+                        + ("CUDA graph)" if r.get("graph_median_ms")
+                           else "do_bench median, launch overhead included)")))
         for batch, want in TARGET_VS_TOME.items():
             r = fused(batch, mode)
             # Both the device time and the eager (launch-inclusive) time must
