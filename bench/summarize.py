@@ -50,7 +50,9 @@ def load_records(jsonl: Optional[str], benchmark_json: Optional[str]) -> Tuple[D
 
 
 def _with_device_ms(cases: List[Dict]) -> List[Dict]:
-    """Records written before ``device_ms`` existed get it from what they have."""
+    """The step records (test_step.py's; test_sd_step.py's, ``kind_of="sd_step"``, have other fields and are
+    left in the JSONL); records written before ``device_ms`` existed get it from what they have."""
+    cases = [rec for rec in cases if rec.get("kind_of") is None]
     for rec in cases:
         rec.setdefault("device_ms", rec.get("graph_median_ms") or rec.get("median_ms"))
     return cases
