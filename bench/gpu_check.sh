@@ -184,7 +184,7 @@ stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   printf '%s\n' "${STAGES[@]}"
   grep -E "^(FAILED|ERROR) " "$LOG" | head -n 15
   grep -E "[0-9]+ (passed|failed|skipped|error)" "$LOG" | tail -n 3
-  grep -E "^(sync|launches|attention B=(64|256) N=197|export check)" "$LOG"
+  grep -E "^(sync|launches|attention B=(64|256) +N=197 |export check)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
   grep -E "^target SD " "$LOG"
   grep -E "^target DiT" "$LOG"
