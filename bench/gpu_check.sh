@@ -25,7 +25,7 @@
 #   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
 #   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh       # a longer run
 #   GPU_CHECK_SKIP_TESTS=1 bash bench/gpu_check.sh       # benchmarks only
-#   GPU_CHECK_TESTS="tests/test_kernels.py" ...          # only these tests
+#   GPU_CHECK_TESTS="tests/test_step.py" ...             # only these tests
 #   GPU_CHECK_SKIP_INSTALL=1 ...                          # already installed
 #   GPU_CHECK_SKIP_SD=1 ...                               # no Stable Diffusion stage (its time goes to the others)
 #   GPU_CHECK_SKIP_DIT=1 ...                              # no diffusion-transformer stage
