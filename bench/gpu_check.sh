@@ -25,7 +25,7 @@
 #   bash bench/gpu_check.sh [OUTPUT_DIR]          # default bench/results/gpu
 #   GPU_CHECK_BUDGET_S=900 bash bench/gpu_check.sh       # a longer run
 #   GPU_CHECK_SKIP_TESTS=1 bash bench/gpu_check.sh       # benchmarks only
-#   GPU_CHECK_TESTS="tests/test_kernels.py" ...          # only these tests
+#   GPU_CHECK_TESTS="tests/test_step.py" ...             # only these tests
 #   GPU_CHECK_SKIP_INSTALL=1 ...                          # already installed
 #   GPU_CHECK_SKIP_SD=1 ...                               # no Stable Diffusion stage (its time goes to the others)
 #   GPU_CHECK_SKIP_DIT=1 ...                              # no diffusion-transformer stage
@@ -184,7 +184,7 @@ stage summarize 20 bash -c "$PY bench/summarize.py --jsonl '$RESULTS/microbench.
   printf '%s\n' "${STAGES[@]}"
   grep -E "^(FAILED|ERROR) " "$LOG" | head -n 15
   grep -E "[0-9]+ (passed|failed|skipped|error)" "$LOG" | tail -n 3
-  grep -E "^(sync|launches|attention B=(64|256) N=197|export check)" "$LOG"
+  grep -E "^(sync|launches|attention B=(64|256) +N=197 |export check)" "$LOG"
   grep -E "^target ViT-B" "$LOG"
   grep -E "^target SD " "$LOG"
   grep -E "^target DiT" "$LOG"

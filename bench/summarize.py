@@ -50,7 +50,9 @@ def load_records(jsonl: Optional[str], benchmark_json: Optional[str]) -> Tuple[D
 
 
 def _with_device_ms(cases: List[Dict]) -> List[Dict]:
-    """Records written before ``device_ms`` existed get it from what they have."""
+    """The step records (test_step.py's; test_sd_step.py's, ``kind_of="sd_step"``, have other fields and are
+    left in the JSONL); records written before ``device_ms`` existed get it from what they have."""
+    cases = [rec for rec in cases if rec.get("kind_of") is None]
     for rec in cases:
         rec.setdefault("device_ms", rec.get("graph_median_ms") or rec.get("median_ms"))
     return cases
@@ -89,7 +91,8 @@ def check_targets(cases: List[Dict]) -> List[Tuple[str, str, str]]:
             out.append((name, "PASS" if r["copy_frac"] >= TARGET_COPY_FRAC else "FAIL",
                         f"{r['copy_frac']:.0%} ({r['gbps']:.0f} of {r['copy_gbps']:.0f} GB/s, "
                         f"{r['device_ms'] * 1e3:.1f} us, "
-                        ("CUDA graph)" if r.get("graph_median_ms") else "do_bench median, launch overhead included)")))
+                        + ("CUDA graph)" if r.get("graph_median_ms")
+                           else "do_bench median, launch overhead included)")))
         for batch, want in TARGET_VS_TOME.items():
             r = fused(batch, mode)
             # Both the device time and the eager (launch-inclusive) time must

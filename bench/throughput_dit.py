@@ -146,12 +146,14 @@ def capture(step: Callable[[], torch.Tensor], warmup: int) -> Callable[[], torch
 
 def run_group(model, name: str, dtype_name: str, batch: int, args, device: str) -> List[Dict]:
     """Every case of one model at one dtype and batch, interleaved over the rounds."""
+    import tofu_triton.patch as tp
     from tofu_triton.models import transformer_inputs
 
     cuda = device == "cuda"
     inputs = transformer_inputs(model, batch, args.size, seed=1, device=device, dtype=DTYPES[dtype_name])
-    if "img_ids" in inputs:  # Flux: name the token grid (a CUDA graph cannot read it from img_ids)
-        inputs["joint_attention_kwargs"] = {"tofu_grid": (args.size // 2, args.size // 2)}
+    # Flux, patched: name the token grid (a CUDA graph cannot read it from img_ids). Not to the unpatched
+    # model, whose attention would log a warning per block per call that it ignores the key (timed with it).
+    grid = {"joint_attention_kwargs": {"tofu_grid": (args.size // 2, args.size // 2)}} if "img_ids" in inputs else {}
     common = dict(model=name, about=MODELS[name], latent=args.size, pixels=8 * args.size, tokens=(args.size // 2) ** 2,
                   batch=batch, dtype=dtype_name)
     rows = [dict(common, **case, times=[], status="ok") for case in cases(args)]
@@ -159,7 +161,7 @@ def run_group(model, name: str, dtype_name: str, batch: int, args, device: str) 
 
     def step():
         with torch.no_grad():  # as diffusers' pipelines call their transformer
-            return model(**inputs).sample
+            return model(**inputs, **(grid if tp.is_patched(model) else {})).sample
 
     base = None
     for i, row in enumerate(rows):  # outputs, warm-up, graph capture
