@@ -95,20 +95,26 @@ def time_loop(fn: Callable, device: str = "cuda", min_time_s: float = 0.015, gra
     return sorted(window(iters) for _ in range(3))[1]
 
 
-def capture_graph(fn: Callable) -> Callable:
-    """Capture one call of ``fn`` in a CUDA graph (after three warm-up calls on a
-    side stream); returns the graph's ``replay``. Raises if ``fn`` cannot be
-    captured (a host sync, a CPU tensor, an allocation the graph cannot own)."""
+def capture_graph(fn: Callable, warmup: int = 3) -> Callable:
+    """Capture one call of ``fn`` in a CUDA graph (after ``warmup`` calls on a
+    side stream, as torch.cuda.graphs asks); returns a replay that gives the
+    captured call's static output. Raises if ``fn`` cannot be captured (a host
+    sync, a CPU tensor, an allocation the graph cannot own)."""
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        for _ in range(3):
+        for _ in range(max(1, warmup)):
             fn()
     torch.cuda.current_stream().wait_stream(stream)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
+        out = fn()
+
+    def replay():
+        graph.replay()
+        return out
+
+    return replay
 
 
 def time_cuda_graph(fn: Callable, warmup_ms: int = 10, rep_ms: int = 50) -> Optional[float]:

@@ -62,18 +62,21 @@ def test_without_tomesd_its_rows_are_skipped(tmp_path, one_thread, monkeypatch):
 
 
 def test_the_goal_is_judged_only_in_its_setting():
-    def row(model, variant, vs, ratio=0.5):
+    def row(model, variant, vs, ratio=0.5, exec="eager"):
         return dict(model=model, variant=variant, ratio=0.0 if variant == "unpatched" else ratio, vs_unpatched=vs,
-                    status="ok")
+                    exec=exec, status="ok")
 
     rows = [row("sd15", "unpatched", 1.0), row("sd15", "tomesd", 1.05), row("sd15", "tome", 1.2),
             row("sd15", "tofu", 1.35), row("sd15", "tofu", 1.1, ratio=0.3),
-            row("sdxl", "unpatched", 1.0), row("sdxl", "tofu", 1.25), dict(model="sd21", status="failed: x")]
+            row("sdxl", "unpatched", 1.0), row("sdxl", "tofu", 1.25), row("sdxl", "unpatched", 1.0, exec="graph"),
+            row("sdxl", "tofu", 1.4, exec="graph"), dict(model="sd21", status="failed: x")]
     goal = {g["model"]: g for g in throughput_sd.judge(rows, None)}
     assert set(goal) == {"sd15", "sdxl"}
     assert goal["sd15"]["verdict"] == "PASS" and goal["sd15"]["tomesd"] == 1.05 and goal["sd15"]["tofu"] == 1.35
-    assert goal["sdxl"]["verdict"] == "FAIL" and goal["sdxl"]["tomesd"] is None
+    # judged on the eager step; the graph replay's speed-up is shown beside it
+    assert goal["sdxl"]["verdict"] == "FAIL" and goal["sdxl"]["tomesd"] is None and goal["sdxl"]["tofu_graph"] == 1.4
     assert "tomesd not run" in throughput_sd.goal_line(goal["sdxl"])
+    assert "CUDA graph 1.40x" in throughput_sd.goal_line(goal["sdxl"])
     assert throughput_sd.judge(rows, "CPU smoke run")[0]["verdict"] == "not judged (CPU smoke run)"
 
 
@@ -86,7 +89,8 @@ def test_card_slug(name, slug):
 
 @pytest.mark.parametrize("argv", [["--ratios", "1.5"], ["--ratios", "half"], ["--models", "sd3"],
                                   ["--variants", "fast"], ["--batch", "0"], ["--max-downsample", "3"],
-                                  ["--size", "60"], ["--smoke", "--models", "tiny-xl", "--size", "6"]])
+                                  ["--size", "60"], ["--smoke", "--models", "tiny-xl", "--size", "6"],
+                                  ["--execs", "replay"], ["--smoke", "--execs", "eager,graph"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as e:
         throughput_sd.parse_args(argv)

@@ -42,6 +42,7 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from arguments import choice_list, fill_preset, split_list  # noqa: E402
+from measure import capture_graph  # noqa: E402
 from throughput_sd import (  # noqa: E402
     Timer, _failure, _fmt, cannot_start, goal_lines, output_files, versions,
     write_report,
@@ -124,26 +125,6 @@ def configure(model, case: Dict) -> None:
         tp.diffusers(model, ratio=0.5, mode="todo")
 
 
-def capture(step: Callable[[], torch.Tensor], warmup: int) -> Callable[[], torch.Tensor]:
-    """A CUDA graph of ``step`` (warmed up on a side stream, as torch.cuda.graphs asks); returns its replay,
-    which gives the graph's static output."""
-    stream = torch.cuda.Stream()
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(max(1, warmup)):
-            step()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step()
-
-    def replay():
-        graph.replay()
-        return out
-
-    return replay
-
-
 def run_group(model, name: str, dtype_name: str, batch: int, args, device: str) -> List[Dict]:
     """Every case of one model at one dtype and batch, interleaved over the rounds."""
     import tofu_triton.patch as tp
@@ -170,7 +151,7 @@ def run_group(model, name: str, dtype_name: str, batch: int, args, device: str) 
             out = step()  # also Triton's compile on first use
             for _ in range(max(0, args.warmup - 1)):
                 step()
-            runners[i] = capture(step, args.warmup) if row["exec"] == "graph" else step
+            runners[i] = capture_graph(step, args.warmup) if row["exec"] == "graph" else step
             if row["variant"] == "unpatched" and row["exec"] == "eager":
                 base = out.float()
             row["finite"] = bool(torch.isfinite(out).all())

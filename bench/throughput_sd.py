@@ -2,6 +2,7 @@
 
     python bench/throughput_sd.py                      # SD 1.5 at 512 px and SDXL at 1024 px, B=2, fp16, ratio 0.5
     python bench/throughput_sd.py --models sd15 --ratios 0.3,0.5,0.7
+    python bench/throughput_sd.py --models sdxl --execs eager,graph   # also replayed from CUDA graphs
     python bench/throughput_sd.py --smoke              # tiny UNets on the CPU in fp32: checks the script end to end
 
 One UNet forward (the work of one denoising step) per call, on UNets built
@@ -24,7 +25,9 @@ Timing: every call bracketed by CUDA events (host clock on the CPU); the
 variants are interleaved over ``--rounds`` rounds (warm-up calls at the start
 of each), so drift of clocks or temperature hits them alike; the median over
 all timed calls is ms per step. Launch overhead is in the numbers, as in an
-eager pipeline. Each row also gives the relative L2 error and cosine of the
+eager pipeline; ``--execs graph`` adds each case replayed from a CUDA graph
+(captured once per case, after its warm-up), which leaves it out. The goal is
+judged on the eager rows. Each row also gives the relative L2 error and cosine of the
 noise prediction against the unpatched one (random weights: this only shows
 that a step ran and stayed finite).
 
@@ -41,16 +44,17 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 from arguments import choice_list, fill_preset, split_list  # noqa: E402
-from measure import environment  # noqa: E402
+from measure import capture_graph, environment  # noqa: E402
 
 MODELS = {"sd15": "SD 1.5, 512 px", "sdxl": "SDXL, 1024 px", "tiny": "SD 1.5 layout, tiny",
           "tiny-xl": "SDXL layout, tiny"}
 VARIANTS = ("unpatched", "tomesd", "tome", "tofu")
+EXECS = ("eager", "graph")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO, GOAL_TOFU, CONTEXT_TOMESD = 0.5, 1.3, 1.1
@@ -63,6 +67,7 @@ def parse_args(argv=None):
     p.add_argument("--models", default="sd15,sdxl", help="comma list of UNet presets: " + ", ".join(MODELS))
     p.add_argument("--ratios", default=str(GOAL_RATIO), help="comma list of merge ratios in [0, 1)")
     p.add_argument("--variants", default=",".join(VARIANTS), help="comma list of " + ", ".join(VARIANTS))
+    p.add_argument("--execs", default="eager", help="eager and/or graph (CUDA graph replay; CUDA only)")
     p.add_argument("--batch", type=int, default=2, help="latents per step (2: classifier-free guidance)")
     p.add_argument("--size", type=int, default=None,
                    help="latent side for every model (default: each preset's own, 64 for SD 1.5, 128 for SDXL)")
@@ -84,6 +89,9 @@ def parse_args(argv=None):
         fill_preset(args, argv, dict(models="tiny,tiny-xl", dtype="fp32", size=16, warmup=1, repeats=2, rounds=1))
     args.models = choice_list(p, "--models", args.models, MODELS)
     args.variants = choice_list(p, "--variants", args.variants, VARIANTS)
+    args.execs = choice_list(p, "--execs", args.execs, EXECS)
+    if args.smoke and "graph" in args.execs:
+        p.error("--execs graph needs CUDA (CUDA graphs); the CPU smoke run times eager calls only")
     try:
         args.ratios = [float(r) for r in split_list(args.ratios)]
     except ValueError:
@@ -209,10 +217,13 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
 
     cases = [("unpatched", 0.0)] if "unpatched" in args.variants else []
     cases += [(v, r) for r in args.ratios for v in args.variants if v != "unpatched"]
-    rows = {case: dict(common, variant=case[0], ratio=case[1], merging_blocks=0 if case[0] == "unpatched" else merging,
-                       times=[], status="ok") for case in cases}
+    cases = [(v, r, e) for v, r in cases for e in args.execs]
+    rows = {case: dict(common, variant=case[0], ratio=case[1], exec=case[2],
+                       merging_blocks=0 if case[0] == "unpatched" else merging, times=[], status="ok")
+            for case in cases}
+    runners: Dict[tuple, Callable] = {}  # per case: the eager step, or its graph's replay
     if tomesd is None and "tomesd" in args.variants:
-        for (variant, _), row in rows.items():
+        for (variant, _, _), row in rows.items():
             if variant == "tomesd":
                 row["status"] = "skipped: tomesd is not installed (pip install tomesd==0.1.3)"
 
@@ -226,13 +237,18 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
             if row["status"] != "ok":
                 continue
             try:
-                configure(unet, case[0], case[1], max_down, tomesd)
+                if case[2] == "eager" or rnd == 0:  # a graph replays the patch it captured
+                    configure(unet, case[0], case[1], max_down, tomesd)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
-                out = step()  # the output compared below, and a first warm-up call (Triton compiles on first use)
-                for _ in range(max(0, (args.warmup if rnd == 0 else 1) - 1)):
-                    step()
-                row["times"] += timer(step, args.repeats)
+                if rnd == 0:
+                    out = step()  # the output compared below, and a first warm-up call (Triton compiles on first use)
+                    for _ in range(max(0, args.warmup - 1)):
+                        step()
+                    runners[case] = capture_graph(step, 1) if case[2] == "graph" else step
+                elif case[2] == "eager":
+                    step()  # one warm-up call after re-patching
+                row["times"] += timer(runners[case], args.repeats)
                 if cuda:
                     row["peak_mem_gib"] = max(row.get("peak_mem_gib", 0.0), torch.cuda.max_memory_allocated() / 2**30)
                 if rnd == 0:
@@ -249,6 +265,7 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
             finally:
                 out = None
     configure(unet, "unpatched", 0.0, max_down, tomesd)
+    runners.clear()  # the graphs' memory pools go with them
 
     result = []
     for row in rows.values():
@@ -257,8 +274,8 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
             q = statistics.quantiles(times, n=5) if len(times) > 1 else [times[0]] * 4
             row.update(ms=statistics.median(times), ms_p20=q[0], ms_p80=q[3], timed_calls=len(times))
         result.append(row)
-    base_ms = next((r.get("ms") for r in result if r["variant"] == "unpatched"), None)
-    for row in result:
+    for row in result:  # against the unpatched step run the same way
+        base_ms = next((r.get("ms") for r in result if r["variant"] == "unpatched" and r["exec"] == row["exec"]), None)
         if base_ms and row.get("ms"):
             row["vs_unpatched"] = base_ms / row["ms"]
     return result  # the UNet goes with this frame; main empties the CUDA cache before the next one
@@ -272,8 +289,8 @@ def judge(rows: List[Dict], why_not: Optional[str]) -> List[Dict]:
     """
     out = []
     for model in dict.fromkeys(r["model"] for r in rows if "variant" in r):
-        at = {r["variant"]: r for r in rows if r["model"] == model and "variant" in r
-              and (r["variant"] == "unpatched" or r["ratio"] == GOAL_RATIO)}
+        at, graph = ({r["variant"]: r for r in rows if r["model"] == model and "variant" in r and r["exec"] == e
+                      and (r["variant"] == "unpatched" or r["ratio"] == GOAL_RATIO)} for e in EXECS)
         tofu = at.get("tofu", {}).get("vs_unpatched")
         if tofu is None:
             verdict = "not measured"
@@ -285,7 +302,8 @@ def judge(rows: List[Dict], why_not: Optional[str]) -> List[Dict]:
             verdict = "PASS" if tofu >= GOAL_TOFU else "FAIL"
         out.append(dict(model=model, ratio=GOAL_RATIO, verdict=verdict, tofu=tofu,
                         tomesd=at.get("tomesd", {}).get("vs_unpatched"), tome=at.get("tome", {}).get("vs_unpatched"),
-                        tomesd_status=at.get("tomesd", {}).get("status")))
+                        tomesd_status=at.get("tomesd", {}).get("status"),
+                        tofu_graph=graph.get("tofu", {}).get("vs_unpatched")))
     return out
 
 
@@ -297,7 +315,8 @@ def goal_line(t: Dict) -> str:
     tomesd = f"{_fmt(t['tomesd'])}x" if t["tomesd"] is not None else (t.get("tomesd_status") or "not run")
     return (f"{t['model']} ratio {t['ratio']}: ToFu {_fmt(t['tofu'])}x unpatched: {t['verdict']} "
             f"(goal >= {GOAL_TOFU}x); tomesd {tomesd} (context: <= {CONTEXT_TOMESD}x expected); "
-            f"our ToMe {_fmt(t['tome'])}x")
+            f"our ToMe {_fmt(t['tome'])}x"
+            + (f"; ToFu from a CUDA graph {_fmt(t['tofu_graph'])}x" if t.get("tofu_graph") is not None else ""))
 
 
 def write_markdown(path: Path, report: Dict) -> None:
@@ -319,18 +338,18 @@ def write_markdown(path: Path, report: Dict) -> None:
         "- rel. L2 / cosine: the noise prediction against the unpatched one; random weights, so they only show "
         "that the step ran",
         "",
-        "| model | latent (px) | B | ratio | variant | merging blocks | ms/step | p20-p80 | vs unpatched "
+        "| model | latent (px) | B | ratio | variant | exec | merging blocks | ms/step | p20-p80 | vs unpatched "
         "| rel. L2 | cosine | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "variant" not in r:  # a model that did not run at all
-            lines.append(f"| {r['model']} | | | | | | | | | | | {r['status']} |")
+            lines.append(f"| {r['model']} | | | | | | | | | | | | {r['status']} |")
             continue
         spread = f"{_fmt(r.get('ms_p20'))}-{_fmt(r.get('ms_p80'))}" if r.get("ms") is not None else ""
         lines.append(
             f"| {r['model']} | {r['latent']}x{r['latent']} ({r['pixels']}) | {r['batch']} | {r['ratio']} | "
-            f"{r['variant']} | {_fmt(r['merging_blocks'], 'd') or '?'}/{_fmt(r['blocks'], 'd') or '?'} | "
+            f"{r['variant']} | {r['exec']} | {_fmt(r['merging_blocks'], 'd') or '?'}/{_fmt(r['blocks'], 'd') or '?'} | "
             f"{_fmt(r.get('ms'))} | {spread} | "
             f"{_fmt(r.get('vs_unpatched'))} | {_fmt(r.get('rel_l2'), '.4f')} | {_fmt(r.get('cosine'), '.4f')} | "
             f"{r['status']} |")
@@ -412,7 +431,8 @@ def main(argv=None) -> int:
             torch.cuda.empty_cache()  # SDXL next to SD 1.5's cached blocks would waste memory
         for row in model_rows:
             rows.append(row)
-            print(f"{name:8s} {row.get('variant', '-'):9s} ratio {row.get('ratio', '-')!s:4s} "
+            print(f"{name:8s} {row.get('variant', '-'):9s} {row.get('exec', '-'):5s} "
+                  f"ratio {row.get('ratio', '-')!s:4s} "
                   f"{_fmt(row.get('ms'), '9.2f')} ms  {_fmt(row.get('vs_unpatched'), '5.2f')}x  {row['status']}",
                   flush=True)
 
@@ -423,8 +443,9 @@ def main(argv=None) -> int:
     else:
         why_not = None
     report = dict(environment=env, versions=versions(), command=command, dtype=args.dtype, device_kind=device,
-                  settings=dict(batch=args.batch, ratios=args.ratios, warmup=args.warmup, repeats=args.repeats,
-                                rounds=args.rounds, size=args.size, max_downsample=args.max_downsample),
+                  settings=dict(batch=args.batch, ratios=args.ratios, execs=args.execs, warmup=args.warmup,
+                                repeats=args.repeats, rounds=args.rounds, size=args.size,
+                                max_downsample=args.max_downsample),
                   elapsed_s=round(time.monotonic() - started, 1), rows=rows, goal=judge(rows, why_not))
     write_report(out, stem, report, write_markdown, "target SD ", goal_line)
     return 0
