@@ -135,15 +135,15 @@ cap() { # cap NAME CAP: CAP, or 0 where the stage is switched off
 }
 C_TESTS=$(cap tests 120); C_SDCHECK=$(cap sdcheck 45); C_SAN=$(cap san 25); C_SD=$(cap sd 80)
 C_EXPORT=40; C_DET=30; C_VIT=70; C_PROBE=35; C_SUM=20
-limit() { # limit CAP LATER_CAP...: min(CAP, time left - the later caps)
-  local cap=$1 later=0
-  shift
-  for c in "$@"; do later=$((later + c)); done
-  min "$cap" $(($(remaining) - later))
+# The caps of the kept stages still to come (the summary's included); each kept stage takes its own out.
+RESERVE=$((C_TESTS + C_SDCHECK + 2 * C_SAN + C_SD + C_EXPORT + C_DET + C_VIT + C_PROBE + C_SUM))
+take() { # take CAP: LIMIT = min(CAP, time left - the caps of the kept stages after this one)
+  RESERVE=$((RESERVE - $1))
+  LIMIT=$(min "$1" $(($(remaining) - RESERVE)))
 }
 extra_limit() { # extra_limit CAP: what the kept stages left, before the summary; 0 (skipped) under 30 s
   local left
-  left=$(limit "$1" "$C_SUM")
+  left=$(min "$1" $(($(remaining) - RESERVE)))
   if [ "$left" -lt 30 ]; then echo 0; else echo "$left"; fi
 }
 
@@ -156,44 +156,48 @@ tests/test_patch_dit.py tests/test_export.py tests/test_match.py tests/test_merg
 if [ "$C_TESTS" -gt 0 ]; then
   XDIST=()
   if $PY -c "import xdist" 2>/dev/null; then XDIST=(-n 12); fi
-  stage tests "$(limit "$C_TESTS" "$C_SDCHECK" $((2 * C_SAN)) "$C_SD" "$C_EXPORT" "$C_DET" "$C_VIT" "$C_PROBE" \
-    "$C_SUM")" bash -c "set -o pipefail; $PY -m pytest $GPU_TESTS -q -p no:cacheprovider ${XDIST[*]} -rfE \
+  take "$C_TESTS"
+  stage tests "$LIMIT" bash -c "set -o pipefail; $PY -m pytest $GPU_TESTS -q -p no:cacheprovider ${XDIST[*]} -rfE \
     --durations=10 --ignore=tests/test_aot_compile.py 2>&1 | tee '$RESULTS/tests.log'"
 fi
 
 if [ "$C_SDCHECK" -gt 0 ]; then
-  stage sdcheck "$(limit "$C_SDCHECK" $((2 * C_SAN)) "$C_SD" "$C_EXPORT" "$C_DET" "$C_VIT" "$C_PROBE" "$C_SUM")" \
-    "$PY" bench/sd_check.py --out "$RESULTS"
+  take "$C_SDCHECK"
+  stage sdcheck "$LIMIT" "$PY" bench/sd_check.py --out "$RESULTS"
 fi
 if [ "$C_SAN" -gt 0 ]; then
-  stage san-memcheck "$(limit "$C_SAN" "$C_SAN" "$C_SD" "$C_EXPORT" "$C_DET" "$C_VIT" "$C_PROBE" "$C_SUM")" \
-    compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/sd_check.py --small
-  stage san-synccheck "$(limit "$C_SAN" "$C_SD" "$C_EXPORT" "$C_DET" "$C_VIT" "$C_PROBE" "$C_SUM")" \
-    compute-sanitizer --tool synccheck --error-exitcode 3 "$PY" bench/sd_check.py --small
+  take "$C_SAN"
+  stage san-memcheck "$LIMIT" compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" bench/sd_check.py --small
+  take "$C_SAN"
+  stage san-synccheck "$LIMIT" compute-sanitizer --tool synccheck --error-exitcode 3 "$PY" bench/sd_check.py --small
 fi
 
 # SDXL first (the goal is judged at its size), eager and from CUDA graphs; SD 1.5 is not started with less
 # than 35 s of the stage left.
 if [ "$C_SD" -gt 0 ]; then
-  SD_LIMIT=$(limit "$C_SD" "$C_EXPORT" "$C_DET" "$C_VIT" "$C_PROBE" "$C_SUM")
-  stage sd "$SD_LIMIT" "$PY" bench/throughput_sd.py --models sdxl,sd15 --execs eager,graph \
-    --budget-s $((SD_LIMIT > 35 ? SD_LIMIT - 35 : 0)) --out "$RESULTS"
+  take "$C_SD"
+  stage sd "$LIMIT" "$PY" bench/throughput_sd.py --models sdxl,sd15 --execs eager,graph \
+    --budget-s $((LIMIT > 35 ? LIMIT - 35 : 0)) --out "$RESULTS"
 fi
 
-stage export "$(limit "$C_EXPORT" "$C_DET" "$C_VIT" "$C_PROBE" "$C_SUM")" "$PY" bench/export_check.py --out "$RESULTS"
+take "$C_EXPORT"
+stage export "$LIMIT" "$PY" bench/export_check.py --out "$RESULTS"
 
-stage determinism "$(limit "$C_DET" "$C_VIT" "$C_PROBE" "$C_SUM")" "$PY" bench/determinism_check.py \
+take "$C_DET"
+stage determinism "$LIMIT" "$PY" bench/determinism_check.py \
   --out "$RESULTS"
 
 # ViT-B r=16 fp16 first (the targets), every batch, CUDA graph then eager; the rest of the sweep (ViT-S/L, r=8)
 # with what is left of the stage (GPU_CHECK_VIT_ARGS replaces the arguments).
-TP_LIMIT=$(limit "$C_VIT" "$C_PROBE" "$C_SUM")
+take "$C_VIT"
+TP_LIMIT=$LIMIT
 VIT_ARGS=${GPU_CHECK_VIT_ARGS:---models vit_b,vit_s,vit_l --batches 1,8,64,256 --r 16,8 --exec graph,eager}
 # shellcheck disable=SC2086
 stage throughput "$TP_LIMIT" "$PY" bench/throughput.py $VIT_ARGS --budget-s $((TP_LIMIT > 35 ? TP_LIMIT - 35 : 0)) \
   --out "$RESULTS"
 
-stage probe "$(limit "$C_PROBE" "$C_SUM")" "$PY" bench/probe.py --out "$RESULTS"
+take "$C_PROBE"
+stage probe "$LIMIT" "$PY" bench/probe.py --out "$RESULTS"
 
 # The extras, with whatever the kept stages left: bf16 and torch.compile (compile time reported, not timed)
 # at the two ends of the batch range, one diffusion-transformer step, the microbenchmarks.
