@@ -31,6 +31,7 @@ import time
 import torch
 
 from tofu_triton import ops
+from tofu_triton.kernels.common import interpreting
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -125,7 +126,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 2:
         ap.error("--runs must be at least 2 (each run is compared with the first)")
-    if DEVICE == "cpu" and not (args.small and os.environ.get("TRITON_INTERPRET") == "1"):
+    if DEVICE == "cpu" and not (args.small and interpreting()):
         print("determinism_check: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)",
               file=sys.stderr)
         return 2

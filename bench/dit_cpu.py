@@ -34,6 +34,7 @@ from typing import Dict, List
 import torch
 import torch.nn.functional as F
 
+from arguments import choice_list
 from measure import environment
 
 FAMILIES = {"sd15": "tiny", "sdxl": "tiny-xl", "pixart": "tiny-pixart", "sd3": "tiny-sd3", "flux": "tiny-flux"}
@@ -159,10 +160,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: steady on a shared CPU)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
-    if bad:
-        p.error(f"unknown families {bad}; choose from {list(FAMILIES)}")
+    families = choice_list(p, "--families", args.families, FAMILIES)
     if args.size < 8 or args.size % 8:
         p.error(f"--size must be a positive multiple of 8 (the UNets halve it three times), got {args.size}")
     torch.set_num_threads(args.threads)

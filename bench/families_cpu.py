@@ -25,6 +25,7 @@ from typing import Callable, Dict, List, Tuple
 
 import torch
 
+from arguments import choice_list
 from measure import environment
 
 FAMILIES = ("siglip_timm", "eva02_timm", "rope_vit_timm", "siglip_hf")
@@ -93,10 +94,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
     args = p.parse_args(argv)
-    families = [f.strip() for f in args.families.split(",") if f.strip()]
-    bad = [f for f in families if f not in FAMILIES]
-    if bad:
-        p.error(f"unknown families {bad}; choose from {FAMILIES}")
+    families = choice_list(p, "--families", args.families, FAMILIES)
     if args.threads:
         torch.set_num_threads(args.threads)
     rows = [row for family in families for row in measure_family(family, args.batch, args.repeats)]

@@ -44,7 +44,7 @@ import torch
 from arguments import choice_list, fill_preset, split_list  # noqa: E402
 from measure import capture_graph  # noqa: E402
 from throughput_sd import (  # noqa: E402
-    Timer, _failure, _fmt, cannot_start, goal_lines, output_files, versions,
+    EXECS, Timer, _failure, _fmt, cannot_start, goal_lines, output_files, versions,
     write_report,
 )
 
@@ -52,7 +52,6 @@ MODELS = {"pixart-sigma": "PixArt-Sigma, 1024 px", "sd3-medium": "SD3 medium, 10
           "flux-dev": "Flux.1 dev, 1024 px", "tiny-pixart": "PixArt layout, tiny", "tiny-sd3": "SD3 layout, tiny",
           "tiny-flux": "Flux layout, tiny"}
 VARIANTS = ("unpatched", "tofu", "todo")
-EXECS = ("eager", "graph")
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 GOAL_MODEL, GOAL_RATIO, GOAL_SPEEDUP = "flux-dev", 0.5, 1.3
 
