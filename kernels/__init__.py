@@ -21,4 +21,34 @@ No kernel uses atomics: every result is bitwise reproducible. Launchers take
 tensors with any strides, return contiguous outputs, and launch on the
 device of their tensors.
 """
-from . import common, match, merge, partition, select, step, unmerge  # noqa: F401  (ops reaches them as attributes)
+import importlib.util
+import os
+import sys
+
+if __name__ == "kernels":
+    # Imported under its folder's name, not as tofu_triton.kernels: the
+    # repository root is on sys.path (python -c / -m / a notebook started
+    # there). "kernels" is another project's name (Hugging Face's package,
+    # which transformers imports), so this folder must never stand in for it:
+    # hand the import to the first other finder that knows a "kernels", or
+    # fail as if this folder were not there.
+    _root = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
+    _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
+    del sys.modules["kernels"]
+    _spec = None
+    for _finder in sys.meta_path:
+        _spec = getattr(_finder, "find_spec", lambda *_: None)("kernels", _elsewhere)
+        if _spec is not None:
+            break
+    if _spec is None:
+        raise ModuleNotFoundError(
+            "No module named 'kernels' (the kernels/ folder of the tofu-triton repository is not one: "
+            "it is installed as tofu_triton.kernels)", name="kernels")
+    _module = sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+    try:
+        _spec.loader.exec_module(_module)
+    except BaseException:
+        del sys.modules["kernels"]
+        raise
+else:
+    from . import common, match, merge, partition, select, step, unmerge  # noqa: F401  (ops reaches them as attributes)
