@@ -18,6 +18,8 @@ setup(
     license="Apache-2.0",
     packages=["tofu_triton", "tofu_triton.cli", "tofu_triton.patch", "tofu_triton.testing", "tofu_triton.kernels"],
     package_dir={"tofu_triton": "tofu_triton", "tofu_triton.kernels": "kernels"},
+    # The dispatch tables (tofu_triton/dispatch.py) are read at run time.
+    package_data={"tofu_triton": ["tables/*.json"]},
     python_requires=">=3.9",
     # Tested with torch 2.11 / triton 3.6 (GPU) and torch 2.14 / triton 3.8 (CPU, CI).
     install_requires=["torch>=2.4", "triton>=3.0", "timm>=1.0", "tqdm"],

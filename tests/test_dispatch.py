@@ -1,0 +1,105 @@
+"""tofu_triton.dispatch: the measured-winner lookup, on tables this test writes (never the committed ones)."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from tofu_triton import dispatch
+
+
+def _row(card, b, winner, us, dtype="float16", n=197):
+    return {"card": card, "dtype": dtype, "shape": {"B": b, "N": n}, "winner": winner, "us": us}
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    """Point dispatch at an empty tmp directory; returns a writer ``write(op, rows)``."""
+    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
+    dispatch.clear_cache()
+
+    def write(op, rows):
+        (tmp_path / f"{op}.json").write_text(json.dumps({"op": op, "provenance": {"card": "x"}, "rows": rows}))
+        dispatch.clear_cache()
+
+    yield write
+    dispatch.clear_cache()
+
+
+@pytest.fixture
+def card(monkeypatch):
+    """The card name torch reports for a CUDA device (no GPU here: the tests pass "cuda:0")."""
+    name = {"value": "Card A"}
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name["value"])
+    return name
+
+
+def test_default_without_table(tables, card):
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=1, N=197) == "dflt"
+    assert dispatch.table("op_x") == {}
+
+
+def test_nearest_shape_in_log2(tables, card):
+    tables("op_x", [_row("Card A", 1, "small", {"small": 1, "big": 2}),
+                    _row("Card A", 256, "big", {"small": 9, "big": 3})])
+    # 8 is 3 octaves from 1 and 5 from 256; 32 is 5 from 1 and 3 from 256 (linearly 32 is nearer 1).
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "small"
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=32, N=197) == "big"
+    # A shape with other keys than the rows' is not comparable: the default.
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=32, N=197, C=768) == "dflt"
+    assert dispatch.table("op_x")["rows"][1]["winner"] == "big"
+
+
+def test_dtype_rows_first(tables, card):
+    tables("op_x", [_row("Card A", 8, "half", {"half": 1}), _row("Card A", 8, "single", {"single": 1}, "float32")])
+    assert dispatch.winner("op_x", "cuda:0", torch.float32, "dflt", B=8, N=197) == "single"
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "half"
+    # No bfloat16 row on this card: its other rows answer rather than the default.
+    assert dispatch.winner("op_x", "cuda:0", torch.bfloat16, "dflt", B=8, N=197) in {"half", "single"}
+
+
+def test_card_fallback_to_last_measured(tables, card):
+    tables("op_x", [_row("Card A", 8, "a_wins", {"a_wins": 1}), _row("Card B", 8, "b_wins", {"b_wins": 1})])
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "a_wins"
+    card["value"] = "Card C"
+    dispatch.clear_cache()
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "b_wins"
+
+
+def test_allowed_filter(tables, card):
+    tables("op_x", [_row("Card A", 8, "fast", {"fast": 1.0, "middle": 2.0, "slow": 3.0})])
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "fast"
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", allowed=("slow", "middle"), B=8, N=197) == "middle"
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", allowed=("other",), B=8, N=197) == "dflt"
+
+
+def test_no_file_io_after_first_call(tables, card, monkeypatch):
+    tables("op_x", [_row("Card A", 8, "fast", {"fast": 1.0})])
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "fast"
+
+    def no_io(*args, **kwargs):
+        raise AssertionError("dispatch read a file after its first call")
+
+    monkeypatch.setattr(Path, "read_text", no_io)
+    monkeypatch.setattr(Path, "is_file", no_io)
+    monkeypatch.setattr("builtins.open", no_io)
+    for _ in range(3):
+        assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197) == "fast"
+    # Another shape of the same op: the table is already parsed.
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=64, N=197) == "fast"
+
+
+def test_broken_table_names_the_file(tables, card, tmp_path):
+    (tmp_path / "op_x.json").write_text("{not json")
+    with pytest.raises(ValueError, match="op_x.json"):
+        dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=8, N=197)
+
+
+def test_committed_vit_step_table_is_well_formed():
+    """The shipped table parses and says where its numbers come from (its content is the tournament's)."""
+    dispatch.clear_cache()
+    t = dispatch.table("vit_step")
+    assert t["op"] == "vit_step"
+    assert {"card", "date", "commit", "torch", "triton", "command"} <= set(t["provenance"])
+    for row in t["rows"]:
+        assert row["winner"] in row["us"] and min(row["us"].values()) == row["us"][row["winner"]]

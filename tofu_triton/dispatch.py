@@ -1,0 +1,106 @@
+"""Which implementation of an op runs on a given card, decided by measurement.
+
+Every op with more than one GPU implementation ("candidates") looks its choice up
+here instead of hard-coding it. The answers come from tables committed under
+``tofu_triton/tables/<op>.json`` (shipped as package data), which the tournaments
+write: ``python bench/tournament_<name>.py --out DIR --write-table`` on a GPU times
+every candidate at every target shape (CUDA-graph replay), checks each one's output
+against the reference first, and rewrites the table. A table may hold rows from
+several runs and cards::
+
+    {"op": "vit_step",
+     "provenance": {"card": ..., "date": ..., "commit": ..., "torch": ..., "triton": ..., "command": ...},
+     "rows": [{"card": "NVIDIA H200", "dtype": "float16", "shape": {"B": 1, "N": 197, "C": 768, "D": 64},
+               "winner": "three_launch", "us": {"three_launch": 28.1, "one_launch": 105.3}}]}
+
+``winner`` answers from the nearest measured shape (distance: sum over the shape's
+keys of |log2 a - log2 b|) on this card; without a row for this card, from the rows
+of the card measured last (the card of the table's last row); without any table or
+row, the caller's default. Answers are cached, so a forward pays one dict lookup:
+no file I/O after the first call and no device synchronisation, and the same
+arguments always give the same answer (a CUDA graph or torch.compile sees one path).
+On the CPU the callers do not consult it.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import math
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+TABLE_DIR = Path(__file__).resolve().parent / "tables"
+
+
+@functools.lru_cache(maxsize=None)
+def _load(op: str) -> Optional[dict]:
+    path = TABLE_DIR / f"{op}.json"
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"dispatch table {path} is not valid JSON ({err}); rewrite it with its tournament") from None
+
+
+def table(op: str) -> dict:
+    """The parsed table of ``op`` (``{"op", "provenance", "rows"}``); ``{}`` when none is committed."""
+    return _load(op) or {}
+
+
+@functools.lru_cache(maxsize=None)
+def _card(device: torch.device) -> str:
+    if device.type != "cuda":
+        return device.type
+    return torch.cuda.get_device_name(device)
+
+
+def _distance(shape: dict, row_shape: dict) -> float:
+    return sum(abs(math.log2(max(shape[k], 1)) - math.log2(max(row_shape[k], 1))) for k in shape)
+
+
+def _row_winner(row: dict, allowed: Optional[tuple]) -> Optional[str]:
+    if allowed is None or row.get("winner") in allowed:
+        return row.get("winner")
+    times = {name: us for name, us in row.get("us", {}).items() if name in allowed and us is not None}
+    return min(sorted(times), key=times.__getitem__) if times else None
+
+
+@functools.lru_cache(maxsize=None)
+def _winner(op: str, card: str, dtype: str, default: str, allowed: Optional[tuple], shape: tuple) -> str:
+    rows = (_load(op) or {}).get("rows", [])
+    wanted = dict(shape)
+    # Rows measured at this shape's keys, whose winner (or fastest allowed candidate) may run.
+    usable = [(r, w) for r in rows if set(r.get("shape", {})) == set(wanted)
+              for w in [_row_winner(r, allowed)] if w is not None]
+    if not usable:
+        return default
+    cards = {r["card"] for r, _ in usable}
+    card = card if card in cards else usable[-1][0]["card"]
+    usable = [(r, w) for r, w in usable if r["card"] == card]
+    same_dtype = [(r, w) for r, w in usable if r.get("dtype") == dtype]
+    usable = same_dtype or usable
+    # Nearest shape; among equally near rows the later one (tournaments append newer runs).
+    best = min(range(len(usable)), key=lambda i: (_distance(wanted, usable[i][0]["shape"]), -i))
+    return usable[best][1]
+
+
+def winner(op: str, device, dtype: torch.dtype, default: str, allowed=None, **shape: int) -> str:
+    """The measured fastest candidate of ``op`` for ``shape`` (integer sizes such as
+    ``B=8, N=197, C=768``) in ``dtype`` on ``device``'s card, or ``default`` when the
+    table has nothing to say. ``allowed``: the candidate names that may win (the
+    caller's options for this call); a row whose winner is not allowed answers with
+    its fastest allowed candidate."""
+    device = torch.device(device)
+    dtype_name = str(dtype).replace("torch.", "")
+    return _winner(op, _card(device), dtype_name, default, None if allowed is None else tuple(allowed),
+                   tuple(sorted(shape.items())))
+
+
+def clear_cache() -> None:
+    """Forget loaded tables and answers (after a tournament rewrote a table, or in tests)."""
+    _load.cache_clear()
+    _winner.cache_clear()
+    _card.cache_clear()
