@@ -82,9 +82,12 @@ class Merge:
     test_patch_diffusers.py) with top-left destinations (use_rand=False): m(.), u(.), the log of how many
     grid positions each merged token holds, and the position each merged token is rotated by."""
 
-    def __init__(self, x, grid, ratio, mode):
-        self.part = reference.spatial_partition(*grid, 2, 2)
-        self.match = reference.spatial_match(x, self.part, int(x.shape[1] * ratio))
+    def __init__(self, x, grid, ratio, mode, plan=None):
+        if plan is None:
+            self.part = reference.spatial_partition(*grid, 2, 2)
+            self.match = reference.spatial_match(x, self.part, int(x.shape[1] * ratio))
+        else:  # reused: another block's (or call's) partition and match, applied to this block's tokens
+            self.part, self.match = plan.part, plan.match
         self.mode = mode
 
     def m(self, t):
@@ -148,10 +151,10 @@ class Image:
     """What a block does to its image tokens x [B, N, C] under a setting: the merge, and the image side of
     attention (keys pooled for ToDo, key bias from the sizes)."""
 
-    def __init__(self, x, grid, s):
+    def __init__(self, x, grid, s, plan=None):
         self.grid, self.s, self.todo = grid, s, s.mode == "todo"
         op_mode = {"tome": "mean"}.get(s.mode, s.mode)
-        self.merge = None if self.todo else Merge(x, grid, s.ratio, op_mode)
+        self.merge = None if self.todo else Merge(x, grid, s.ratio, op_mode, plan)
 
     def m(self, t, on=True):
         return self.merge.m(t) if self.merge and on else t
@@ -168,6 +171,17 @@ class Image:
         return k, v, bias
 
 
+class Merged(Image):
+    """A block run whole on its merged image tokens: nothing merges inside it (m is the identity, back a plain
+    residual add), but its keys have the merge's sizes and its rows the merge's rotary positions."""
+
+    def m(self, t, on=True):
+        return t
+
+    def back(self, y, residual, on=True):
+        return residual + y
+
+
 def with_text_bias(bias, n_text, text_first):
     if bias is None:
         return None
@@ -175,9 +189,10 @@ def with_text_bias(bias, n_text, text_first):
     return torch.cat([zeros, bias] if text_first else [bias, zeros], dim=1)
 
 
-def pixart_block(blk, hidden_states, grid, s, encoder_hidden_states, timestep, encoder_attention_mask=None, **_):
+def pixart_block(blk, hidden_states, grid, s, encoder_hidden_states, timestep, encoder_attention_mask=None,
+                 image=None, **_):
     x = hidden_states
-    img = Image(x, grid, s)
+    img = image or Image(x, grid, s)
     shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = (
         blk.scale_shift_table[None] + timestep.reshape(x.shape[0], 6, -1)).chunk(6, dim=1)
     a = blk.attn1
@@ -192,9 +207,9 @@ def pixart_block(blk, hidden_states, grid, s, encoder_hidden_states, timestep, e
     return img.back(gate_mlp * ff, x, s.merge_mlp)
 
 
-def sd3_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, **_):
+def sd3_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, image=None, **_):
     x, c = hidden_states, encoder_hidden_states
-    img = Image(x, grid, s)
+    img = image or Image(x, grid, s)
     if blk.use_dual_attention:
         nx, gate, shift_mlp, scale_mlp, gate_mlp, nx2, gate2 = blk.norm1(x, emb=temb)
     else:
@@ -257,9 +272,9 @@ def flux_attention(img, image_qkv, text_qkv, rotary, n_text):
     return out[:, n_text:], out[:, :n_text]
 
 
-def flux_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, image_rotary_emb, **_):
+def flux_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, image_rotary_emb, image=None, **_):
     x, c = hidden_states, encoder_hidden_states
-    img = Image(x, grid, s)
+    img = image or Image(x, grid, s)
     nx, gate, shift_mlp, scale_mlp, gate_mlp = blk.norm1(x, emb=temb)
     nc, c_gate, c_shift, c_scale, c_gate_mlp = blk.norm1_context(c, emb=temb)
     a = blk.attn
@@ -273,9 +288,9 @@ def flux_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, image_r
     return c, x
 
 
-def flux_single_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, image_rotary_emb, **_):
+def flux_single_block(blk, hidden_states, grid, s, encoder_hidden_states, temb, image_rotary_emb, image=None, **_):
     x, c, t = hidden_states, encoder_hidden_states, encoder_hidden_states.shape[1]
-    img = Image(x, grid, s)
+    img = image or Image(x, grid, s)
     norm, gate = blk.norm(torch.cat([c, x], dim=1), emb=temb)
     seq = torch.cat([norm[:, :t], img.m(norm[:, t:])], dim=1)  # attention and MLP: one parallel sub-layer
     q, k, v = flux_qkv(blk.attn, seq)
@@ -333,6 +348,165 @@ def test_every_block_computes_the_restated_step(family, setting):
             else:
                 torch.testing.assert_close(got, expected, rtol=1e-4, atol=2e-5)
         assert (outputs(out)[-1] - outputs(unpatched)[-1]).abs().max() > 1e-3  # the step did change the block
+
+
+def restated(blk, kw, grid, s, plan=None, whole=False):
+    """The re-statement of one block call (kw: its keyword inputs): merging with ``plan`` (a Merge computed from
+    other tokens) where given, else with its own; ``whole``: the block run on its merged image tokens, its
+    update unmerged once (x + u(block(m(x)) - m(x)))."""
+    fn = EXPECTED[type(blk)._tofu_base.__name__]
+    kw = {k: v for k, v in kw.items() if k not in ("joint_attention_kwargs", "cross_attention_kwargs")}
+    if not whole:
+        return fn(blk, grid=grid, s=s, image=Image(kw["hidden_states"], grid, s, plan), **kw)
+    x = kw.pop("hidden_states")
+    img = Merged(x, grid, s, plan)
+    merged = img.merge.m(x)
+    out = fn(blk, hidden_states=merged, grid=grid, s=s, image=img, **kw)
+    if isinstance(out, tuple):  # SD3 / Flux: (text, image)
+        return out[0], x + img.merge.u(out[1] - merged)
+    return x + img.merge.u(out - merged)
+
+
+def assert_blocks(calls, expected):
+    for (_, _, out), want in zip(calls, expected):
+        outputs = lambda o: o if isinstance(o, tuple) else (o,)  # noqa: E731
+        for got, w in zip(outputs(out), outputs(want)):
+            if w is None:
+                assert got is None
+            else:
+                torch.testing.assert_close(got, w, rtol=1e-4, atol=2e-5)
+
+
+def same_plan(a, b):
+    return torch.equal(a.match.unm_idx, b.match.unm_idx) and torch.equal(a.match.dst_src, b.match.dst_src)
+
+
+REUSE_SETTING = Setting("mlerp", prop_attn=True, merge_mlp=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_step_reuse_merges_every_block_with_the_first_blocks_plan(family):
+    s, grid = REUSE_SETTING, (7, 5)
+    model = tp.diffusers(build(family, seed=2), seed=0, reuse="step", **s.kwargs())  # blocks whose plans differ
+    calls = block_calls(model, inputs(family))
+    plan = Merge(calls[0][1]["hidden_states"], grid, s.ratio, s.mode)
+    assert not same_plan(plan, Merge(calls[1][1]["hidden_states"], grid, s.ratio, s.mode))  # reuse does matter
+    with torch.no_grad():
+        assert_blocks(calls, [restated(blk, kw, grid, s, plan) for blk, kw, _ in calls])
+
+
+@pytest.mark.parametrize("setting", ["tome", "mlerp+mlp+prop", "prune+mlp+prop"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_block_mode_runs_every_block_on_the_merged_tokens(family, setting):
+    s, grid, args = SETTINGS[setting], (7, 5), inputs(family)
+    model = tp.diffusers(build(family), seed=0, whole_block=True, **s.kwargs())
+    calls = block_calls(model, args)
+    with torch.no_grad():
+        assert_blocks(calls, [restated(blk, kw, grid, s, whole=True) for blk, kw, _ in calls])
+    model.whole_block = False  # per sub-layer: another result
+    assert (run(model, args) - run(tp.diffusers(model, whole_block=True), args)).abs().max() > 1e-4
+
+
+def test_whole_block_mode_shortens_every_projection():
+    # Flux: the image side of every projection and MLP sees N - r rows; the text side all of its tokens.
+    model, args = build("flux"), inputs("flux", grid=(6, 6))
+    tp.diffusers(model, ratio=0.5, mode="tome", whole_block=True)
+    rows = {}
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in ("to_k", "add_k_proj", "proj_mlp", "ff", "ff_context"):
+            module.register_forward_pre_hook(lambda m, a, name=name: rows.__setitem__(name, a[0].shape[1]))
+    run(model, args)
+    kept = 36 - 18
+    assert rows == {"transformer_blocks.0.attn.to_k": kept, "transformer_blocks.0.attn.add_k_proj": TEXT,
+                    "transformer_blocks.0.ff": kept, "transformer_blocks.0.ff_context": TEXT,
+                    "single_transformer_blocks.0.proj_mlp": TEXT + kept,
+                    "single_transformer_blocks.0.attn.to_k": TEXT + kept}
+
+
+@pytest.mark.parametrize("family", ["pixart", "flux"])
+def test_plans_kept_for_k_calls(family):
+    # reuse=2: the second call merges with the first call's plan, the third computes its own again; a call
+    # with another batch size computes its own.
+    s, grid = REUSE_SETTING, (7, 5)
+    model = tp.diffusers(build(family), seed=0, reuse=2, **s.kwargs())
+    first = block_calls(model, inputs(family, seed=1))
+    plan = Merge(first[0][1]["hidden_states"], grid, s.ratio, s.mode)
+    second = block_calls(model, inputs(family, seed=2))
+    assert not same_plan(plan, Merge(second[0][1]["hidden_states"], grid, s.ratio, s.mode))
+    third = block_calls(model, inputs(family, seed=3))
+    own = Merge(third[0][1]["hidden_states"], grid, s.ratio, s.mode)
+    with torch.no_grad():
+        assert_blocks(second, [restated(blk, kw, grid, s, plan) for blk, kw, _ in second])
+        assert_blocks(third, [restated(blk, kw, grid, s, own) for blk, kw, _ in third])
+    one = {k: v[:1] if torch.is_tensor(v) and v.shape[0] == BATCH else v for k, v in inputs(family, seed=4).items()}
+    fourth = block_calls(model, one)  # within 2 calls of the third, but one image: a plan of its own
+    own = Merge(fourth[0][1]["hidden_states"], grid, s.ratio, s.mode)
+    with torch.no_grad():
+        assert_blocks(fourth, [restated(blk, kw, grid, s, own) for blk, kw, _ in fourth])
+
+
+def test_the_reuse_interval_wraps_across_calls(monkeypatch):
+    from tofu_triton import ops
+
+    matches = []
+    real = ops.spatial_match
+    monkeypatch.setattr(ops, "spatial_match", lambda *a, **k: matches.append(1) or real(*a, **k))
+    model = tp.diffusers(build("sd3"), ratio=0.5, reuse=3, seed=0)
+    counts = []
+    for i in range(7):
+        matches.clear()
+        run(model, inputs("sd3", grid=(6, 4) if i == 4 else (7, 5), seed=i))  # call 4: another resolution
+        counts.append(len(matches))
+    # computed at calls 0, 3, 6 (two blocks, one plan each time); call 4's grid has none, so it makes its own
+    assert counts == [1, 0, 0, 1, 1, 0, 1]
+    tp.diffusers(model, ratio=0.5, reuse=3, seed=0)  # patching again drops the kept plans
+    matches.clear()
+    run(model, inputs("sd3", seed=0))
+    assert len(matches) == 1
+
+
+def test_kept_plans_are_per_thread_and_unpatch_restores():
+    model, args = build("flux"), inputs("flux", grid=(4, 4))
+    expected = run(model, args)
+    tp.diffusers(model, ratio=0.5, seed=1, reuse=2)
+    jobs = [[inputs("flux", grid=(4, 4), seed=2 * i + j) for j in range(2)] for i in range(3)]
+    denoise = lambda job: [run(model, args) for args in job]  # noqa: E731  one thread's loop of 2 calls
+    want = []
+    for job in jobs:
+        tp.diffusers(model, ratio=0.5, seed=1, reuse=2)  # a fresh start for each loop
+        want.append(denoise(job))
+    tp.diffusers(model, ratio=0.5, seed=1, reuse=2)
+    got = run_in_threads(denoise, jobs, repeats=2)  # threads sharing one store would reuse each other's plans
+    assert all(torch.equal(a, b) for g, w in zip(got, want) for a, b in zip(g, w))
+    tp.unpatch(model)
+    assert torch.equal(run(model, args), expected)
+
+
+@pytest.mark.parametrize("family, kwargs, err, match", [
+    ("sd3", dict(reuse="always"), ValueError, "reuse must be"),
+    ("sd3", dict(reuse=0), ValueError, "reuse must be"),
+    ("flux", dict(reuse=True), ValueError, "reuse must be"),
+    ("pixart", dict(whole_block=1), TypeError, "whole_block must be a bool"),
+    ("flux", dict(whole_block=True, mode="todo"), ValueError, "whole_block.*todo"),
+])
+def test_plan_settings_that_do_not_apply_are_refused(family, kwargs, err, match):
+    model = build(family)
+    with pytest.raises(err, match=match):
+        tp.diffusers(model, **kwargs)
+    assert not tp.is_patched(model)
+
+
+def test_torch_compile_takes_step_reuse_and_whole_blocks_and_refuses_kept_plans():
+    torch._dynamo.reset()
+    model = tp.diffusers(build("flux"), ratio=0.5, seed=2, reuse="step", whole_block=True)
+    args = dict(inputs("flux", grid=(4, 6)), joint_attention_kwargs={"tofu_grid": (4, 6)})
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(**args).sample, run(model, args), rtol=1e-5, atol=1e-5)
+        model.plan_reuse = 2
+        torch._dynamo.reset()
+        with pytest.raises(Exception, match="reuse=2 keeps plans across calls"):
+            torch.compile(model, backend="eager", fullgraph=True)(**args)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -69,7 +69,8 @@ def transformers(model, r=16, mode="tofu", prune_layers=None, prop_attn=True, ba
 
 
 def diffusers(model, ratio=0.5, mode="tofu", max_downsample=None, sx=2, sy=2, use_rand=True, merge_attn=True,
-              merge_crossattn=False, merge_mlp=None, prop_attn=None, seed=None, backend="auto"):
+              merge_crossattn=False, merge_mlp=None, prop_attn=None, seed=None, backend="auto", reuse="none",
+              whole_block=False):
     """Patch a diffusers pipeline or denoiser in place (see :mod:`tofu_triton.patch.diffusers_models`); returns it.
 
     Stable Diffusion UNets and the PixArt, SD3 and Flux transformers; tomesd's
@@ -78,7 +79,7 @@ def diffusers(model, ratio=0.5, mode="tofu", max_downsample=None, sx=2, sy=2, us
     return _family_module("diffusers").patch(
         model, ratio=ratio, mode=mode, max_downsample=max_downsample, sx=sx, sy=sy, use_rand=use_rand,
         merge_attn=merge_attn, merge_crossattn=merge_crossattn, merge_mlp=merge_mlp, prop_attn=prop_attn, seed=seed,
-        backend=backend)
+        backend=backend, reuse=reuse, whole_block=whole_block)
 
 
 _PATCHERS = {"timm": timm, "transformers": transformers, "diffusers": diffusers}

@@ -68,6 +68,8 @@ kernels on CUDA, the PyTorch reference on the CPU (``backend="auto"``).
 """
 import math
 import random
+import threading
+import weakref
 from typing import Callable, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -86,10 +88,11 @@ from .. import ops
 from ..schedule import MODEL_MODES
 from . import lifecycle
 from .dit import GRID_KEY, PatchedFluxBlock, PatchedFluxSingleBlock, PatchedJointBlock, feed_forward, flux_grid
-from .latent_step import CALL_KEY, Call, LatentStep, grid_at, pooled_sizes
+from .latent_step import CALL_KEY, Call, LatentStep, PlanBook, PlanStore, WholeBlock, begin, grid_at, pooled_sizes
 
 CONFIG = ("ratio", "tofu_mode", "max_downsample", "sx", "sy", "use_rand", "merge_attn", "merge_crossattn",
-          "merge_mlp", "prop_attn", "seed", "tofu_backend")
+          "merge_mlp", "prop_attn", "seed", "tofu_backend", "plan_reuse", "whole_block")
+REUSE = ("none", "step")  # or an int k >= 1: keep each plan for k denoiser calls
 MODES = MODEL_MODES + ("todo",)
 BACKENDS = ops.BACKENDS
 TRANSFORMERS = (PixArtTransformer2DModel, SD3Transformer2DModel, FluxTransformer2DModel)
@@ -128,7 +131,15 @@ class _PatchedBlock:
             return super().forward(hidden_states, attention_mask, encoder_hidden_states, encoder_attention_mask,
                                    timestep, kwargs or None, class_labels, added_cond_kwargs)
         step = LatentStep(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
-        on_attn, on_cross, on_mlp = call.merges if step.merging else (False, False, False)
+        step, (on_attn, on_cross, on_mlp) = begin(call, step)
+        whole = isinstance(step, WholeBlock)  # the whole block on the merged tokens, its update unmerged once
+        x = step.enter(hidden_states) if whole else hidden_states
+        out = self._tofu_block(step, on_attn, on_cross, on_mlp, x, attention_mask, encoder_hidden_states,
+                               encoder_attention_mask, timestep, kwargs)
+        return step.leave(out, x, hidden_states) if whole else out
+
+    def _tofu_block(self, step, on_attn, on_cross, on_mlp, hidden_states, attention_mask, encoder_hidden_states,
+                    encoder_attention_mask, timestep, kwargs):
         changed = on_attn or not step.merging  # self-attention sees merged tokens, or (ToDo) pooled keys
         if attention_mask is not None and changed:
             raise ValueError("attention_mask (over all image tokens) cannot follow merged or pooled tokens: "
@@ -277,13 +288,21 @@ def _validate(model: nn.Module) -> None:
         value = getattr(model, name)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp", "prop_attn"):
+    for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp", "prop_attn", "whole_block"):
         if not isinstance(getattr(model, name), bool):
             raise TypeError(f"{name} must be a bool, got {type(getattr(model, name)).__name__}")
     if isinstance(model.seed, bool) or not isinstance(model.seed, int):
         raise TypeError(f"seed must be an int or None, got {model.seed!r}")
     if model.tofu_backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {model.tofu_backend!r}")
+    reuse = model.plan_reuse
+    if not (isinstance(reuse, str) and reuse in REUSE
+            or isinstance(reuse, int) and not isinstance(reuse, bool) and reuse >= 1):
+        raise ValueError(f"reuse must be 'none', 'step' or an int k >= 1 (keep each plan for k denoiser calls), "
+                         f"got {reuse!r}")
+    if model.whole_block and model.tofu_mode == "todo":
+        raise ValueError("whole_block merges tokens around whole blocks; mode='todo' merges none (it pools "
+                         "self-attention's keys): use another mode or whole_block=False")
     name = _base(model).__name__
     if _is_unet(model):
         _validate_unet(model)
@@ -294,7 +313,8 @@ def _validate(model: nn.Module) -> None:
         if model.merge_crossattn and not isinstance(model, PixArtTransformer2DModel):
             raise ValueError(f"merge_crossattn does not apply to a {name}: its text tokens take part in joint "
                              "attention, which merge_attn covers; leave it False")
-    if model.tofu_mode != "todo" and not (model.merge_attn or model.merge_crossattn or model.merge_mlp):
+    flags = model.merge_attn or model.merge_crossattn or model.merge_mlp  # whole_block merges around all sub-layers
+    if model.tofu_mode != "todo" and not model.whole_block and not flags:
         raise ValueError("merge_attn, merge_crossattn and merge_mlp are all False: nothing would merge "
                          "(use ratio=0 to switch merging off)")
     _check_attention(model)
@@ -408,6 +428,39 @@ def _plan_of(model: nn.Module, n_tokens: Union[None, int, Tuple[int, int]] = Non
     return out
 
 
+# reuse=k: each thread's plans of each patched model (a PlanStore per thread and model). A pipeline calls its
+# denoiser from one thread, step after step, so a thread's calls are one denoising loop; threads serving other
+# requests never see each other's plans. Dropped when the model is patched again (or collected).
+_STORES: "weakref.WeakKeyDictionary[nn.Module, threading.local]" = weakref.WeakKeyDictionary()
+_STORES_LOCK = threading.Lock()
+
+
+def _plan_store(model: nn.Module) -> PlanStore:
+    with _STORES_LOCK:
+        local = _STORES.get(model)
+        if local is None:
+            local = _STORES[model] = threading.local()
+    if not hasattr(local, "store"):
+        local.store = PlanStore()
+    return local.store
+
+
+def _plans(model: nn.Module, device) -> Optional[PlanBook]:
+    """The PlanBook of this call: None (``reuse="none"``), a fresh one (``"step"``), or over the thread's
+    store (``k``), which a compiled graph or CUDA graph capture cannot follow (it reads and writes plans
+    of earlier calls on the host)."""
+    reuse = model.plan_reuse
+    if reuse == "none":
+        return None
+    if reuse == "step":
+        return PlanBook()
+    if torch.compiler.is_compiling() or (torch.device(device).type == "cuda"
+                                         and torch.cuda.is_current_stream_capturing()):
+        raise ValueError(f"reuse={reuse} keeps plans across calls on the host, which torch.compile and CUDA graph "
+                         "capture cannot follow: use reuse='step' (plans shared within a call) or 'none'")
+    return _plan_store(model).book(reuse)
+
+
 def _call(model: nn.Module, grid: Callable[[], Tuple[int, int]], timestep, device) -> Optional[Call]:
     """Validate the settings; the Call of this forward, or None when ``ratio`` is 0 (nothing patched runs).
 
@@ -419,7 +472,8 @@ def _call(model: nn.Module, grid: Callable[[], Tuple[int, int]], timestep, devic
     step = torch.as_tensor(timestep, device=device).reshape(-1)[:1].float()
     return Call(height, width, (step * 1000).round().to(torch.int64)[0], tuple(_modes(model)), model.ratio,
                 model.sx, model.sy, model.use_rand, model.seed, (model.merge_attn, model.merge_crossattn,
-                                                                 model.merge_mlp), model.prop_attn, model.tofu_backend)
+                                                                 model.merge_mlp), model.prop_attn, model.tofu_backend,
+                _plans(model, device), model.whole_block)
 
 
 def _with_call(kwargs: Optional[dict], call: Optional[Call]) -> Optional[dict]:
@@ -498,15 +552,18 @@ FAMILY = lifecycle.register(lifecycle.Family(
 def patch(model: nn.Module, ratio: float = 0.5, mode: str = "tofu", max_downsample: Optional[int] = None,
           sx: int = 2, sy: int = 2, use_rand: bool = True, merge_attn: bool = True, merge_crossattn: bool = False,
           merge_mlp: Optional[bool] = None, prop_attn: Optional[bool] = None, seed: Optional[int] = None,
-          backend: str = "auto") -> nn.Module:
+          backend: str = "auto", reuse: Union[str, int] = "none", whole_block: bool = False) -> nn.Module:
     """Patch a diffusers pipeline (``.unet`` / ``.transformer``) or denoiser in place; returns ``model``.
 
     Arguments as tomesd's ``apply_patch`` (see the module docstring), plus
     ``mode`` ("tofu" | "tome" | "mlerp" | "prune" | "todo"), ``prop_attn``
     (transformers: ``log(size)`` on merged keys), ``seed`` for the random
-    destinations (None: drawn now) and ``backend`` ("auto" | "triton" |
-    "reference"). None picks the model's default: ``max_downsample`` the
-    highest resolution with attention (UNets; transformers take None only),
+    destinations (None: drawn now), ``backend`` ("auto" | "triton" |
+    "reference"), ``reuse`` ("none" | "step" | int k: compute each merge's
+    plan once per resolution and call, or keep it for k calls; attribute
+    ``plan_reuse``) and ``whole_block`` (merge once around whole blocks).
+    None picks the model's default: ``max_downsample`` the highest
+    resolution with attention (UNets; transformers take None only),
     ``merge_mlp`` and ``prop_attn`` from :data:`DEFAULTS` (on: SD3, Flux).
     Patching a patched model only updates the settings;
     settings it refuses leave it as it was.
@@ -521,6 +578,9 @@ def patch(model: nn.Module, ratio: float = 0.5, mode: str = "tofu", max_downsamp
     if seed is None:
         seed = random.SystemRandom().randrange(1 << 31)
     values = dict(zip(CONFIG, (ratio, mode, max_downsample, sx, sy, use_rand, merge_attn, merge_crossattn,
-                               merge_mlp, prop_attn, seed, backend)))
+                               merge_mlp, prop_attn, seed, backend, reuse, whole_block)))
     mixin = next(m for cls, m in _MODEL_MIXINS.items() if isinstance(target, cls))
-    return lifecycle.apply(model, FAMILY, mixin, values)
+    lifecycle.apply(model, FAMILY, mixin, values)
+    with _STORES_LOCK:  # plans kept by reuse=k were made under the previous patch
+        _STORES.pop(target, None)
+    return model

@@ -38,7 +38,7 @@ from torch import Tensor
 from diffusers.models.attention import _chunked_feed_forward
 
 from ..attention import sized_attention
-from .latent_step import CALL_KEY, Call, LatentStep, grid_at
+from .latent_step import CALL_KEY, Call, LatentStep, WholeBlock, begin, grid_at
 
 GRID_KEY = "tofu_grid"  # joint_attention_kwargs={"tofu_grid": (h, w)}: Flux's token grid, given by the caller
 
@@ -175,9 +175,18 @@ def _begin(block, kwargs) -> Tuple[Optional[Call], Optional[str], dict]:
     return call, mode, kwargs
 
 
-def _step(block, call: Call, mode: str, hidden_states: Tensor) -> LatentStep:
+def _enter(block, call: Call, mode: str, hidden_states: Tensor):
+    """(step, (merge before attention, -, before the MLP), the image tokens the block's body runs on): its input,
+    or in whole-block mode the merged input (the body then merges nothing, :class:`WholeBlock`)."""
     index, factor = block._tofu_layer
-    return LatentStep(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
+    step = LatentStep(call, index, mode, hidden_states, grid_at(call, factor, hidden_states.shape[1]))
+    step, merges = begin(call, step)
+    return step, merges, step.enter(hidden_states) if isinstance(step, WholeBlock) else hidden_states
+
+
+def _leave(step, out: Tensor, x: Tensor, hidden_states: Tensor) -> Tensor:
+    """The body's image output, unmerged once (plus the block's input) in whole-block mode."""
+    return step.leave(out, x, hidden_states) if isinstance(step, WholeBlock) else out
 
 
 def _clip_fp16(x: Tensor) -> Tensor:
@@ -205,9 +214,11 @@ class PatchedJointBlock:
         call, mode, kwargs = _begin(self, joint_attention_kwargs)
         if mode is None:  # not merging in this call: diffusers' own block, bitwise
             return super().forward(hidden_states, encoder_hidden_states, temb, kwargs or None)
-        step = _step(self, call, mode, hidden_states)
-        on_attn, _, on_mlp = call.merges if step.merging else (False, False, False)
+        step, (on_attn, _, on_mlp), x = _enter(self, call, mode, hidden_states)
+        context, out = self._tofu_block(step, on_attn, on_mlp, x, encoder_hidden_states, temb)
+        return context, _leave(step, out, x, hidden_states)
 
+    def _tofu_block(self, step, on_attn, on_mlp, hidden_states, encoder_hidden_states, temb):
         if self.use_dual_attention:
             norm, gate_msa, shift_mlp, scale_mlp, gate_mlp, norm2, gate_msa2 = self.norm1(hidden_states, emb=temb)
         else:
@@ -246,8 +257,11 @@ class PatchedFluxBlock:
         call, mode, kwargs = _begin(self, joint_attention_kwargs)
         if mode is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, kwargs or None)
-        step = _step(self, call, mode, hidden_states)
-        on_attn, _, on_mlp = call.merges if step.merging else (False, False, False)
+        step, (on_attn, _, on_mlp), x = _enter(self, call, mode, hidden_states)
+        context, out = self._tofu_block(step, on_attn, on_mlp, x, encoder_hidden_states, temb, image_rotary_emb)
+        return context, _leave(step, out, x, hidden_states)
+
+    def _tofu_block(self, step, on_attn, on_mlp, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         norm, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.norm1(hidden_states, emb=temb)
         norm_context, c_gate_msa, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(
             encoder_hidden_states, emb=temb)
@@ -280,8 +294,11 @@ class PatchedFluxSingleBlock:
         call, mode, kwargs = _begin(self, joint_attention_kwargs)
         if mode is None:
             return super().forward(hidden_states, encoder_hidden_states, temb, image_rotary_emb, kwargs or None)
-        step = _step(self, call, mode, hidden_states)
-        on = step.merging and call.merges[0]
+        step, (on, _, _), x = _enter(self, call, mode, hidden_states)
+        context, out = self._tofu_block(step, on, x, encoder_hidden_states, temb, image_rotary_emb)
+        return context, _clip_fp16(_leave(step, out, x, hidden_states))
+
+    def _tofu_block(self, step, on, hidden_states, encoder_hidden_states, temb, image_rotary_emb):
         text_len = encoder_hidden_states.shape[1]
         norm, gate = self.norm(torch.cat([encoder_hidden_states, hidden_states], dim=1), emb=temb)
         x = torch.cat([norm[:, :text_len], step.merge(norm[:, text_len:], on)], dim=1)
@@ -295,8 +312,7 @@ class PatchedFluxSingleBlock:
 
         out = gate.unsqueeze(1) * self.proj_out(torch.cat([torch.cat([context_out, out], dim=1), mlp], dim=2))
         context = encoder_hidden_states + out[:, :text_len]
-        hidden_states = step.back(out[:, text_len:], on, hidden_states)
-        return _clip_fp16(context), _clip_fp16(hidden_states)
+        return _clip_fp16(context), step.back(out[:, text_len:], on, hidden_states)
 
 
 # --------------------------------------------------------------------------- Flux's token grid

@@ -14,10 +14,18 @@ it around the sub-layers it merges:
   values over the same cells (ToDo), and :meth:`LatentStep.key_bias` gives the
   pooled keys their sizes.
 
-Nothing here is stored on a module: a LatentStep lives for one block call.
+Plans (docs/design.md §5.5): the partition and the match of a merge (its
+"plan") can be computed once and reused by the later merging blocks of the
+same resolution (``reuse="step"``: a :class:`PlanBook` made for the call) and
+over the next calls (``reuse=k``: a book over the calling thread's
+:class:`PlanStore`). Whole-block mode (``whole_block``) merges the image
+tokens once before a block and unmerges once after it (:class:`WholeBlock`).
+
+Nothing here is stored on a module: a LatentStep lives for one block call, a
+PlanBook for one denoiser call, a PlanStore for one thread's calls.
 """
 import math
-from typing import NamedTuple, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +51,52 @@ class Call(NamedTuple):
     merges: Tuple[bool, bool, bool]  # merge before self-attention, cross-attention, MLP
     prop_attn: bool
     backend: str
+    plans: Optional["PlanBook"] = None  # None: every merging block computes its own plan (reuse="none")
+    whole_block: bool = False  # merge once before each merging block, unmerge once after it
+
+
+class Plan(NamedTuple):
+    """What a merge needs besides the tokens: the partition and the match (src -> dst) computed from one
+    block's input."""
+
+    partition: "ops.Partition"
+    match: "ops.SpatialMatch"
+
+
+class PlanStore:
+    """One thread's plans kept across denoiser calls (``reuse=k``): the calls it has made and, per key, the
+    call that computed a plan and the plan. Only its own thread touches it (see ``diffusers_models``)."""
+
+    def __init__(self):
+        self.calls = 0
+        self.kept: Dict[tuple, Tuple[int, Plan]] = {}
+
+    def book(self, every: int) -> "PlanBook":
+        """The PlanBook of this thread's next call: plans younger than ``every`` calls are reused."""
+        now, self.calls = self.calls, self.calls + 1
+        for key in [key for key, (born, _) in self.kept.items() if now - born >= every]:
+            del self.kept[key]  # expired: a later call of the same key recomputes it
+        return PlanBook(self.kept, now, every)
+
+
+class PlanBook:
+    """The plans one denoiser call reuses, by key (the token grid, the batch, the device and the settings the
+    plan depends on): the first merging block of a key computes its plan, the later ones reuse it.
+
+    ``kept`` maps key -> (call it was computed in, plan); a fresh dict per call for ``reuse="step"``, the
+    thread's :class:`PlanStore` for ``reuse=k`` (then a plan lives while ``now - born < every``)."""
+
+    def __init__(self, kept: Optional[dict] = None, now: int = 0, every: int = 1):
+        self.kept = {} if kept is None else kept
+        self.now, self.every = now, every
+
+    def get(self, key: tuple, make: Callable[[], Plan]) -> Plan:
+        entry = self.kept.get(key)
+        if entry is not None and self.now - entry[0] < self.every:
+            return entry[1]
+        plan = make()
+        self.kept[key] = (self.now, plan)
+        return plan
 
 
 def grid_at(call: Call, factor: int, n: int) -> Tuple[int, int]:
@@ -93,10 +147,18 @@ class LatentStep:
         self.match = self.partition = None
         if mode != "todo":
             h, w = grid
-            self.partition = ops.spatial_partition(h, w, call.sx, call.sy, seed=call.seed if call.use_rand else None,
-                                                   step=call.step, block=index, device=x.device,
-                                                   backend=call.backend)
-            self.match = ops.spatial_match(x, self.partition, int(x.shape[1] * call.ratio), call.backend)
+
+            def make() -> Plan:
+                partition = ops.spatial_partition(h, w, call.sx, call.sy, seed=call.seed if call.use_rand else None,
+                                                  step=call.step, block=index, device=x.device, backend=call.backend)
+                return Plan(partition, ops.spatial_match(x, partition, int(x.shape[1] * call.ratio), call.backend))
+
+            if call.plans is None:
+                self.partition, self.match = make()
+            else:  # everything the plan depends on but the tokens themselves
+                key = (h, w, x.shape[0], x.device, call.ratio, call.sx, call.sy, call.use_rand, call.seed,
+                       call.backend)
+                self.partition, self.match = call.plans.get(key, make)
 
     @property
     def merging(self) -> bool:
@@ -145,3 +207,47 @@ class LatentStep:
         kept = torch.ones_like(self.match.unm_idx, dtype=torch.float32)
         merged = 1 + (dst_start[:, 1:] - dst_start[:, :-1]).float()
         return torch.cat([kept, merged], dim=1).log()
+
+
+class WholeBlock:
+    """What a block sees of its :class:`LatentStep` in whole-block mode: its input image tokens are merged once
+    (:meth:`enter`), every sub-layer runs on the merged tokens with the block's own residual adds (``merge``
+    is the identity, ``back`` a plain add), and only the block's update is unmerged (:meth:`leave`), so each
+    token keeps its own residual stream. Rotary positions and proportional attention's key sizes are the
+    step's."""
+
+    merging = True
+
+    def __init__(self, step: LatentStep):
+        self.step, self.mode = step, step.mode
+
+    def enter(self, x: Tensor) -> Tensor:
+        """The block's input image tokens [B, N, C] -> merged [B, N - r, C]."""
+        return self.step.merge(x)
+
+    def leave(self, y: Tensor, merged: Tensor, x: Tensor) -> Tensor:
+        """``x + u(y - merged)``: the block's output on the merged tokens ``y`` back to all N positions."""
+        return self.step.back(y - merged, True, x)
+
+    def merge(self, x: Tensor, on: bool = True) -> Tensor:
+        return x
+
+    def back(self, y: Tensor, on: bool, residual: Tensor) -> Tensor:
+        return y + residual
+
+    def positions(self) -> Tensor:
+        return self.step.positions()
+
+    def key_bias(self) -> Optional[Tensor]:
+        return self.step.key_bias()
+
+
+def begin(call: Call, step: LatentStep) -> Tuple[Union[LatentStep, WholeBlock], Tuple[bool, bool, bool]]:
+    """What a patched block merges with and before which sub-layers (self-attention, cross-attention, MLP):
+    the step itself and the call's flags; in whole-block mode a :class:`WholeBlock` and every sub-layer (all
+    run on merged tokens); ToDo (no merge) and nothing."""
+    if not step.merging:
+        return step, (False, False, False)
+    if call.whole_block:
+        return WholeBlock(step), (True, True, True)
+    return step, call.merges
