@@ -295,3 +295,29 @@ def test_models_that_cannot_be_patched():
     with pytest.raises(TypeError, match="no transformer blocks"):
         tp.diffusers(UNet2DConditionModel(down_block_types=("DownBlock2D",) * 2, up_block_types=("UpBlock2D",) * 2,
                                           block_out_channels=(32, 32), norm_num_groups=8, mid_block_type=None))
+
+
+def test_step_reuse_computes_one_plan_per_resolution(monkeypatch):
+    # SD 1.5 layout, blocks at 1/1 and 1/2 of the latent: one match per resolution per call instead of one per
+    # block; the later blocks of a resolution merge with its first block's plan, so the result changes.
+    from tofu_triton import ops
+
+    matches = []
+    real = ops.spatial_match
+    monkeypatch.setattr(ops, "spatial_match", lambda x, *a, **k: matches.append(x.shape[1]) or real(x, *a, **k))
+    model, args = unet("sd15"), inputs("sd15")
+    unpatched = run(model, args)
+    tp.diffusers(model, ratio=0.5, max_downsample=2, seed=0)
+    per_block = run(model, args)
+    assert sorted(matches) == [64] * 5 + [256] * 5  # 2 down + 3 up blocks at 16x16, the same at 8x8
+    matches.clear()
+    model.plan_reuse = "step"
+    shared = run(model, args)
+    assert sorted(matches) == [64, 256]
+    assert (shared - per_block).abs().max() > 1e-4
+    for whole in (False, True):
+        model.whole_block = whole
+        model.ratio = 0.0
+        assert torch.equal(run(model, args), unpatched)
+        model.ratio = 0.5
+        assert (run(model, args) - unpatched).abs().max() > 1e-3
