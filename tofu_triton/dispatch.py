@@ -26,6 +26,7 @@ from __future__ import annotations
 import functools
 import json
 import math
+import operator
 from pathlib import Path
 from typing import Optional
 
@@ -92,11 +93,22 @@ def winner(op: str, device, dtype: torch.dtype, default: str, allowed=None, **sh
     ``B=8, N=197, C=768``) in ``dtype`` on ``device``'s card, or ``default`` when the
     table has nothing to say. ``allowed``: the candidate names that may win (the
     caller's options for this call); a row whose winner is not allowed answers with
-    its fastest allowed candidate."""
+    its fastest allowed candidate.
+
+    Under ``torch.compile`` the sizes are specialised (``operator.index`` guards each
+    one), so the answer is a constant the graph is built around: Dynamo never traces
+    the lookup (file I/O and ``min`` with a key would break the graph), and a new size
+    recompiles, as the ops' output shapes do anyway."""
     device = torch.device(device)
-    dtype_name = str(dtype).replace("torch.", "")
-    return _winner(op, _card(device), dtype_name, default, None if allowed is None else tuple(allowed),
-                   tuple(sorted(shape.items())))
+    sizes = tuple(sorted((name, operator.index(size)) for name, size in shape.items()))
+    return _lookup(op, device.type, device.index, str(dtype).replace("torch.", ""), default,
+                   None if allowed is None else tuple(allowed), sizes)
+
+
+@torch.compiler.assume_constant_result
+def _lookup(op: str, device_type: str, device_index: Optional[int], dtype: str, default: str,
+            allowed: Optional[tuple], shape: tuple) -> str:
+    return _winner(op, _card(torch.device(device_type, device_index)), dtype, default, allowed, shape)
 
 
 def clear_cache() -> None:
