@@ -10,12 +10,12 @@
 #    2. export    bench/export_check.py: a patched ViT with the Triton kernels through torch.export +
 #                 AOTInductor (failed on the H200: cuDNN attention's bias gradient)
 #       compile   bench/throughput.py --exec compile: ViT-B r=16 under torch.compile at B = 1 (failed on the
-#                 H200: InductorError) and 256, into OUTPUT_DIR/compile/
+#                 H200: InductorError) first, into OUTPUT_DIR/compile/b1/, then 256 into compile/b256/
 #    3. tournament-vit  bench/tournament_vit.py --write-table: the ViT step's paths raced per batch; writes
 #                 tofu_triton/tables/*.json
 #    4. throughput  bench/throughput.py: ViT-B r=16 at B = 1, 8, 64, 256, CUDA graph + eager, fp16 (the
-#                 targets); then bf16 from CUDA graphs into OUTPUT_DIR/bf16/
-#    5. probe     bench/probe.py: proportional attention on every path (the attention tournament)
+#                 targets); then bf16 at B = 1 and 256 from CUDA graphs into OUTPUT_DIR/bf16/
+#    5. probe     bench/probe.py: proportional attention on every path (the attention tournament, --write-table)
 #    6. tournament-sd  bench/tournament_sd.py --write-table: the SD step's paths raced
 #    7. sd, dit   bench/throughput_sd.py (SDXL, SD 1.5) and bench/throughput_dit.py (Flux, SD3, PixArt),
 #                 from CUDA graphs
@@ -44,7 +44,7 @@
 #
 # Every stage runs under `timeout`, and the benchmark stages also get an internal budget, so no stage eats
 # the others' time; the whole run ends by GPU_CHECK_BUDGET_S (default 540 s) after it starts. Files in
-# OUTPUT_DIR: gpu_check.log, tests.log, test_failures.txt, export_check.json, compile/throughput.*,
+# OUTPUT_DIR: gpu_check.log, tests.log, test_failures.txt, export_check.json, compile/{b1,b256}/throughput.*,
 # tournament outputs, throughput.{json,md,png}, bf16/throughput.*, probe.{json,md},
 # throughput_sd_<card>.{json,md}, throughput_dit_<card>.{json,md}, determinism.json, microbench.{jsonl,md,png},
 # benchmark.json, tables/*.json (tofu_triton/tables after the tournaments), and all of them packed into
@@ -129,24 +129,26 @@ fi
 # caps of the kept stages still to come), so a slow stage cannot starve the ones after it. With the default
 # 540 s budget and ~25 s of setup every kept stage gets its cap; time they leave goes to the microbenchmarks.
 # Caps from the H200 run of 2026-12-04 (gpu_check.log there): 13 test files did not finish in 128 s on 12
-# workers (~95 % done; 14 files on 16 workers here); export failed in 14 s; compile at B = 1 and 256 ~60 s
-# inside throughput-x; ViT-B r=16 fp16 graph+eager ~1.8 s per configuration after ~7 s of start (24 here, bf16
-# graph 12 more); the probe's attention cases did not finish in 35 s; the SD step (eager + graph) 53 s; the
-# Flux step alone ~40 s; sanitizer runs on sd_check --small 13-18 s each; determinism 29 s. Not measured yet:
-# the two tournaments (scripts being written; each gets what it is given through --budget-s).
+# workers (~95 % done; 14 files on 16 workers here: ~100 s); export failed after 14 s (export_check says ~1
+# minute when it works); torch.compile ~15 s per configuration (B = 1 first here: it failed there); ViT-B r=16
+# fp16 ~1.8 s per configuration after ~7 s of start (24 here, then bf16 at B = 1 and 256); the probe's attention
+# cases did not finish in 35 s (now budgeted, then its sync and launch probes); the SD step (eager + graph)
+# 53 s; the Flux step alone ~40 s; sanitizer runs of sd_check --small 13-18 s each; determinism 29 s. The caps
+# add up to 515 s: with ~25 s of setup, the 540 s budget. Not measured yet: the two tournaments (each gets
+# what it is given through --budget-s).
 script() { [ -f "$1" ] && echo "$1"; } # the script where this checkout has it, else nothing
 HAS_SANITIZER=$(command -v compute-sanitizer >/dev/null && echo 1 || true)
 # A dry run shows the plan of a GPU machine, which has the sanitizer.
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then HAS_SANITIZER=1; fi
 T_VIT=$(script bench/tournament_vit.py); T_SD=$(script bench/tournament_sd.py)
 on() { [ -z "$1" ] && echo "$2" || echo 0; } # on SKIP_VAR CAP: CAP, or 0 where the stage is switched off
-C_TESTS=$(on "${GPU_CHECK_SKIP_TESTS:-}" 110)
-C_EXPORT=30; C_COMPILE=40
-C_TVIT=$([ -n "$T_VIT" ] && echo 35 || echo 0)
-C_VIT=70; C_PROBE=30
-C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && echo 30 || echo 0)
-C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" 30); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" 40)
-C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && echo 18 || echo 0)
+C_TESTS=$(on "${GPU_CHECK_SKIP_TESTS:-}" 105)
+C_EXPORT=45; C_COMPILE=45
+C_TVIT=$([ -n "$T_VIT" ] && echo 30 || echo 0)
+C_VIT=70; C_PROBE=45
+C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && echo 25 || echo 0)
+C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" 30); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" 35)
+C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && echo 15 || echo 0)
 C_DET=30; C_SUM=10
 # The caps of the kept stages still to come (the summary's included); each kept stage takes its own out.
 RESERVE=$((C_TESTS + C_EXPORT + C_COMPILE + C_TVIT + C_VIT + C_PROBE + C_TSD + C_SD + C_DIT + 3 * C_SAN + C_DET \
@@ -191,9 +193,14 @@ fi
 # 2. Export (AOTInductor) and torch.compile of a patched ViT-B at B = 1 and 256.
 take "$C_EXPORT"
 stage export "$LIMIT" "$PY" bench/export_check.py --out "$RESULTS" ${GPU_CHECK_EXPORT_MODEL:+--model "$GPU_CHECK_EXPORT_MODEL"}
+# B = 1 first (it failed there; throughput.py runs the largest batch first), B = 256 with what is left.
 take "$C_COMPILE"
-stage compile "$LIMIT" "$PY" bench/throughput.py --models vit_b --batches 1,256 --r 16 --exec compile \
-  --variants unpatched,tofu --budget-s "$(budget "$LIMIT" 25)" --out "$RESULTS/compile"
+STAGE_END=$(($(date +%s) + LIMIT))
+stage compile "$LIMIT" bash -c "$PY bench/throughput.py --models vit_b --batches 1 --r 16 --exec compile \
+  --variants unpatched,tofu --budget-s $(budget "$LIMIT" 12) --out '$RESULTS/compile/b1'; rc=\$?; \
+  left=\$(($STAGE_END - \$(date +%s) - 25)); $PY bench/throughput.py --models vit_b --batches 256 --r 16 \
+  --exec compile --variants unpatched,tofu --budget-s \$((left > 0 ? left : 0)) --out '$RESULTS/compile/b256'; \
+  exit \$rc"
 
 # 3. The ViT tournament: which path of the step wins at each batch on this card (writes tofu_triton/tables/).
 if [ -n "$T_VIT" ]; then
@@ -204,19 +211,21 @@ else
 fi
 
 # 4. The ViT-B r=16 targets, every batch (the script runs B = 256 first), CUDA graph and eager, fp16; then
-# bf16 from CUDA graphs with what is left of the stage (GPU_CHECK_VIT_ARGS replaces the fp16 arguments).
+# bf16 at B = 1 and 256 from CUDA graphs with what is left of the stage (GPU_CHECK_VIT_ARGS replaces the fp16
+# arguments).
 take "$C_VIT"
 VIT_ARGS=${GPU_CHECK_VIT_ARGS:---models vit_b --batches 1,8,64,256 --r 16 --exec graph,eager}
-FP16_S=$(budget $((LIMIT * 2 / 3)) 10)
+FP16_S=$(budget "$LIMIT" 26)
 STAGE_END=$(($(date +%s) + LIMIT))
 stage throughput "$LIMIT" bash -c "$PY bench/throughput.py $VIT_ARGS --budget-s $FP16_S --out '$RESULTS'; rc=\$?; \
-  left=\$(($STAGE_END - \$(date +%s) - 15)); $PY bench/throughput.py --models vit_b --batches 1,8,64,256 --r 16 \
+  left=\$(($STAGE_END - \$(date +%s) - 15)); $PY bench/throughput.py --models vit_b --batches 1,256 --r 16 \
   --exec graph --dtype bf16 --budget-s \$((left > 0 ? left : 0)) --out '$RESULTS/bf16'; exit \$rc"
 
 # 5. The attention tournament (its own budget where the script takes one; --write-table where it writes one).
 take "$C_PROBE"
 PROBE_ARGS=()
-if grep -q -- "--budget-s" bench/probe.py; then PROBE_ARGS+=(--budget-s "$(budget "$LIMIT" 12)"); fi
+# Its sync and launch probes and the table come after the attention cases: keep ~28 s for them.
+if grep -q -- "--budget-s" bench/probe.py; then PROBE_ARGS+=(--budget-s "$(budget "$LIMIT" 28)"); fi
 if grep -q -- "--write-table" bench/probe.py; then PROBE_ARGS+=(--write-table); fi
 stage probe "$LIMIT" "$PY" bench/probe.py --out "$RESULTS" "${PROBE_ARGS[@]}"
 
