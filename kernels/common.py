@@ -116,12 +116,30 @@ def order_key(node_max_ptr, offs, mask, IDX_BITS: tl.constexpr):
 
 
 @triton.jit
+def load_rows(ptrs, mask, stride_h, H, inv_h, HEADS: tl.constexpr):
+    """A tile of metric rows at ``ptrs`` in the metric's dtype: as stored, or with
+    HEADS the rows of ViT keys [H, N, D] averaged over heads exactly as
+    reference.head_mean: the H heads (``stride_h`` apart) summed in fp32 in head
+    order, times ``inv_h``, rounded once to the keys' dtype."""
+    if HEADS:
+        acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+        for h in range(1, H):
+            acc += tl.load(ptrs + h * stride_h, mask=mask, other=0.0).to(tl.float32)
+        return (acc * inv_h).to(ptrs.dtype.element_ty)
+    else:
+        return tl.load(ptrs, mask=mask, other=0.0)
+
+
+@triton.jit
 def best_partners(base, rows_a, mask_a, b_pos_ptr, NB, D, P, stride_n, stride_d,
                   BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-                  DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr, POS: tl.constexpr):
+                  DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr, POS: tl.constexpr,
+                  stride_h=0, H=1, inv_h=1.0, HEADS: tl.constexpr = False):
     """Each A row's best B partner by cosine similarity (docs/design.md §1.2).
 
-    base: the image's metric; rows_a [BLOCK_A]: token positions of the A rows
+    base: the image's metric, or with HEADS its keys [H, N, D] (heads ``stride_h``
+    apart), averaged over heads on the fly by :func:`load_rows` so the metric
+    never reaches memory; rows_a [BLOCK_A]: token positions of the A rows
     (masked by mask_a); B token j sits at ``b_position(j)``. Streams the B rows
     in tiles of BLOCK_B with ``tl.dot`` in fp32 accumulation, scales by the
     inverse norms and keeps a running max/argmax, so no score matrix reaches
@@ -132,13 +150,14 @@ def best_partners(base, rows_a, mask_a, b_pos_ptr, NB, D, P, stride_n, stride_d,
     sq_a = tl.zeros([BLOCK_A], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         offs_d = d0 + tl.arange(0, BLOCK_D)
-        a = tl.load(a_ptrs + offs_d[None, :] * stride_d,
-                    mask=mask_a[:, None] & (offs_d < D)[None, :], other=0.0).to(tl.float32)
+        a = load_rows(a_ptrs + offs_d[None, :] * stride_d, mask_a[:, None] & (offs_d < D)[None, :],
+                      stride_h, H, inv_h, HEADS).to(tl.float32)
         sq_a += tl.sum(a * a, axis=1)
     inv_a = 1.0 / tl.maximum(tl.sqrt(sq_a), EPS)
     if SINGLE_D:  # the usual case (D = head_dim <= BLOCK_D): keep the A tile in registers
         offs_d = tl.arange(0, BLOCK_D)
-        a_tile = tl.load(a_ptrs + offs_d[None, :] * stride_d, mask=mask_a[:, None] & (offs_d < D)[None, :], other=0.0)
+        a_tile = load_rows(a_ptrs + offs_d[None, :] * stride_d, mask_a[:, None] & (offs_d < D)[None, :],
+                           stride_h, H, inv_h, HEADS)
 
     best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
     best_idx = tl.zeros([BLOCK_A], dtype=tl.int32)
@@ -154,8 +173,10 @@ def best_partners(base, rows_a, mask_a, b_pos_ptr, NB, D, P, stride_n, stride_d,
             if SINGLE_D:
                 a = a_tile
             else:
-                a = tl.load(a_ptrs + offs_d[None, :] * stride_d, mask=mask_a[:, None] & mask_d[None, :], other=0.0)
-            bt = tl.load(b_ptrs + offs_d[:, None] * stride_d, mask=mask_d[:, None] & mask_b[None, :], other=0.0)
+                a = load_rows(a_ptrs + offs_d[None, :] * stride_d, mask_a[:, None] & mask_d[None, :],
+                              stride_h, H, inv_h, HEADS)
+            bt = load_rows(b_ptrs + offs_d[:, None] * stride_d, mask_d[:, None] & mask_b[None, :],
+                           stride_h, H, inv_h, HEADS)
             bt_f = bt.to(tl.float32)
             sq_b += tl.sum(bt_f * bt_f, axis=0)
             if DOT_FP32:
@@ -247,6 +268,40 @@ def rank_select(node_max_ptr, node_idx_ptr, unm_idx_ptr, src_idx_ptr, dst_idx_pt
             dst_k = tl.load(node_idx_ptr + offs_k, mask=mask_k, other=0)
             start += tl.sum(((dst_k[None, :] < offs_j[:, None]) & src_k[None, :]).to(tl.int32), axis=1)
         tl.store(dst_start_ptr + offs_j, start.to(tl.int64), mask=offs_j <= NB)
+
+
+@triton.jit
+def sort_select(node_max_ptr, node_idx_ptr, unm_idx_ptr, src_idx_ptr, dst_idx_ptr, dst_start_ptr, dst_src_ptr,
+                NA, NB, R, BLOCK: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """The selection of one image (reference.select) by sorting in registers, in
+    one program: the same outputs as :func:`rank_select` in O(NA log^2 NA) work
+    instead of O(NA^2) compares. BLOCK >= NA and BLOCK_NB > NB (powers of two).
+
+    The order keys (score, then reversed index: unique) sorted descending give
+    the sources in score order; the sources' (destination, index) pairs sorted
+    ascending give the CSR list; a histogram of the destinations gives its offsets.
+    """
+    offs = tl.arange(0, BLOCK)
+    mask = offs < NA
+    key = tl.where(mask, order_key(node_max_ptr, offs, mask, 31), -1)  # real keys are >= 0
+    ranked = tl.sort(key, descending=True)
+    threshold = tl.min(tl.where(offs < R, ranked, 9223372036854775807), axis=0)  # the R-th best key
+    src = 2147483647 - (ranked & 2147483647)  # the index part, un-reversed
+    is_first = offs < R
+    tl.store(src_idx_ptr + offs, src, mask=is_first)
+    tl.store(dst_idx_ptr + offs, tl.load(node_idx_ptr + src, mask=is_first, other=0), mask=is_first)
+
+    is_src = mask & (key >= threshold)
+    keep = mask & ~is_src
+    pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
+    tl.store(unm_idx_ptr + pos, offs.to(tl.int64), mask=keep)
+
+    dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+    grouped = tl.sort(tl.where(is_src, (dst << 31) | offs.to(tl.int64), 9223372036854775807))
+    tl.store(dst_src_ptr + offs, grouped & 2147483647, mask=is_first)
+    counts = tl.histogram(dst.to(tl.int32), BLOCK_NB, mask=is_src)
+    offs_j = tl.arange(0, BLOCK_NB)
+    tl.store(dst_start_ptr + offs_j, (tl.cumsum(counts, axis=0) - counts).to(tl.int64), mask=offs_j <= NB)
 
 
 # --------------------------------------------------------------------------- host helpers

@@ -31,10 +31,10 @@ def match_blocks(d: int, dot_fp32: bool):
 @triton.jit
 def _match_kernel(
     metric_ptr, a_pos_ptr, b_pos_ptr, node_max_ptr, node_idx_ptr,
-    stride_b, stride_n, stride_d,
+    stride_b, stride_n, stride_d, stride_h, H, inv_h,
     NA, NB, D, P, num_a_blocks,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr, POS: tl.constexpr,
+    DOT_FP32: tl.constexpr, SINGLE_D: tl.constexpr, POS: tl.constexpr, HEADS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     batch = pid // num_a_blocks
@@ -46,7 +46,7 @@ def _match_kernel(
         rows_a = (P + 2 * offs_a).to(tl.int64)
     best, best_idx = best_partners(
         metric_ptr + batch.to(tl.int64) * stride_b, rows_a, mask_a, b_pos_ptr, NB, D, P, stride_n, stride_d,
-        BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, POS)
+        BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, POS, stride_h, H, inv_h, HEADS)
     out = batch.to(tl.int64) * NA + offs_a
     tl.store(node_max_ptr + out, best, mask=mask_a)
     tl.store(node_idx_ptr + out, best_idx.to(tl.int64), mask=mask_a)
@@ -55,13 +55,17 @@ def _match_kernel(
 def match_scores(metric: torch.Tensor, protected: int = 0, positions=None, wrap=plain):
     """Launch the match.
 
-    metric: [B, N, D] fp32/fp16/bf16, any strides. The partition is the
+    metric: [B, N, D] fp32/fp16/bf16, any strides; or a ViT block's keys
+    [B, H, N, D] (any strides), averaged over heads as each tile is loaded
+    (``common.load_rows``, exactly reference.head_mean): the metric then costs
+    no launch and never reaches memory. The partition is the
     alternating one after ``protected`` prefix tokens, or ``positions =
     (a_pos [Na], b_pos [Nb])`` int64 contiguous arrays of token positions.
     Returns (node_max [B, Na] fp32, node_idx [B, Na] int64), as
     reference.match_scores. ``wrap``: see ``common.plain``.
     """
-    batch, n, d = metric.shape
+    heads = metric.shape[1] if metric.dim() == 4 else 1
+    batch, n, d = metric.shape[0], metric.shape[-2], metric.shape[-1]
     if positions is None:
         na, nb = split_sizes(n, protected)
         a_pos = b_pos = metric  # not read (POS=False)
@@ -76,9 +80,10 @@ def match_scores(metric: torch.Tensor, protected: int = 0, positions=None, wrap=
     with on_device(metric):
         wrap(_match_kernel)[(batch * num_a_blocks,)](
             metric, a_pos, b_pos, node_max, node_idx,
-            metric.stride(0), metric.stride(1), metric.stride(2),
-            na, nb, d, protected, num_a_blocks,
+            metric.stride(0), metric.stride(-2), metric.stride(-1), metric.stride(1) if metric.dim() == 4 else 0,
+            heads, 1.0 / heads, na, nb, d, protected, num_a_blocks,
             BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d,
-            DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, POS=positions is not None, num_warps=MATCH_WARPS,
+            DOT_FP32=dot_fp32, SINGLE_D=d <= block_d, POS=positions is not None, HEADS=metric.dim() == 4,
+            num_warps=MATCH_WARPS,
         )
     return node_max, node_idx

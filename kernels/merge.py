@@ -51,10 +51,11 @@ def _locate_output_row(unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_pos_ptr, b_pos
 
 @triton.jit
 def _merge_kernel(
-    x_ptr, size_ptr, a_pos_ptr, b_pos_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, out_ptr, size_out_ptr,
+    x_ptr, size_ptr, a_pos_ptr, b_pos_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, out_ptr, size_out_ptr, bias_ptr,
     stride_xb, stride_xn, stride_xc,
-    N, C, P, NA, NB, R,
+    N, C, P, NA, NB, R, BIAS_STRIDE,
     MODE: tl.constexpr, HAS_SIZE: tl.constexpr, WRITE_SIZE: tl.constexpr, BLOCK_C: tl.constexpr, POS: tl.constexpr,
+    BIAS: tl.constexpr,
 ):
     pid = tl.program_id(0).to(tl.int64)
     batch, o, row, k_start, k_end, dst_src_ptr = _locate_output_row(
@@ -72,6 +73,8 @@ def _merge_kernel(
         tl.store(out_row, v, mask=mask_c)
         if WRITE_SIZE:
             tl.store(size_out_ptr + pid, s)
+        if BIAS:
+            tl.store(bias_ptr + batch * BIAS_STRIDE + o, tl.log(s).to(bias_ptr.dtype.element_ty))
     else:
         b_row = v.to(tl.float32)
         total = b_row * s
@@ -89,10 +92,14 @@ def _merge_kernel(
         else:
             merged = total / s_total
         if MODE == MODE_MLERP:
-            merged = merged / tl.maximum(tl.sqrt(tl.sum(merged * merged, axis=0)), EPS) * norm_max
+            # NaN propagates (as in the reference): a NaN contributor makes the whole merged row NaN.
+            norm_m = tl.maximum(tl.sqrt(tl.sum(merged * merged, axis=0)), EPS, propagate_nan=tl.PropagateNan.ALL)
+            merged = merged / norm_m * norm_max
         tl.store(out_row, merged.to(out_ptr.dtype.element_ty), mask=mask_c)
         if WRITE_SIZE:
             tl.store(size_out_ptr + pid, s_total)
+        if BIAS:
+            tl.store(bias_ptr + batch * BIAS_STRIDE + o, tl.log(s_total).to(bias_ptr.dtype.element_ty))
 
 
 @triton.jit
@@ -189,7 +196,7 @@ def _sets(n, r, unm_idx, dst_start, positions):
 
 
 def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: str, positions=None,
-                  with_size: bool = True, wrap=plain):
+                  with_size: bool = True, wrap=plain, bias=None):
     """Launch the merge.
 
     x: [B, N, C] any strides; size: [B, N, 1] fp32 or None (all ones);
@@ -197,7 +204,9 @@ def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: st
     partition alternates after ``protected`` tokens, or ``positions = (a_pos,
     b_pos)``. ``mode``: mean, mlerp, prune or sum. Returns (x_out [B, N - r, C]
     in x's dtype, contiguous; size_out [B, N - r, 1] fp32, or None without
-    ``with_size``).
+    ``with_size``). ``bias``: None, or a [B, >= N - r] buffer (last dim
+    contiguous, any float dtype) that also receives log(size_out), the next
+    attention's bias (the ViT step's; needs ``with_size``).
     """
     batch, n, c = x.shape
     r = dst_src.shape[1]
@@ -209,10 +218,11 @@ def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: st
     with on_device(x):
         wrap(_merge_kernel)[(batch * (n - r),)](
             x, size_arg, a_pos, b_pos, unm_idx, dst_start, dst_src, out, size_out if with_size else out,
+            bias if bias is not None else out,
             x.stride(0), x.stride(1), x.stride(2),
-            n, c, protected, na, nb, r,
+            n, c, protected, na, nb, r, bias.stride(0) if bias is not None else 0,
             MODE=MODE_IDS[mode], HAS_SIZE=size is not None, WRITE_SIZE=with_size, BLOCK_C=block_c,
-            POS=positions is not None, num_warps=merge_num_warps(block_c),
+            POS=positions is not None, BIAS=bias is not None, num_warps=merge_num_warps(block_c),
         )
     return out, size_out
 

@@ -157,17 +157,16 @@ def _spatial_select_kernel(
         n_kept += tl.sum(keep.to(tl.int32), axis=0)
 
 
-def select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=plain):
+def select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=plain, out=None):
     """Launch the ViT select: node_max [B, Na] fp32 (no NaN), node_idx [B, Na] int64
     (contiguous), ``r`` in [1, nb]. Returns (unm_idx [B, Na-r], src_idx [B, r],
-    dst_idx [B, r], dst_start [B, nb+1], dst_src [B, r]), int64 (reference.Match)."""
+    dst_idx [B, r], dst_start [B, nb+1], dst_src [B, r]), int64 (reference.Match):
+    new tensors, or ``out`` (five contiguous tensors of those shapes) filled."""
     batch, na = node_max.shape
     dev = node_max.device
-    unm_idx = empty(batch, na - r, dtype=torch.int64, device=dev)
-    src_idx = empty(batch, r, dtype=torch.int64, device=dev)
-    dst_idx = empty(batch, r, dtype=torch.int64, device=dev)
-    dst_start = empty(batch, nb + 1, dtype=torch.int64, device=dev)
-    dst_src = empty(batch, r, dtype=torch.int64, device=dev)
+    if out is None:
+        out = [empty(batch, k, dtype=torch.int64, device=dev) for k in (na - r, r, r, nb + 1, r)]
+    unm_idx, src_idx, dst_idx, dst_start, dst_src = out
     with on_device(node_max):
         wrap(_select_kernel)[(batch,)](
             node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src,

@@ -32,6 +32,19 @@ the ``T`` programs of an image: ``T`` is 1 when the batch alone fills the
 GPU and grows at small batch, where spreading the merge over more programs
 shortens the step. For token counts above ``STEP_MAX_N`` or head dims above
 128 the three-launch path (match, select, merge) is used instead.
+
+The same launcher also runs the step's other candidates (``STEP_PATHS``; which
+one runs on a card is measured by bench/tournament_vit.py and looked up by
+tofu_triton.dispatch, op "vit_step"; docs/design.md §3.1-3.2). All write the same
+four outputs, so the op around them does not care which ran:
+
+* ``"three_launch"``: the match kernel reading the keys (heads averaged as it
+  loads them), the ViT select (counting), the merge (one program per output
+  row, also writing the bias).
+* ``"two_launch"``: ``_plan_kernel``, one program per image that matches
+  (keys in) and selects by sorting in registers (``common.sort_select``), then
+  the same merge. The per-image work runs once, not T times, and the merge is
+  spread over ``B * (N - r)`` programs.
 """
 from typing import NamedTuple
 
@@ -43,14 +56,22 @@ from tofu_triton.reference import split_sizes
 
 from .common import (
     EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, next_power_of_2,
-    on_device, plain, rank_select,
+    on_device, plain, rank_select, sort_select,
 )
+from . import match as _match
+from . import merge as _merge
+from . import select as _select
 from .match import match_blocks
 from .select import SELECT_BLOCK
 
 STEP_MAX_N = 1025  # ViT-H/14 at 448 px, ViT-B/16 at 512 px: the largest token counts the step is tuned for
 STEP_MAX_D = 128  # head dims the match keeps in registers
 STEP_MAX_C = 8192
+PLAN_MAX_NA = 1024  # A tokens the two-launch plan sorts in registers (N <= 2049)
+PLAN_WARPS = 8
+
+# The step's candidates (the names of tofu_triton/tables/vit_step.json).
+STEP_PATHS = ("one_launch", "two_launch", "three_launch")
 
 
 class StepSettings(NamedTuple):
@@ -70,6 +91,12 @@ STEP = StepSettings()
 def supports(n: int, c: int, head_dim: int) -> bool:
     """Whether the one-launch step handles these sizes (else use match, select, merge)."""
     return n <= STEP_MAX_N and head_dim <= STEP_MAX_D and c <= STEP_MAX_C
+
+
+def paths_for(n: int, c: int, head_dim: int, protected: int = 0) -> tuple:
+    """The candidates (of ``STEP_PATHS``) that handle these sizes; three_launch handles every size."""
+    two = split_sizes(n, protected)[0] <= PLAN_MAX_NA
+    return tuple(p for p, ok in zip(STEP_PATHS, (supports(n, c, head_dim), two, True)) if ok)
 
 
 _SM_COUNT = {}
@@ -282,23 +309,111 @@ def _mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, acti
         merged = _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn,
                                stride_xc, C, P, HAS_SIZE) / s_total[:, None]
         sq += tl.sum(merged * merged, axis=1)
-    return norm_max / tl.maximum(tl.sqrt(sq), EPS)
+    # NaN propagates (as in the reference): a NaN contributor makes the whole merged row NaN.
+    return norm_max / tl.maximum(tl.sqrt(sq), EPS, propagate_nan=tl.PropagateNan.ALL)
+
+
+@triton.jit
+def _plan_kernel(
+    keys_ptr, node_max_ptr, node_idx_ptr, index_ptr,
+    stride_kb, stride_kh, stride_kn, stride_kd, inv_h,
+    H, D, P, NA, NB, R, BATCH,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+    SINGLE_D: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NB: tl.constexpr,
+):
+    """The two-launch step's first launch: one program per image matches its A
+    tokens (keys in, heads averaged on the fly) and selects (sorting in registers),
+    writing the five index fields of the step's index buffer."""
+    image = tl.program_id(0).to(tl.int64)
+    keys = keys_ptr + image * stride_kb
+    node_max = node_max_ptr + image * NA
+    node_idx = node_idx_ptr + image * NA
+    for a0 in range(0, NA, BLOCK_A):
+        offs_a = a0 + tl.arange(0, BLOCK_A)
+        mask_a = offs_a < NA
+        best, best_idx = best_partners(keys, (P + 2 * offs_a).to(tl.int64), mask_a, keys, NB, D, P, stride_kn,
+                                       stride_kd, BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, False,
+                                       stride_kh, H, inv_h, True)
+        tl.store(node_max + offs_a, best, mask=mask_a)
+        tl.store(node_idx + offs_a, best_idx.to(tl.int64), mask=mask_a)
+    tl.debug_barrier()  # the select reads what every thread of the program wrote
+    n_unm = NA - R
+    unm_idx = index_ptr + image * n_unm
+    src_idx = index_ptr + BATCH * n_unm + image * R
+    dst_idx = src_idx + BATCH * R
+    dst_start = index_ptr + BATCH * (n_unm + 2 * R) + image * (NB + 1)
+    dst_src = index_ptr + BATCH * (n_unm + 2 * R + NB + 1) + image * R
+    sort_select(node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src, NA, NB, R, BLOCK_SEL, BLOCK_NB)
+
+
+def plan(keys: torch.Tensor, protected: int, r: int, index: torch.Tensor, wrap=plain) -> None:
+    """Launch ``_plan_kernel``: keys [B, H, N, D] (any strides) -> the five match
+    fields written into ``index`` (the step's flat int64 buffer, see :func:`index_fields`)."""
+    batch, heads, n, d = keys.shape
+    na, nb = split_sizes(n, protected)
+    dot_fp32 = dot_in_fp32(keys.dtype)
+    block_a, block_b, block_d = match_blocks(d, dot_fp32)
+    node_max = torch.empty(batch, na, dtype=torch.float32, device=keys.device)  # scratch
+    node_idx = torch.empty(batch, na, dtype=torch.int64, device=keys.device)
+    with on_device(keys):
+        wrap(_plan_kernel)[(batch,)](
+            keys, node_max, node_idx, index,
+            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), 1.0 / heads,
+            heads, d, protected, na, nb, r, batch,
+            BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, DOT_FP32=dot_fp32, SINGLE_D=d <= block_d,
+            BLOCK_SEL=plan_block(na), BLOCK_NB=plan_block(nb + 1), num_warps=PLAN_WARPS,
+        )
+
+
+def plan_block(k: int) -> int:
+    """Register tile of the plan's sort (k = Na) and histogram (k = Nb + 1): a power of two >= 16."""
+    return max(16, next_power_of_2(k))
+
+
+def split_index(index: torch.Tensor, batch: int, n: int, protected: int, r: int):
+    """The five match tensors ([B, k] int64, contiguous views) of the step's flat index buffer."""
+    fields = index_fields(n, protected, r)
+    return [t.view(batch, k) for t, k in zip(index.split([batch * k for k in fields]), fields)]
+
+
+def _multi_launch(x, keys, size, r: int, protected: int, mode: str, bias_dtype, path: str, wrap):
+    """three_launch / two_launch (see the module docstring): the same outputs as the one-launch step."""
+    batch, n, _ = x.shape
+    nb = split_sizes(n, protected)[1]
+    dev = x.device
+    index = empty(batch * sum(index_fields(n, protected, r)), dtype=torch.int64, device=dev)
+    fields = split_index(index, batch, n, protected, r)
+    bias = empty(batch, bias_row(n - r) if bias_dtype is not None else 0, dtype=bias_dtype or x.dtype, device=dev)
+    if path == "three_launch":
+        # Looked up in their modules when called (the tests count the launchers).
+        node_max, node_idx = _match.match_scores(keys, protected, wrap=wrap)
+        _select.select(node_max, node_idx, r, nb, wrap=wrap, out=fields)
+    else:
+        plan(keys, protected, r, index, wrap)
+    unm_idx, _, _, dst_start, dst_src = fields
+    out, size_out = _merge.merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode, wrap=wrap,
+                                  bias=bias if bias_dtype is not None else None)
+    return out, size_out, bias, index
 
 
 def token_fusion_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, protected: int, mode: str,
-                      bias_dtype=None, settings: StepSettings = STEP, wrap=plain):
-    """Launch the step.
+                      bias_dtype=None, settings: StepSettings = STEP, wrap=plain, path: str = "one_launch"):
+    """Launch the step: ``path`` one of ``STEP_PATHS`` (one that :func:`paths_for` allows).
 
-    x: [B, N, C] fp32/fp16/bf16, any strides; keys: [B, H, N, D] (D <= 128),
-    any strides; size: [B, N, 1] fp32 or None (all ones); ``r`` in [1, Nb];
-    ``mode``: mean, mlerp or prune; ``bias_dtype``: the dtype of the next
-    attention's log-size bias, or None for no bias.
+    x: [B, N, C] fp32/fp16/bf16, any strides; keys: [B, H, N, D] (D <= 128 on
+    the one-launch path), any strides; size: [B, N, 1] fp32 or None (all ones);
+    ``r`` in [1, Nb]; ``mode``: mean, mlerp or prune; ``bias_dtype``: the dtype
+    of the next attention's log-size bias, or None for no bias.
 
     Returns (x_out [B, N - r, C] in x's dtype; size_out [B, N - r, 1] fp32;
     bias [B, bias_row(N - r)] in ``bias_dtype``, log(size_out) in its first
     N - r columns ([B, 0] without a bias); index, int64: the match's five
     tensors (see :func:`index_fields`) one after another, flat).
     """
+    if path not in STEP_PATHS:
+        raise ValueError(f"path must be one of {STEP_PATHS}, got {path!r}")
+    if path != "one_launch":
+        return _multi_launch(x, keys, size, r, protected, mode, bias_dtype, path, wrap)
     batch, n, c = x.shape
     heads, d = keys.shape[1], keys.shape[3]
     na, nb = split_sizes(n, protected)

@@ -1,5 +1,5 @@
-"""The one-launch ViT step (kernels/step.py) against the reference step, on CPU
-through Triton's interpreter.
+"""The ViT step (kernels/step.py: the one-launch kernel and the other paths of
+``STEP_PATHS``) against the reference step, on CPU through Triton's interpreter.
 
 The indices must equal the reference's (up to near-ties of the scores); the
 values are checked against the reference merge on the kernel's own match, so
@@ -30,7 +30,7 @@ SHAPES = [(2, 2, 17, 8, 1, 1), (1, 3, 33, 16, 0, 3), (3, 2, 20, 24, 5, 2), (1, 4
 @pytest.fixture
 def launched(monkeypatch):
     return count_calls(monkeypatch, [step_kernels, match_kernels, select_kernels, merge_kernels],
-                       ("token_fusion_step", "match_scores", "select", "merge_forward", "merge_backward"))
+                       ("token_fusion_step", "plan", "match_scores", "select", "merge_forward", "merge_backward"))
 
 
 def qkv_keys(batch, heads, n, d, dtype, seed):
@@ -54,6 +54,24 @@ def copied_rows(match, n_out, mode):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "B{}H{}N{}D{}P{}T{}".format(*s))
 def test_step_matches_reference(shape, dtype):
     # The launcher itself, to set the programs per image (the op picks them from the batch and the GPU).
+    check_against_reference(shape, dtype, "one_launch")
+
+
+# The other paths have no programs per image; sizes given or not by the last field.
+PATH_SHAPES = [(2, 2, 17, 8, 1, 1), (1, 3, 33, 16, 0, 2), (3, 2, 20, 24, 5, 2)]
+
+
+@pytest.mark.parametrize("path", ["two_launch", "three_launch"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: "B{}H{}N{}D{}P{}".format(*s[:5]))
+def test_other_paths_match_reference(shape, dtype, path, launched):
+    check_against_reference(shape, dtype, path)
+    per_step = {"two_launch": ("plan", "merge_forward"), "three_launch": ("match_scores", "select", "merge_forward")}
+    # Three modes, each the path's own launches only.
+    assert launched == {name: 3 for name in ("token_fusion_step",) + per_step[path]}
+
+
+def check_against_reference(shape, dtype, path):
     batch, heads, n, d, p, programs = shape
     settings = step_kernels.StepSettings(programs_per_image=programs)
     x, keys = qkv_keys(batch, heads, n, d, dtype, seed=n * heads)
@@ -62,7 +80,7 @@ def test_step_matches_reference(shape, dtype):
     metric = ref.head_mean(keys)
     for mode, r in (("mlerp", nb), ("mean", 1), ("prune", nb // 2 + 1)):
         outputs = step_kernels.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), None if size is None else
-                                                 size.to(DEVICE), r, p, mode, dtype, settings)
+                                                 size.to(DEVICE), r, p, mode, dtype, settings, path=path)
         got = ops._as_step(*outputs, n, p, r, with_bias=True)
         want = ref.token_fusion_step(x, keys, r, size, mode, p, bias_dtype=dtype)
         own = ref.Match(*(t.cpu() for t in got.match[:5]), p)
@@ -88,24 +106,49 @@ def test_step_is_one_launch_deterministic_and_without_bias_when_not_asked(launch
     assert all(torch.equal(a, b) for a, b in zip(runs[0].match[:5], runs[1].match[:5]))
 
 
-def test_nan_keys_give_valid_indices():
+@pytest.mark.parametrize("path", step_kernels.STEP_PATHS)
+def test_nan_keys_give_valid_indices(path):
     x, keys = qkv_keys(2, 2, 33, 8, torch.float32, seed=4)
     keys[0, :, 3] = float("nan")
     keys[1] = float("nan")  # a whole image of NaN scores
-    got = tt.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), 10, backend="triton")
+    got = tt.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), 10, backend="triton", path=path)
     want = ref.token_fusion_step(x, keys, 10)
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got.match[:5], want.match[:5]))
 
 
-@pytest.mark.parametrize("mode", ["mean", "mlerp", "prune"])
-def test_step_gradient_matches_reference(mode, launched):
+@pytest.mark.parametrize("path", ["two_launch", "three_launch"])
+def test_exact_ties_and_the_smallest_shapes_follow_the_reference(path):
+    # Every score tied (ranks by index), signed zeros, and Na = Nb = 1 (the sort's smallest tile).
+    ones = torch.ones(2, 2, 21, 8)
+    zeros = torch.zeros(1, 2, 21, 8)
+    zeros[0, :, 3] = 1.0
+    zeros[0, 1, ::3] = -0.0
+    for keys, r, p in ((ones, 6, 1), (zeros, 9, 1), (torch.randn(1, 2, 3, 4), 1, 1), (torch.randn(2, 1, 2, 4), 1, 0)):
+        x = torch.randn(keys.shape[0], keys.shape[2], 8)
+        got = tt.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), r, protected=p, backend="triton", path=path)
+        want = ref.token_fusion_step(x, keys, r, protected=p)
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got.match[:5], want.match[:5]))
+        assert torch.equal(got.x.cpu(), want.x) or torch.allclose(got.x.cpu(), want.x, atol=1e-6)
+
+
+def test_path_is_checked():
+    x, keys = qkv_keys(1, 1, 13, 144, torch.float32, seed=8)
+    with pytest.raises(ValueError, match="path must be one of"):
+        tt.token_fusion_step(x, keys, 2, backend="triton", path="fastest")
+    with pytest.raises(ValueError, match="does not handle"):  # head dim 144 > the one-launch kernel's 128
+        tt.token_fusion_step(x, keys, 2, backend="triton", path="one_launch")
+
+
+@pytest.mark.parametrize("mode, path", [("mean", "one_launch"), ("mlerp", "one_launch"), ("prune", "one_launch"),
+                                        ("mlerp", "two_launch"), ("mean", "three_launch")])
+def test_step_gradient_matches_reference(mode, path, launched):
     x, keys = qkv_keys(2, 2, 21, 8, torch.float32, seed=5)
     size = 1 + 3 * torch.rand(2, 21, 1, generator=torch.Generator().manual_seed(6))
     weight = torch.randn(2, 21 - 7, 16, generator=torch.Generator().manual_seed(7))
     xk = x.clone().to(DEVICE).requires_grad_(True)
-    got = tt.token_fusion_step(xk, keys.to(DEVICE), 7, size.to(DEVICE), mode, backend="triton")
+    got = tt.token_fusion_step(xk, keys.to(DEVICE), 7, size.to(DEVICE), mode, backend="triton", path=path)
     (got.x * weight.to(DEVICE)).sum().backward()
-    assert launched == {"token_fusion_step": 1, "merge_backward": 1}
+    assert launched["token_fusion_step"] == 1 and launched["merge_backward"] == 1
     xr = x.double().requires_grad_(True)  # x itself never required a gradient: a leaf
     want = ref.merge_tokens(xr, ref.Match(*(t.cpu() for t in got.match[:5]), 1), size, mode)[0]
     (want * weight.double()).sum().backward()
@@ -113,11 +156,12 @@ def test_step_gradient_matches_reference(mode, launched):
 
 
 def test_wide_heads_take_the_three_launch_path(launched):
-    # Head dims above 128 do not fit the step's match tile: match, select, merge instead.
+    # Head dims above 128 do not fit the step's match tile (nor, in the interpreter, does the
+    # two-launch path come first): match (keys in), select, merge instead.
     x, keys = qkv_keys(1, 1, 13, 144, torch.float32, seed=8)
     got = tt.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), 4, mode="mean", bias_dtype=torch.float32,
                                backend="triton")
-    assert launched == {"match_scores": 1, "select": 1, "merge_forward": 1}
+    assert launched == {"token_fusion_step": 1, "match_scores": 1, "select": 1, "merge_forward": 1}
     want = ref.token_fusion_step(x, keys, 4, mode="mean", bias_dtype=torch.float32)
     assert_close(got.x.cpu(), want.x)
     assert_close(got.bias.cpu(), want.bias)

@@ -33,8 +33,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from . import reference
-from .reference import MODES, Match, Partition, SpatialMatch, Step, effective_r, log_size_bias, split_sizes
+from . import dispatch, reference
+from .reference import MODES, Match, Partition, SpatialMatch, Step, effective_r, split_sizes
 
 BACKENDS = ("auto", "triton", "reference")
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -135,9 +135,10 @@ def _merge_launch(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start:
 
 
 def _step_launch(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-                 bias_dtype: Optional[torch.dtype], wrap=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 bias_dtype: Optional[torch.dtype], path: str, wrap=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     k = _kernels()
-    return k.step.token_fusion_step(x, keys, size, r, protected, mode, bias_dtype, wrap=wrap or k.common.plain)
+    return k.step.token_fusion_step(x, keys, size, r, protected, mode, bias_dtype, wrap=wrap or k.common.plain,
+                                    path=path)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -207,12 +208,12 @@ _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 @torch.library.custom_op("tofu_triton::step", mutates_args=())
 def _step_op(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-             bias_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _step_launch(x, keys, size, r, protected, mode, bias_dtype)
+             bias_dtype: Optional[torch.dtype], path: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path)
 
 
 @_step_op.register_fake
-def _(x, keys, size, r, protected, mode, bias_dtype):
+def _(x, keys, size, r, protected, mode, bias_dtype, path):
     step = _kernels().step
     batch, n, c = x.shape
     n_out = n - r
@@ -222,7 +223,7 @@ def _(x, keys, size, r, protected, mode, bias_dtype):
 
 
 def _step_setup_context(ctx, inputs, output):
-    x, keys, size, r, protected, mode, bias_dtype = inputs
+    x, keys, size, r, protected, mode, bias_dtype, path = inputs
     ctx.save_for_backward(x, size, output[3])
     ctx.r, ctx.protected, ctx.mode = r, protected, mode
     ctx.mark_non_differentiable(*output[1:])
@@ -235,7 +236,7 @@ def _step_backward(ctx, grad_out, *_):
     if ctx.needs_input_grad[0]:
         unm_idx, _, _, dst_start, dst_src = _split_index(index, x.shape[0], x.shape[1], ctx.protected, ctx.r)
         grad_x = _merge_backward_op(grad_out, x, size, unm_idx, dst_start, dst_src, ctx.protected, ctx.mode)
-    return grad_x, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None
 
 
 _step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
@@ -243,8 +244,7 @@ _step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
 
 def _split_index(index: Tensor, batch: int, n: int, protected: int, r: int) -> List[Tensor]:
     """The five match tensors ([B, k] int64, contiguous views) of the step's flat index buffer."""
-    fields = _kernels().step.index_fields(n, protected, r)
-    return [t.view(batch, k) for t, k in zip(index.split([batch * k for k in fields]), fields)]
+    return _kernels().step.split_index(index, batch, n, protected, r)
 
 
 # --------------------------------------------------------------------------- Stable Diffusion step ops
@@ -383,8 +383,8 @@ def _export_ops() -> dict:
 
         @triton_op("tofu_triton::step_export", mutates_args=())
         def step_export(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-                        bias_dtype: Optional[torch.dtype]) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            return _step_launch(x, keys, size, r, protected, mode, bias_dtype, wrap=wrap_triton)
+                        bias_dtype: Optional[torch.dtype], path: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path, wrap=wrap_triton)
 
         _EXPORT_OPS.update(match=match_export, merge=merge_export, step=step_export)
     return _EXPORT_OPS
@@ -500,6 +500,7 @@ def token_fusion_step(
     bias_dtype: Optional[torch.dtype] = None,
     backend: str = "auto",
     with_match: bool = True,
+    path: Optional[str] = None,
 ) -> Step:
     """A ViT block's whole step from its attention keys (docs/design.md §3.1).
 
@@ -514,8 +515,12 @@ def token_fusion_step(
     None (the Triton path then skips building it: host time a model that
     needs no match saves on every block).
 
-    On the Triton path this is one launch for ViT sizes (N <= 1025, head dim
-    <= 128), else match, select and merge (three); gradients reach x only.
+    ``path``: which Triton implementation runs (``kernels.step.STEP_PATHS``:
+    "one_launch", "two_launch", "three_launch"; docs/design.md §3.1-3.2). None
+    (the default) takes on CUDA the fastest measured on this card for the nearest
+    measured shape (``tofu_triton.dispatch``, table "vit_step"), and in the
+    interpreter the one-launch step where it applies. All give the same result;
+    the reference backend ignores it. Gradients reach x only.
     """
     _check_3d("x", x)
     if not isinstance(keys, Tensor) or keys.dim() != 4:
@@ -540,14 +545,28 @@ def token_fusion_step(
     r = effective_r(n, r, protected)
     if keys.requires_grad:
         keys = keys.detach()
+    path = _step_path(path, x, n, c, keys.shape[3], protected)
     if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.token_fusion_step(x, keys, r, size, mode, protected, bias_dtype)
-    if not _kernels().step.supports(n, c, keys.shape[3]):
-        match = bipartite_match(reference.head_mean(keys), r, protected, backend)
-        x, size = merge_tokens(x, match, size, mode, backend)
-        return Step(x, size, None if bias_dtype is None else log_size_bias(size, bias_dtype), match)
-    outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype)
+    outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype, path)
     return _as_step(*outputs, n, protected, r, bias_dtype is not None, with_match)
+
+
+def _step_path(path: Optional[str], x: Tensor, n: int, c: int, head_dim: int, protected: int) -> str:
+    """The step's Triton implementation for these sizes (see token_fusion_step's ``path``)."""
+    step = _kernels().step
+    allowed = step.paths_for(n, c, head_dim, protected)
+    if path is not None:
+        if path not in step.STEP_PATHS:
+            raise ValueError(f"path must be one of {step.STEP_PATHS} or None, got {path!r}")
+        if path not in allowed:
+            raise ValueError(f"path {path!r} does not handle N={n}, C={c}, head dim {head_dim}: use one of "
+                             f"{allowed} or None")
+        return path
+    if x.device.type == "cuda":  # a constant to torch.compile (dispatch.winner's docstring)
+        return dispatch.winner("vit_step", x.device, x.dtype, "three_launch", allowed=allowed, B=x.shape[0], N=n,
+                               C=c, D=head_dim)
+    return "one_launch" if "one_launch" in allowed else "three_launch"  # the interpreter: as before the tables
 
 
 def _as_step(x: Tensor, size: Tensor, bias: Tensor, index: Tensor, n: int, protected: int, r: int,
