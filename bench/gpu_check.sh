@@ -39,6 +39,7 @@
 #   GPU_CHECK_SKIP_SD=1 ...                               # no Stable Diffusion stages (tournament, UNet step)
 #   GPU_CHECK_SKIP_DIT=1 ...                              # no diffusion-transformer stage
 #   GPU_CHECK_SKIP_SAN=1 ...                              # no compute-sanitizer
+#   GPU_CHECK_SKIP_BENCH=1 ...                            # no microbenchmarks
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x   # print each stage's limit and command, run nothing
 #   GPU_CHECK_DRY_RUN=full ...                           # the same, as if every stage used all of its limit
 #
@@ -269,12 +270,14 @@ stage determinism "$LIMIT" "$PY" bench/determinism_check.py --out "$RESULTS"
 # 10. The microbenchmarks, with whatever the kept stages left (pytest stops starting cases 30 s before its
 # limit so it can write benchmark.json; the CPU smoke tests of the scripts are left out).
 rm -f "$RESULTS/microbench.jsonl" "$RESULTS/benchmark.json"
-BENCH_LIMIT=$(extra_limit 220)
-stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider \
-  -k "not smoke and not sd_check and not determinism_check and not summarize and not gpu_check_plan \
+if [ -z "${GPU_CHECK_SKIP_BENCH:-}" ]; then
+  BENCH_LIMIT=$(extra_limit 220)
+  stage bench "$BENCH_LIMIT" "$PY" -m pytest bench/ -q -p no:cacheprovider \
+    -k "not smoke and not sd_check and not determinism_check and not summarize and not gpu_check_plan \
 and not pytest_failures" \
-  --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
-  --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
+    --tofu-budget-s=$((BENCH_LIMIT - 30)) --tofu-jsonl="$RESULTS/microbench.jsonl" \
+    --benchmark-json="$RESULTS/benchmark.json" --benchmark-columns=median,rounds --benchmark-sort=name
+fi
 
 # 11. The verdicts; the tables the tournaments wrote travel in the tarball (commit them from there).
 SUMMARY_FILE=$(mktemp)
