@@ -17,6 +17,35 @@ import sys
 from tofu_triton.cli.common import load_model
 from tofu_triton.serve import build_app
 
+INSTALL = 'pip install "tofu-triton[serve]"'  # Ray Serve and what it needs (starlette, uvicorn, ...)
+
+
+def check_arguments(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """p.error (one line, exit 2) for a value out of range: refused here, before Ray starts its processes,
+    not by replicas that fail one after another."""
+    if args.tokens < 0:
+        p.error(f"--tokens must be >= 0 (tokens removed per block), got {args.tokens}")
+    if args.replicas < 1:
+        p.error(f"--replicas must be >= 1, got {args.replicas}")
+    if args.max_batch < 1:
+        p.error(f"--max-batch must be >= 1, got {args.max_batch}")
+    if args.gpus_per_replica is not None and args.gpus_per_replica < 0:
+        p.error(f"--gpus-per-replica must be >= 0, got {args.gpus_per_replica}")
+    if args.cpus_per_replica <= 0:
+        p.error(f"--cpus-per-replica must be > 0, got {args.cpus_per_replica}")
+    if not 1 <= args.port <= 65535:
+        p.error(f"--port must be in 1..65535, got {args.port}")
+
+
+def import_ray():
+    """(ray, ray.serve), or SystemExit with one line saying what to install."""
+    try:
+        import ray
+        from ray import serve
+    except ImportError as e:  # ray missing, or ray without its [serve] part
+        raise SystemExit(f"this example needs Ray Serve ({e.name or 'ray'} is not installed): {INSTALL}") from None
+    return ray, serve
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -32,13 +61,12 @@ def main(argv=None) -> int:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     args = p.parse_args(argv)
+    check_arguments(p, args)
+    ray, serve = import_ray()
     # Build the model here once: a mistyped name, or pretrained weights that cannot be downloaded, is a
     # one-line error now, not replicas that Ray restarts forever. The weights land in the local cache, where
     # the replicas on this machine find them.
     load_model(args.model, args.pretrained, seed=0)
-
-    import ray
-    from ray import serve
 
     ray.init(address=args.address)
     try:

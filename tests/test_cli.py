@@ -267,3 +267,80 @@ def test_latent_merge_picture_shows_roles_and_groups(tmp_path):
     assert os.path.getsize(path) > 0
     with pytest.raises(ValueError, match="grid"):
         save_latent_merge_picture(str(tmp_path / "n.png"), partition, match, (5, 5))
+
+
+# --------------------------------------------------------------------------- what every subcommand shares
+
+
+def test_version_prints_the_installed_version(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out == f"tofu-triton {version('tofu-triton')}\n"
+
+
+@pytest.mark.parametrize("command, argv", [("demo", []), ("demo-sd", []), ("eval", ["--data", "."])])
+def test_ctrl_c_is_one_line_and_exit_code_130(command, argv, monkeypatch, capsys, tmp_path):
+    from tofu_triton.cli import COMMANDS
+
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(COMMANDS[command][0], "run", interrupted)
+    assert main([command, *argv, *(["--out", str(tmp_path)] if command != "eval" else [])]) == 130
+    assert capsys.readouterr().err == f"tofu-triton {command}: interrupted (Ctrl-C)\n"
+
+
+def test_ctrl_c_in_a_running_demo(tmp_path):
+    # A real SIGINT while the demo times its batches: one line, exit code 130, no traceback.
+    import signal
+
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "tofu_triton", "demo", "--model", "tiny", "--device", "cpu",
+                             "--batch", "1", "--iters", "100000", "--out", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        assert "demo: tiny" in proc.stdout.readline()  # the header: the model is built and running
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err == "tofu-triton demo: interrupted (Ctrl-C)\n"
+
+
+@pytest.mark.parametrize("command", ["demo", "demo-sd"])
+def test_out_that_is_a_file_is_a_one_line_error(command, tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("")
+    for out, message in ((taken, f"--out {taken} is a file; give a folder"),
+                         (taken / "sub", f"--out {taken / 'sub'}: {taken} is a file")):
+        with pytest.raises(SystemExit) as e:
+            main([command, "--device", "cpu", "--out", str(out)])
+        assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_demo_sd_refuses_a_preset_that_cannot_fit(monkeypatch, tmp_path):
+    pytest.importorskip("diffusers", reason="diffusers is not installed (pip install -e \".[test]\")")
+    from tofu_triton.cli import sd_demo
+
+    monkeypatch.setattr(sd_demo, "available_memory", lambda device: 2**30)
+    with pytest.raises(SystemExit) as e:
+        main(["demo-sd", "--model", "sd15", "--device", "cpu", "--out", str(tmp_path / "out")])
+    # SD 1.5's UNet: 859 520 964 parameters (the published count), 4 bytes each.
+    assert str(e.value) == ("--model sd15: its 0.9 G parameters need about 3 GiB (built in float32) and 1.0 GiB "
+                            "are available on this machine; use --model tiny (the same layout at 32-64 channels)")
+    assert not (tmp_path / "out").exists()
+    setup = sd_demo.Setup("cpu", "fp32", "sd15", False, 8, 1, 1)
+    monkeypatch.setattr(sd_demo, "available_memory", lambda device: 4 * 2**30)
+    sd_demo.check_fits(setup)  # 3.2 GiB fit in 4
+    monkeypatch.setattr(sd_demo, "available_memory", lambda device: 2**20)
+    sd_demo.check_fits(setup._replace(name="tiny"))  # the small presets are never refused
+
+
+def test_available_memory_reads_the_machine():
+    from tofu_triton.cli.sd_demo import available_memory
+
+    free = available_memory("cpu")
+    total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    assert free is not None and 0 < free <= total

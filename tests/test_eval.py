@@ -51,7 +51,7 @@ def test_pil_fallback_matches_torchvision(folder):
 
 
 def test_evaluate_counts_are_exact(folder):
-    # With 2 classes top-5 is top-2 = 100 %; top-1 must equal a direct unpatched count.
+    # With 2 classes there is no top-5 (every class is in it); top-1 must equal a direct unpatched count.
     model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=2)
     ds = tev.image_folder(str(folder), tev.eval_transform(model))
     loader = torch.utils.data.DataLoader(ds, batch_size=2)
@@ -64,10 +64,23 @@ def test_evaluate_counts_are_exact(folder):
     assert rows[0]["tokens"] == [17] * 13
     assert rows[1]["tokens"][:4] == [17, 13, 9, 5] and rows[1]["tokens"][-1] == 2
     for row in rows:
-        assert row["images"] == 5 and row["top5"] == 100.0 and row["images_per_s"] > 0
+        assert row["images"] == 5 and row["top5"] is None and row["correct5"] is None and row["images_per_s"] > 0
         assert len(row["batch_rates"]) == 2  # batches of 2, 2 and 1 image: only full ones give a rate
     limited = tev.evaluate(model, loader, [("tome", 2)], limit=3)
     assert limited[0]["images"] == 3
+
+
+def test_evaluate_top5_with_more_than_5_classes(folder):
+    model = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=7, seed=3)
+    ds = tev.image_folder(str(folder), tev.eval_transform(model))
+    with torch.no_grad():
+        logits = model(torch.stack([ds[i][0] for i in range(len(ds))]))
+    target = torch.tensor([0, 0, 0, 1, 1])
+    # The rank of each image's class among the 7 logits: top-5 holds it when fewer than 5 logits are larger.
+    rank = (logits > logits.gather(1, target[:, None])).sum(-1)
+    row = tev.evaluate(model, torch.utils.data.DataLoader(ds, batch_size=2), [("tofu", 0)])[0]
+    assert (row["correct1"], row["correct5"]) == ((rank == 0).sum().item(), (rank < 5).sum().item())
+    assert row["top5"] == pytest.approx(100.0 * (rank < 5).sum().item() / 5)
 
 
 def test_eval_cli(folder, tmp_path, capsys):
@@ -85,7 +98,32 @@ def test_eval_cli(folder, tmp_path, capsys):
     assert "img/s" not in captured.err  # no progress bar when stderr is not a terminal
     rows = json.loads(out.read_text())["rows"]
     assert rows[0]["top1"] == rows[2]["top1"]  # r=0 is the same model whatever the mode
-    assert all(r["top5"] == 100.0 for r in rows)
+    assert all(r["top5"] is None for r in rows) and [line.split()[5] for line in table[1:]] == ["-"] * 4
+    assert "note: no top-5: the model has 5 classes or fewer" in captured.err
+
+
+def test_eval_json_path_is_checked_before_the_run(folder, tmp_path, capsys, monkeypatch):
+    def not_reached(args):
+        raise AssertionError("the evaluation ran")
+
+    monkeypatch.setattr(tev, "run", not_reached)
+    for path, message in ((tmp_path / "missing" / "x.json", f"the folder {tmp_path / 'missing'} does not exist"),
+                          (tmp_path, f"--json {tmp_path} is a folder")):
+        with pytest.raises(SystemExit) as e:
+            main(["eval", *MODEL, "--data", str(folder), "--workers", "0", "--json", str(path)])
+        assert e.value.code == 2 and message in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_eval_warns_when_num_classes_is_fewer_than_the_folders(folder, tmp_path, capsys):
+    (folder / "emus").mkdir()
+    shutil.copy(folder / "cats" / "0.png", folder / "emus" / "0.png")
+    out = tmp_path / "rows.json"
+    assert main(["eval", *MODEL, "--data", str(folder), "--r", "0", "--workers", "0", "--json", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert f"warning: the model has 2 classes and {folder} has 3 class folders" in err
+    assert "the images of the last 1 folders can never be classified right" in err
+    row = json.loads(out.read_text())["rows"][0]
+    assert row["images"] == 6 and row["top5"] is None and row["correct1"] <= 5
 
 
 def test_eval_cli_errors(folder):
@@ -194,7 +232,7 @@ def test_torchrun_two_processes_give_the_single_process_counts(folder, tmp_path)
     for a, b in zip(one["rows"], two["rows"]):
         assert (a["mode"], a["r"], a["tokens"]) == (b["mode"], b["r"], b["tokens"])
         assert (a["images"], a["correct1"], a["correct5"]) == (b["images"], b["correct1"], b["correct5"]) == \
-            (5, a["correct1"], 5)
+            (5, a["correct1"], None)
         assert a["top1"] == b["top1"]
     assert res.stdout.count("mode") == 1  # only rank 0 prints the table
 
@@ -222,5 +260,16 @@ def test_checkpoint_loads_the_same_model_as_its_seed(folder, tmp_path):
     with pytest.raises(SystemExit, match="--checkpoint .*bad.pt: cannot read it"):
         main(["eval", *MODEL, "--data", str(folder), "--workers", "0", "--checkpoint", str(tmp_path / "bad.pt")])
     torch.save({"head.weight": torch.zeros(3, 3)}, tmp_path / "other.pt")
-    with pytest.raises(SystemExit, match="does not fit the model"):
+    keys = len(model.state_dict())
+    with pytest.raises(SystemExit) as e:
         main(["eval", *MODEL, "--data", str(folder), "--workers", "0", "--checkpoint", str(tmp_path / "other.pt")])
+    assert str(e.value) == (f"--checkpoint {tmp_path / 'other.pt'}: does not fit the model ({keys - 1} missing keys: "
+                            f"cls_token, pos_embed, patch_embed.proj.weight and {keys - 4} more; 1 size mismatch: "
+                            "head.weight (3, 3) vs (2, 192) in the model)")
+    state = create_vit("vit_tiny_patch16_224", img_size=64, num_classes=3).state_dict()
+    state["head_dist.weight"] = state.pop("head.weight")
+    torch.save(state, tmp_path / "three.pt")
+    with pytest.raises(SystemExit) as e:
+        main(["eval", *MODEL, "--data", str(folder), "--workers", "0", "--checkpoint", str(tmp_path / "three.pt")])
+    assert str(e.value).endswith("does not fit the model (1 missing key: head.weight; 1 unexpected key: "
+                                 "head_dist.weight; 1 size mismatch: head.bias (3,) vs (2,) in the model)")

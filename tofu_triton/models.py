@@ -134,8 +134,28 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
     try:
         model.load_state_dict(state)
     except (RuntimeError, TypeError) as e:
-        raise ValueError(f"{path}: does not fit the model ({str(e).splitlines()[0]})") from None
+        why = state_dict_mismatch(model, state) if isinstance(state, dict) else ""
+        raise ValueError(f"{path}: does not fit the model ({why or str(e).splitlines()[0]})") from None
     return model
+
+
+def state_dict_mismatch(model: nn.Module, state: Dict[str, object], show: int = 3) -> str:
+    """What keeps ``state`` from loading into ``model``, in one line: the missing and unexpected keys and the
+    shape mismatches, each counted with the first ``show`` named ("" when the keys and shapes all fit)."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    sizes = [f"{k} {tuple(getattr(state[k], 'shape', ()))} vs {tuple(own[k].shape)} in the model"
+             for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
+
+    def listed(one: str, many: str, items: List[str]) -> str:
+        more = f" and {len(items) - show} more" if len(items) > show else ""
+        return f"{len(items)} {one if len(items) == 1 else many}: {', '.join(items[:show])}{more}"
+
+    parts = [listed(*names, items) for names, items in ((("missing key", "missing keys"), missing),
+                                                        (("unexpected key", "unexpected keys"), unexpected),
+                                                        (("size mismatch", "size mismatches"), sizes)) if items]
+    return "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- Stable Diffusion UNets

@@ -56,10 +56,15 @@ def decode_request(headers: Dict[str, str], body: bytes, input_size: int, transf
         return tensor
     from PIL import Image, UnidentifiedImageError
 
+    expected = (f"send an image file, or a raw tensor with Content-Type: {TENSOR_TYPE}, X-Shape: "
+                f"3,{input_size},{input_size} and X-Dtype (one of {', '.join(sorted(DTYPES))})")
     try:
         image = Image.open(io.BytesIO(body)).convert("RGB")
-    except (UnidentifiedImageError, OSError) as e:
-        raise BadRequest(f"the body is not an image file nor a {TENSOR_TYPE} tensor ({e})") from None
+    except UnidentifiedImageError:  # its message names the in-memory buffer, which tells the client nothing
+        raise BadRequest(f"the body is not an image file PIL can read (PNG, JPEG, ...) and its Content-Type is not "
+                         f"{TENSOR_TYPE}: {expected}") from None
+    except OSError as e:  # an image file PIL knows, but damaged: truncated, bad data
+        raise BadRequest(f"the body is a damaged image file ({e}): {expected}") from None
     return transform(image)
 
 

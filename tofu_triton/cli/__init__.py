@@ -11,7 +11,10 @@ share (device, model loading, timing) is :mod:`tofu_triton.cli.common`. This
 package imports the library; the library never imports it.
 """
 import argparse
+import sys
 from typing import List, Optional
+
+import tofu_triton
 
 from . import demo, eval, sd_demo
 
@@ -29,9 +32,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     A user mistake ends in SystemExit with one line: code 2 for a value the
     parser refuses, 1 for one found wrong later (a missing file, no GPU).
+    Ctrl-C prints one line and returns 130 (128 + SIGINT, what a shell
+    reports for a job stopped by Ctrl-C), not a traceback of wherever the
+    model happened to be.
     """
     parser = argparse.ArgumentParser(prog="tofu-triton",
                                      description="Token Fusion (ToFu/ToMe) for timm ViTs and Stable Diffusion UNets")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {tofu_triton.__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     parsers = {}
     for name, (module, help_text) in COMMANDS.items():
@@ -40,7 +47,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     module = COMMANDS[args.command][0]
     module.check_arguments(parsers[args.command], args)
-    return module.run(args)
+    try:
+        return module.run(args)
+    except KeyboardInterrupt:
+        print(f"tofu-triton {args.command}: interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
 
 
 __all__ = ["COMMANDS", "main"]

@@ -1,4 +1,6 @@
 """What the subcommands share: the device, the model, one timing loop, one-line errors."""
+import argparse
+import os
 import time
 from typing import Callable, List, Tuple, TypeVar
 
@@ -17,6 +19,32 @@ def resolve_device(device: str) -> str:
         raise SystemExit("--device cuda: no CUDA GPU is visible to torch (torch.cuda.is_available() is False); "
                          "use --device cpu")
     return device
+
+
+def check_out_folder(parser: argparse.ArgumentParser, option: str, path: str, what: str) -> None:
+    """parser.error (one line, exit 2) unless ``path`` is a folder or can be made one: checked before the
+    run, not when the first picture is saved after the model has run."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        parser.error(f"{option} {path} is a file; give a folder for {what} (created if missing)")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # makedirs creates the missing folders above it too
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        parser.error(f"{option} {path}: {parent} is a file, so no folder can be made below it; give another path")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        parser.error(f"{option} {path}: cannot create a folder in {parent} (permission denied)")
+
+
+def check_out_file(parser: argparse.ArgumentParser, option: str, path: str) -> None:
+    """parser.error (one line, exit 2) unless a file can be written at ``path``: checked before the run,
+    not after an evaluation that may take an hour."""
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(path):
+        parser.error(f"{option} {path} is a folder; give a file name")
+    if not os.path.isdir(parent):
+        parser.error(f"{option} {path}: the folder {parent} does not exist; create it or give another path")
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        parser.error(f"{option} {path}: cannot write there (permission denied)")
 
 
 def load_model(name: str, pretrained: bool, seed: int, **overrides) -> torch.nn.Module:

@@ -20,7 +20,7 @@ import tofu_triton
 import tofu_triton.patch as tp
 
 from ..visualize import save_merge_picture
-from .common import load_model, resolve_device, time_windows
+from .common import check_out_folder, load_model, resolve_device, time_windows
 
 TINY = "tiny"  # a small random ViT preset (tofu_triton.models.PRESETS) for quick CPU runs and tests
 
@@ -143,8 +143,6 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-
-
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=None,
                    help=f"timm model name, or '{TINY}' "
@@ -166,3 +164,4 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--batch must be >= 1")
     if args.iters is not None and args.iters < 1:
         parser.error("--iters must be >= 1")
+    check_out_folder(parser, "--out", args.out, "the merge pictures")

@@ -43,12 +43,13 @@ import torch
 from .. import patch as tp
 from ..models import load_weights
 from ..schedule import MODEL_MODES, token_counts
-from .common import load_model, resolve_device, timed
+from .common import check_out_file, load_model, resolve_device, timed
 
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Fewer full batches than this per row, and images/s is not reported as a speed: one or two forwards
 # carry one-off costs (first-touch allocation, caches) and no spread can be seen.
 MIN_TIMED_BATCHES = 5
+TOP_K = 5  # the "top-5" column; a model with this many classes or fewer has every class in its top k
 
 
 def _is_image(name: str) -> bool:
@@ -177,7 +178,8 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
     ``loader`` yields (images [B, 3, H, W], targets [B]) or, with
     :func:`collate_readable`, (images, targets, skipped). ``model`` is
     patched in place (and left patched with the last config). Returns one
-    dict per config (:func:`summary_row`). With ``warmup`` each config first
+    dict per config (:func:`summary_row`); their top-5 is None when the model
+    has :data:`TOP_K` classes or fewer (every class is in its top 5). With ``warmup`` each config first
     runs the first batch once untimed, so images/s excludes Triton
     compilation. ``progress`` shows a tqdm bar on stderr (images, images/s,
     the first config's running top-1).
@@ -189,7 +191,7 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
     cuda = str(device).startswith("cuda")
     full = getattr(loader, "batch_size", None)  # only batches of this size give a per-batch rate
     stats = {c: dict(correct1=0, correct5=0, seconds=0.0, batch_rates=[]) for c in configs}
-    seen, skipped, warm = 0, 0, not warmup
+    seen, skipped, warm, classes = 0, 0, not warmup, None
     total = len(loader.dataset) if limit is None else min(limit, len(loader.dataset))
     bar = tqdm(total=total, unit="img", disable=not progress, file=sys.stderr, dynamic_ncols=True)
     for batch in loader:
@@ -213,7 +215,8 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
             s["seconds"] += seconds
             if full is None or len(target) == full:
                 s["batch_rates"].append(len(target) / seconds)
-            top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+            classes = logits.shape[-1]
+            top = logits.topk(min(TOP_K, classes), dim=-1).indices
             s["correct1"] += (top[:, 0] == target).sum().item()
             s["correct5"] += (top == target[:, None]).any(dim=-1).sum().item()
         warm = True
@@ -226,14 +229,17 @@ def evaluate(model: torch.nn.Module, loader, configs: Sequence[Tuple[str, int]],
     for mode, r in configs:
         s = stats[(mode, r)]
         model.r, model.tofu_mode = r, mode
-        rows.append(summary_row(mode, r, token_counts(tp.plan(model)), seen, s["correct1"], s["correct5"],
+        correct5 = s["correct5"] if classes is None or classes > TOP_K else None
+        rows.append(summary_row(mode, r, token_counts(tp.plan(model)), seen, s["correct1"], correct5,
                                 s["seconds"], s["batch_rates"], skipped))
     return rows
 
 
-def summary_row(mode: str, r: int, tokens: List[int], images: int, correct1: int, correct5: int,
+def summary_row(mode: str, r: int, tokens: List[int], images: int, correct1: int, correct5: Optional[int],
                 seconds: float, batch_rates: Sequence[float] = (), skipped: int = 0) -> Dict:
     """One result row: the raw counts, and the percentages and images/s made from them.
+
+    ``correct5`` None (a model of :data:`TOP_K` classes or fewer) gives top5 None.
 
     ``images`` were evaluated, ``skipped`` could not be read; ``seconds`` is
     the model time of all batches, ``batch_rates`` the images/s of each full
@@ -241,7 +247,8 @@ def summary_row(mode: str, r: int, tokens: List[int], images: int, correct1: int
     """
     return dict(mode=mode, r=r, tokens=tokens, images=images, skipped=skipped, correct1=correct1,
                 correct5=correct5, seconds=seconds, batch_rates=list(batch_rates),
-                top1=100.0 * correct1 / max(images, 1), top5=100.0 * correct5 / max(images, 1),
+                top1=100.0 * correct1 / max(images, 1),
+                top5=None if correct5 is None else 100.0 * correct5 / max(images, 1),
                 images_per_s=images / seconds if seconds > 0 else float("nan"))
 
 
@@ -255,8 +262,9 @@ def combine_rows(per_process: Sequence[Sequence[Dict]]) -> List[Dict]:
     out = []
     for rows in zip(*per_process):
         first = rows[0]
+        correct5 = None if first["correct5"] is None else sum(r["correct5"] for r in rows)
         out.append(summary_row(first["mode"], first["r"], first["tokens"], sum(r["images"] for r in rows),
-                               sum(r["correct1"] for r in rows), sum(r["correct5"] for r in rows),
+                               sum(r["correct1"] for r in rows), correct5,
                                max(r["seconds"] for r in rows), [v for r in rows for v in r["batch_rates"]],
                                sum(r["skipped"] for r in rows)))
     return out
@@ -277,15 +285,19 @@ def format_rows(rows: Sequence[Dict]) -> str:
     for row in rows:
         tok = f"{row['tokens'][0]}→{row['tokens'][-1]}"
         spread = rate_spread(row)
+        top5 = "-" if row["top5"] is None else f"{row['top5']:.2f}"
         lines.append(f"{row['mode']:<6} {row['r']:>4} {tok:>13} {row['images']:>7} {row['top1']:>8.2f} "
-                     f"{row['top5']:>8.2f} {row['images_per_s']:>9.1f} "
+                     f"{top5:>8} {row['images_per_s']:>9.1f} "
                      f"{'-' if spread is None else f'±{100 * spread:.0f}%':>7}")
     return "\n".join(lines)
 
 
 def notes(rows: Sequence[Dict], batch: int) -> List[str]:
-    """What to say under the table: images that were skipped, and images/s that is no speed measurement."""
+    """What to say under the table: images that were skipped, a top-5 left out, and images/s that is no speed
+    measurement."""
     out = []
+    if rows and rows[0]["top5"] is None:
+        out.append(f"note: no top-5: the model has {TOP_K} classes or fewer, so every class is in its top {TOP_K}")
     if rows and rows[0]["skipped"]:
         out.append(f"warning: {rows[0]['skipped']} unreadable images were skipped (each named above); "
                    f"the counts are over the {rows[0]['images']} images read")
@@ -382,11 +394,13 @@ def run(args) -> int:
         # Every process names the unreadable images of its own shard.
         dataset = SkipUnreadable(image_folder(args.data, eval_transform(model)), quiet=args.quiet)
         classes = len(dataset.dataset.classes)
-        if args.num_classes is None and classes != model.num_classes:
+        if classes != model.num_classes:
+            never = (f"; the images of the last {classes - model.num_classes} folders can never be classified right"
+                     if classes > model.num_classes else "")
+            hint = f" (--num-classes {classes} builds a classifier for them)" if args.num_classes is None else ""
             log(f"warning: the model has {model.num_classes} classes and {args.data} has {classes} class folders; "
                 "top-1/top-5 compare the model's class index with the folder's position in sorted order, which "
-                "is only right if the folders are the model's classes in its order "
-                "(pass --num-classes to say you mean it)")
+                f"is only right if the folders are the model's classes in its order{never}{hint}")
         total = len(dataset) if args.limit is None else min(args.limit, len(dataset))
         shard = torch.utils.data.Subset(dataset, dist.shard(total))
         loader = torch.utils.data.DataLoader(shard, batch_size=args.batch, shuffle=False, num_workers=args.workers,
@@ -426,6 +440,8 @@ def check_arguments(parser, args) -> None:
     """parser.error (one line, exit 2) for values out of range; the rest is checked in :func:`run`."""
     if args.batch < 1:
         parser.error("--batch must be >= 1")
+    if args.json:
+        check_out_file(parser, "--json", args.json)
 
 
 def add_arguments(p) -> None:

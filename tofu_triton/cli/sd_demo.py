@@ -32,7 +32,7 @@ from ..models import (
 )
 from ..reference import spatial_match, spatial_partition
 from ..visualize import save_latent_merge_picture
-from .common import resolve_device, time_windows
+from .common import check_out_folder, resolve_device, time_windows
 
 PRESET_CHOICES = ("tiny", "tiny-xl", "sd15", "sdxl", "tiny-pixart", "tiny-sd3", "tiny-flux", "pixart-sigma",
                   "sd3-medium", "flux-dev")
@@ -40,6 +40,9 @@ DIT_SIZE = 128  # the transformers' latent side on a GPU: 1024 px images
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16}
 CPU_SIZE = 32  # latent side on the CPU by default: 256 px images, a fraction of a second per step for "tiny"
 DEFAULT_OUT = "tofu_sd_demo"
+# Each full-size preset and its layout at 32-64 channels, the one to suggest when the full one cannot fit.
+SMALLER = {"sd15": "tiny", "sdxl": "tiny-xl", "pixart-sigma": "tiny-pixart", "sd3-medium": "tiny-sd3",
+           "flux-dev": "tiny-flux"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -71,6 +74,7 @@ def check_arguments(parser: argparse.ArgumentParser, args: argparse.Namespace) -
         parser.error("--batch must be >= 1")
     if args.iters is not None and args.iters < 1:
         parser.error("--iters must be >= 1")
+    check_out_folder(parser, "--out", args.out, "the merge picture")
     if args.max_downsample is not None and args.model and is_dit(args.model):
         parser.error(f"--max-downsample applies to UNets; every block of {args.model} runs on its patch grid")
     if args.size is not None:
@@ -125,6 +129,47 @@ def resolve(args: argparse.Namespace) -> Setup:
                  size=args.size or (native if device == "cuda" else CPU_SIZE),
                  iters=args.iters or (10 if device == "cuda" else 3),
                  max_downsample=None if dit else args.max_downsample or attention_downsample(name))
+
+
+def available_memory(device: str) -> Optional[int]:
+    """Bytes free for a new model on ``device``: the GPU's free memory on CUDA; on the CPU Linux's
+    MemAvailable, else the physical memory; None when neither can be read."""
+    if device == "cuda":
+        return torch.cuda.mem_get_info()[0]
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):  # no sysconf (Windows) or no such name
+        return None
+
+
+def check_fits(setup: Setup) -> None:
+    """SystemExit with one line when a full-size preset's weights cannot fit in the memory of ``setup.device``.
+
+    The parameters are counted on the meta device (nothing is allocated).
+    The weights are built in float32 and then cast to the dtype (see
+    :func:`tofu_triton.models.create_denoiser`), so they need 4 bytes per
+    parameter at the peak, whatever the dtype; the step's activations come on
+    top, so a preset that passes may still run out.
+    """
+    if setup.name not in SMALLER:
+        return
+    free = available_memory(setup.device)
+    if free is None:
+        return
+    params = sum(p.numel() for p in create_denoiser(setup.name, device="meta").parameters())
+    need = params * max(4, DTYPES[setup.dtype_name].itemsize)
+    if need > free:
+        where = "free on the GPU" if setup.device == "cuda" else "available on this machine"
+        raise SystemExit(f"--model {setup.name}: its {params / 1e9:.1f} G parameters need about {need / 2**30:.0f} GiB "
+                         f"(built in float32) and {free / 2**30:.1f} GiB are {where}; use --model "
+                         f"{SMALLER[setup.name]} (the same layout at 32-64 channels)")
 
 
 def _first_block(unet: torch.nn.Module) -> torch.nn.Module:
@@ -240,6 +285,7 @@ def run(args: argparse.Namespace) -> int:
         import tomesd
     except ImportError:
         tomesd = None
+    check_fits(setup)
     dtype = DTYPES[setup.dtype_name]
     unet = create_denoiser(setup.name, seed=args.seed, device=setup.device, dtype=dtype)
     inputs = denoiser_inputs(unet, args.batch, setup.size, seed=args.seed + 1, device=setup.device, dtype=dtype)
