@@ -26,7 +26,7 @@ def test_the_stages_run_in_the_issues_order_and_all_get_time_in_the_worst_case(t
     limits, out = plan(tmp_path)
     assert [name for name in limits if name in ORDER] == [name for name in ORDER if name in limits], limits
     assert all(isinstance(limits.get(name), int) and limits[name] >= 10 for name in KEPT), limits
-    assert limits["tests"] >= 60, limits
+    assert limits["tests"] >= (60 if "wheels" not in limits else 40), limits  # .whl/ present: 20 s more setup
     assert sum(v for v in limits.values() if isinstance(v, int)) <= 540, limits
     for name in ("tournament-vit", "tournament-sd"):
         script = os.path.join(HERE, name.replace("-", "_") + ".py")
