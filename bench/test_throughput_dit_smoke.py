@@ -36,6 +36,18 @@ def test_throughput_dit_smoke(tmp_path):
     assert report["goal"] == []  # the goal is judged on flux-dev only
 
 
+def test_plan_settings_run_as_tofu_rows(tmp_path):
+    argv = ["--smoke", "--models", "tiny-flux", "--variants", "unpatched,tofu", "--reuse", "step,5", "--block-mode",
+            "whole", "--out", str(tmp_path)]
+    with one_thread():
+        assert throughput_dit.main(argv) == 0
+    rows = json.loads((tmp_path / "throughput_dit_cpu_smoke.json").read_text())["rows"]
+    assert [(r["variant"], r.get("reuse"), r.get("block_mode")) for r in rows] == [
+        ("unpatched", None, None), ("tofu", "step", "whole"), ("tofu", "5", "whole")]
+    assert all(r["status"] == "ok" and r["finite"] for r in rows)
+    assert 0 < rows[1]["rel_l2"] < 1
+
+
 def test_the_goal_is_judged_on_flux_at_ratio_half_in_its_setting():
     def row(variant, ratio, vs, model="flux-dev", exec="eager"):
         return dict(model=model, variant=variant, ratio=ratio, dtype="bf16", batch=1, exec=exec, vs_unpatched=vs,
@@ -50,7 +62,8 @@ def test_the_goal_is_judged_on_flux_at_ratio_half_in_its_setting():
 
 
 @pytest.mark.parametrize("argv", [["--ratios", "0"], ["--ratios", "half"], ["--models", "flux"], ["--batches", "0"],
-                                  ["--dtypes", "fp8"], ["--execs", "compiled"], ["--size", "127"]])
+                                  ["--dtypes", "fp8"], ["--execs", "compiled"], ["--size", "127"], ["--reuse", "-1"],
+                                  ["--block-mode", "block"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as e:
         throughput_dit.parse_args(argv)

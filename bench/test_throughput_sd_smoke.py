@@ -52,6 +52,21 @@ def test_throughput_sd_smoke(tmp_path, one_thread):
     assert [g["verdict"] for g in report["goal"]] == ["not judged (a tiny preset)"] * 2
 
 
+def test_every_plan_setting_runs_and_the_goal_takes_the_defaults(tmp_path, one_thread):
+    argv = ["--smoke", "--models", "tiny", "--variants", "unpatched,tofu", "--reuse", "none,step,2",
+            "--block-mode", "whole,sublayer", "--out", str(tmp_path)]
+    assert throughput_sd.main(argv) == 0
+    report = json.loads((tmp_path / "throughput_sd_cpu_smoke.json").read_text())
+    rows = {(r["variant"], r.get("reuse"), r.get("block_mode")): r for r in report["rows"]}
+    plans = {(r, m) for r in ("none", "step", "2") for m in ("sublayer", "whole")}
+    assert set(rows) == {("unpatched", None, None)} | {("tofu",) + plan for plan in plans}
+    assert all(r["status"] == "ok" and r["finite"] and 0 <= r["rel_l2"] < 1 for r in rows.values())
+    # per sub-layer and whole-block merging are different computations
+    assert rows["tofu", "none", "sublayer"]["rel_l2"] != rows["tofu", "none", "whole"]["rel_l2"]
+    assert report["goal"][0]["tofu"] == rows["tofu", "none", "sublayer"]["vs_unpatched"]
+    assert "| tofu | step, whole | eager |" in (tmp_path / "throughput_sd_cpu_smoke.md").read_text()
+
+
 def test_without_tomesd_its_rows_are_skipped(tmp_path, one_thread, monkeypatch):
     monkeypatch.setitem(sys.modules, "tomesd", None)  # makes `import tomesd` raise ImportError
     argv = ["--smoke", "--models", "tiny", "--variants", "unpatched,tomesd", "--out", str(tmp_path)]
@@ -90,7 +105,8 @@ def test_card_slug(name, slug):
 @pytest.mark.parametrize("argv", [["--ratios", "1.5"], ["--ratios", "half"], ["--models", "sd3"],
                                   ["--variants", "fast"], ["--batch", "0"], ["--max-downsample", "3"],
                                   ["--size", "60"], ["--smoke", "--models", "tiny-xl", "--size", "6"],
-                                  ["--execs", "replay"], ["--smoke", "--execs", "eager,graph"]])
+                                  ["--execs", "replay"], ["--smoke", "--execs", "eager,graph"], ["--reuse", "0"],
+                                  ["--reuse", "always"], ["--block-mode", "half"]])
 def test_bad_arguments(argv):
     with pytest.raises(SystemExit) as e:
         throughput_sd.parse_args(argv)

@@ -18,6 +18,11 @@ Variants, each in eager mode and replayed from a CUDA graph:
   otherwise (merge before attention; Flux's single-stream blocks merge their parallel attention + MLP);
 * ``todo``      ``tofu_triton.patch.diffusers(model, mode="todo")``: keys and values pooled 2x2, no ratio.
 
+Plans for ``tofu`` (``--reuse``, ``--block-mode``, every combination, as in
+``bench/throughput_sd.py``): ``--reuse none`` (default) / ``step`` / k, and
+``--block-mode sublayer`` (default) / ``whole`` (each block run whole on the
+merged image tokens). The goal is judged on the defaults.
+
 Flux gets its token grid as ``joint_attention_kwargs={"tofu_grid": (64, 64)}``
 (a CUDA graph cannot read it from ``img_ids``). Timing as
 ``bench/throughput_sd.py``: CUDA events around every call, the variants of
@@ -44,8 +49,8 @@ import torch
 from arguments import choice_list, fill_preset, split_list  # noqa: E402
 from measure import capture_graph  # noqa: E402
 from throughput_sd import (  # noqa: E402
-    EXECS, Timer, _failure, _fmt, cannot_start, goal_lines, output_files, versions,
-    write_report,
+    DEFAULT_PLAN, EXECS, Timer, _failure, _fmt, _plan_of, add_plan_arguments, cannot_start, goal_lines, output_files,
+    plan_kwargs, plan_label, plan_settings, versions, write_report,
 )
 
 MODELS = {"pixart-sigma": "PixArt-Sigma, 1024 px", "sd3-medium": "SD3 medium, 1024 px",
@@ -67,6 +72,7 @@ def parse_args(argv=None):
     p.add_argument("--dtypes", default="bf16,fp16", help="comma list of " + ", ".join(DTYPES))
     p.add_argument("--execs", default=",".join(EXECS), help="eager and/or graph (CUDA graph replay; CUDA only)")
     p.add_argument("--size", type=int, default=128, help="latent side (image / 8; default 128: 1024 px)")
+    add_plan_arguments(p)
     p.add_argument("--warmup", type=int, default=2, help="untimed calls per case before its first round")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per case per round")
     p.add_argument("--rounds", type=int, default=2, help="rounds over the cases of a group, interleaved")
@@ -85,6 +91,7 @@ def parse_args(argv=None):
         if not values:
             p.error(f"--{name}: empty list; choose from {', '.join(allowed)}")
         setattr(args, name, values)
+    args.plans = plan_settings(p, args)
     try:
         args.ratios = [float(r) for r in split_list(args.ratios)]
         args.batches = [int(b) for b in split_list(args.batches)]
@@ -105,11 +112,14 @@ def parse_args(argv=None):
 
 
 def cases(args) -> List[Dict]:
-    """(variant, ratio, exec) of every case of one (model, dtype, batch) group; unpatched first."""
+    """(variant, ratio, plans, exec) of every case of one (model, dtype, batch) group; unpatched first."""
     out = []
     for variant in args.variants:
-        ratios = args.ratios if variant == "tofu" else [None]
-        out += [dict(variant=variant, ratio=r, exec=e) for r in ratios for e in args.execs]
+        if variant == "tofu":
+            out += [dict(variant=variant, ratio=r, reuse=plan[0], block_mode=plan[1], exec=e)
+                    for r in args.ratios for plan in args.plans for e in args.execs]
+        else:
+            out += [dict(variant=variant, ratio=None, exec=e) for e in args.execs]
     return sorted(out, key=lambda c: c["variant"] != "unpatched")
 
 
@@ -119,7 +129,7 @@ def configure(model, case: Dict) -> None:
 
     tp.unpatch(model)
     if case["variant"] == "tofu":
-        tp.diffusers(model, ratio=case["ratio"], mode="tofu", seed=0)
+        tp.diffusers(model, ratio=case["ratio"], mode="tofu", seed=0, **plan_kwargs(_plan_of(case) or DEFAULT_PLAN))
     elif case["variant"] == "todo":
         tp.diffusers(model, ratio=0.5, mode="todo")
 
@@ -194,6 +204,8 @@ def judge(rows: List[Dict], why_not: Optional[str]) -> List[Dict]:
     for row in rows:
         if row.get("variant") != "tofu" or row.get("ratio") != GOAL_RATIO or row["model"] != GOAL_MODEL:
             continue
+        if _plan_of(row) not in (None, DEFAULT_PLAN):  # the goal is the defaults'; the other plans are there to choose them
+            continue
         speedup = row.get("vs_unpatched")
         if speedup is None:
             verdict = "not measured" + (f" ({row['status']})" if row["status"] != "ok" else "")
@@ -229,19 +241,23 @@ def write_markdown(path: Path, report: Dict) -> None:
         "- rel. L2 / cosine: the output against the unpatched eager one; random weights, so they only show that the "
         "step ran",
         "",
-        "| model | tokens | dtype | B | variant | ratio | exec | ms/step | p20-p80 | vs unpatched | rel. L2 | cosine "
-        "| finite | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "- plans (tofu): reuse (none: every block its own match; step: one per call; k: kept for k calls), block "
+        "mode (sublayer: merge around each merging sub-layer; whole: once around each block)",
+        "",
+        "| model | tokens | dtype | B | variant | ratio | plans | exec | ms/step | p20-p80 | vs unpatched | rel. L2 "
+        "| cosine | finite | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "variant" not in r:  # a group that did not run at all
-            lines.append(f"| {r['model']} | | {r.get('dtype', '')} | {r.get('batch', '')} | | | | | | | | | | "
+            lines.append(f"| {r['model']} | | {r.get('dtype', '')} | {r.get('batch', '')} | | | | | | | | | | | "
                          f"{r['status']} |")
             continue
         spread = f"{_fmt(r.get('ms_p20'))}-{_fmt(r.get('ms_p80'))}" if r.get("ms") is not None else ""
         lines.append(
             f"| {r['model']} | {r['tokens']} | {r['dtype']} | {r['batch']} | {r['variant']} | {r['ratio'] or ''} | "
-            f"{r['exec']} | {_fmt(r.get('ms'))} | {spread} | {_fmt(r.get('vs_unpatched'))} | "
+            f"{plan_label(_plan_of(r))} | {r['exec']} | {_fmt(r.get('ms'))} | {spread} | "
+            f"{_fmt(r.get('vs_unpatched'))} | "
             f"{_fmt(r.get('rel_l2'), '.4f')} | {_fmt(r.get('cosine'), '.4f')} | {r.get('finite', '')} | "
             f"{r['status']} |")
     lines += goal_lines(f"## Goal: ToFu >= {GOAL_SPEEDUP}x unpatched on {GOAL_MODEL} at ratio {GOAL_RATIO} (SDPA)",
@@ -285,7 +301,8 @@ def main(argv=None) -> int:
                 for row in group_rows:
                     rows.append(row)
                     print(f"{name:12s} {dtype_name} B={batch} {row.get('variant', '-'):9s} "
-                          f"{row.get('ratio') or '':4} {row.get('exec', ''):5s} {_fmt(row.get('ms'), '9.2f')} ms  "
+                          f"{row.get('ratio') or '':4} {plan_label(_plan_of(row)):16s} "
+                          f"{row.get('exec', ''):5s} {_fmt(row.get('ms'), '9.2f')} ms  "
                           f"{_fmt(row.get('vs_unpatched'), '5.2f')}x  {row['status']}", flush=True)
         model = None
         if device == "cuda":
@@ -299,6 +316,7 @@ def main(argv=None) -> int:
         why_not = None
     report = dict(environment=env, versions=versions(), command=command, device_kind=device,
                   settings=dict(batches=args.batches, dtypes=args.dtypes, ratios=args.ratios, execs=args.execs,
+                                plans=args.plans,
                                 warmup=args.warmup, repeats=args.repeats, rounds=args.rounds, size=args.size),
                   elapsed_s=round(time.monotonic() - started, 1), rows=rows, goal=judge(rows, why_not))
     write_report(out, stem, report, write_markdown, "target DiT ", goal_line)

@@ -17,6 +17,15 @@ default processor (``AttnProcessor2_0``, PyTorch SDPA). Variants:
 * ``tome``      ``tofu_triton.patch.diffusers(unet, ratio, mode="tome", max_downsample)``, our defaults otherwise;
 * ``tofu``      ``tofu_triton.patch.diffusers(unet, ratio, mode="tofu", max_downsample)``, our defaults otherwise.
 
+Plans (``--reuse``, ``--block-mode``, comma lists; every combination runs for
+our variants): ``--reuse none`` (default: every merging block computes its
+own match), ``step`` (one match per resolution per call, reused by the later
+blocks) or an int k (kept for k calls: the timed calls then amortise it as a
+denoising loop does; a CUDA graph cannot replay it and its row says so);
+``--block-mode sublayer`` (default: merge around each merging sub-layer) or
+``whole`` (merge once around each whole block). The goal is judged on the
+defaults (none, sublayer); the other rows are for choosing them.
+
 ``max_downsample`` is tomesd's default 1 for SD 1.5 and 2 for SDXL, whose
 full-resolution level has no transformer block (at 1 neither tomesd nor we
 would merge anything there); both patches always get the same value.
@@ -59,6 +68,40 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 RESULTS = Path(__file__).resolve().parent / "results"
 GOAL_RATIO, GOAL_TOFU, CONTEXT_TOMESD = 0.5, 1.3, 1.1
 GOAL_MODELS = ("sd15", "sdxl")  # the published sizes; the tiny presets time nothing worth judging
+BLOCK_MODES = ("sublayer", "whole")
+DEFAULT_PLAN = ("none", "sublayer")  # (reuse, block mode): tofu_triton.patch.diffusers' defaults
+
+
+def add_plan_arguments(p: argparse.ArgumentParser) -> None:
+    """--reuse and --block-mode: the plan settings of tofu_triton.patch.diffusers to run (every combination)."""
+    p.add_argument("--reuse", default="none",
+                   help="comma list of plan reuse settings: none (every block its own match), step (one per "
+                        "resolution per call) or an int k (kept for k calls)")
+    p.add_argument("--block-mode", default="sublayer",
+                   help="comma list of sublayer (merge around each merging sub-layer) and/or whole (merge once "
+                        "around each block)")
+
+
+def plan_settings(p: argparse.ArgumentParser, args) -> List[Tuple[str, str]]:
+    """Every (reuse, block mode) of ``--reuse`` x ``--block-mode``; reuse as written ("none", "step", "2")."""
+    reuses = split_list(args.reuse)
+    bad = [r for r in reuses if r not in ("none", "step") and not (r.isdigit() and int(r) >= 1)]
+    if bad or not reuses:
+        p.error(f"--reuse: each item must be none, step or an int k >= 1, got {args.reuse!r}")
+    modes = choice_list(p, "--block-mode", args.block_mode, BLOCK_MODES)
+    if not modes:
+        p.error(f"--block-mode: empty list; choose from {', '.join(BLOCK_MODES)}")
+    return [(r, m) for m in dict.fromkeys(modes) for r in dict.fromkeys(reuses)]
+
+
+def plan_kwargs(plan: Tuple[str, str]) -> Dict[str, object]:
+    """tofu_triton.patch.diffusers' keyword arguments for a (reuse, block mode)."""
+    reuse, mode = plan
+    return dict(reuse=int(reuse) if reuse.isdigit() else reuse, whole_block=mode == "whole")
+
+
+def plan_label(plan: Tuple[str, str]) -> str:
+    return "" if plan is None else f"{plan[0]}, {plan[1]}"
 
 
 def parse_args(argv=None):
@@ -74,6 +117,7 @@ def parse_args(argv=None):
     p.add_argument("--max-downsample", type=int, default=None, choices=(1, 2, 4, 8),
                    help="for every model (default: the highest resolution with attention, 1 SD 1.5, 2 SDXL)")
     p.add_argument("--dtype", default="fp16", choices=tuple(DTYPES))
+    add_plan_arguments(p)
     p.add_argument("--warmup", type=int, default=3,
                    help="untimed calls per variant in the first round, the compared one included (1 later)")
     p.add_argument("--repeats", type=int, default=10, help="timed calls per variant per round")
@@ -90,6 +134,7 @@ def parse_args(argv=None):
     args.models = choice_list(p, "--models", args.models, MODELS)
     args.variants = choice_list(p, "--variants", args.variants, VARIANTS)
     args.execs = choice_list(p, "--execs", args.execs, EXECS)
+    args.plans = plan_settings(p, args)
     if args.smoke and "graph" in args.execs:
         p.error("--execs graph needs CUDA (CUDA graphs); the CPU smoke run times eager calls only")
     try:
@@ -165,8 +210,9 @@ class Timer:
         return [start.elapsed_time(end) for start, end in events]
 
 
-def configure(unet, variant: str, ratio: float, max_downsample: int, tomesd) -> None:
-    """Patch ``unet`` in place for ``variant``, removing whichever patch was on it."""
+def configure(unet, variant: str, ratio: float, max_downsample: int, tomesd, plan=DEFAULT_PLAN) -> None:
+    """Patch ``unet`` in place for ``variant`` (ours with ``plan``: (reuse, block mode)), removing whichever patch
+    was on it."""
     import tofu_triton.patch as tp
 
     tp.unpatch(unet)
@@ -175,7 +221,7 @@ def configure(unet, variant: str, ratio: float, max_downsample: int, tomesd) -> 
     if variant == "tomesd":
         tomesd.apply_patch(unet, ratio=ratio, max_downsample=max_downsample, use_rand=False)
     elif variant in ("tome", "tofu"):
-        tp.diffusers(unet, ratio=ratio, mode=variant, max_downsample=max_downsample, seed=0)
+        tp.diffusers(unet, ratio=ratio, mode=variant, max_downsample=max_downsample, seed=0, **plan_kwargs(plan))
 
 
 def merging_blocks(unet, max_downsample: int):
@@ -215,15 +261,17 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
                   # what backend="auto" runs our variants on: the fused kernels on CUDA, else the reference
                   our_step="triton" if str(device).startswith("cuda") else "reference")
 
-    cases = [("unpatched", 0.0)] if "unpatched" in args.variants else []
-    cases += [(v, r) for r in args.ratios for v in args.variants if v != "unpatched"]
-    cases = [(v, r, e) for v, r in cases for e in args.execs]
-    rows = {case: dict(common, variant=case[0], ratio=case[1], exec=case[2],
+    cases = [("unpatched", 0.0, None)] if "unpatched" in args.variants else []
+    cases += [(v, r, plan) for r in args.ratios for v in args.variants if v != "unpatched"
+              for plan in ([None] if v == "tomesd" else args.plans)]
+    cases = [(v, r, plan, e) for v, r, plan in cases for e in args.execs]
+    rows = {case: dict(common, variant=case[0], ratio=case[1], exec=case[3],
+                       **({} if case[2] is None else dict(reuse=case[2][0], block_mode=case[2][1])),
                        merging_blocks=0 if case[0] == "unpatched" else merging, times=[], status="ok")
             for case in cases}
     runners: Dict[tuple, Callable] = {}  # per case: the eager step, or its graph's replay
     if tomesd is None and "tomesd" in args.variants:
-        for (variant, _, _), row in rows.items():
+        for (variant, _, _, _), row in rows.items():
             if variant == "tomesd":
                 row["status"] = "skipped: tomesd is not installed (pip install tomesd==0.1.3)"
 
@@ -237,16 +285,16 @@ def run_model(name: str, args, device: str, tomesd) -> List[Dict]:
             if row["status"] != "ok":
                 continue
             try:
-                if case[2] == "eager" or rnd == 0:  # a graph replays the patch it captured
-                    configure(unet, case[0], case[1], max_down, tomesd)
+                if case[3] == "eager" or rnd == 0:  # a graph replays the patch it captured
+                    configure(unet, case[0], case[1], max_down, tomesd, case[2] or DEFAULT_PLAN)
                 if cuda:
                     torch.cuda.reset_peak_memory_stats()
                 if rnd == 0:
                     out = step()  # the output compared below, and a first warm-up call (Triton compiles on first use)
                     for _ in range(max(0, args.warmup - 1)):
                         step()
-                    runners[case] = capture_graph(step, 1) if case[2] == "graph" else step
-                elif case[2] == "eager":
+                    runners[case] = capture_graph(step, 1) if case[3] == "graph" else step
+                elif case[3] == "eager":
                     step()  # one warm-up call after re-patching
                 row["times"] += timer(runners[case], args.repeats)
                 if cuda:
@@ -290,7 +338,8 @@ def judge(rows: List[Dict], why_not: Optional[str]) -> List[Dict]:
     out = []
     for model in dict.fromkeys(r["model"] for r in rows if "variant" in r):
         at, graph = ({r["variant"]: r for r in rows if r["model"] == model and "variant" in r and r["exec"] == e
-                      and (r["variant"] == "unpatched" or r["ratio"] == GOAL_RATIO)} for e in EXECS)
+                      and (r["variant"] == "unpatched" or r["ratio"] == GOAL_RATIO)
+                      and (r.get("reuse"), r.get("block_mode")) in ((None, None), DEFAULT_PLAN)} for e in EXECS)
         tofu = at.get("tofu", {}).get("vs_unpatched")
         if tofu is None:
             verdict = "not measured"
@@ -305,6 +354,10 @@ def judge(rows: List[Dict], why_not: Optional[str]) -> List[Dict]:
                         tomesd_status=at.get("tomesd", {}).get("status"),
                         tofu_graph=graph.get("tofu", {}).get("vs_unpatched")))
     return out
+
+
+def _plan_of(row: Dict) -> Optional[Tuple[str, str]]:
+    return (row["reuse"], row["block_mode"]) if "reuse" in row else None
 
 
 def _fmt(v, spec=".2f") -> str:
@@ -338,18 +391,22 @@ def write_markdown(path: Path, report: Dict) -> None:
         "- rel. L2 / cosine: the noise prediction against the unpatched one; random weights, so they only show "
         "that the step ran",
         "",
-        "| model | latent (px) | B | ratio | variant | exec | merging blocks | ms/step | p20-p80 | vs unpatched "
-        "| rel. L2 | cosine | status |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "- plans (ours): reuse (none: every block its own match; step: one per resolution per call; k: kept for k "
+        "calls), block mode (sublayer: merge around each merging sub-layer; whole: once around each block)",
+        "",
+        "| model | latent (px) | B | ratio | variant | plans | exec | merging blocks | ms/step | p20-p80 "
+        "| vs unpatched | rel. L2 | cosine | status |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["rows"]:
         if "variant" not in r:  # a model that did not run at all
-            lines.append(f"| {r['model']} | | | | | | | | | | | | {r['status']} |")
+            lines.append(f"| {r['model']} | | | | | | | | | | | | | {r['status']} |")
             continue
         spread = f"{_fmt(r.get('ms_p20'))}-{_fmt(r.get('ms_p80'))}" if r.get("ms") is not None else ""
         lines.append(
             f"| {r['model']} | {r['latent']}x{r['latent']} ({r['pixels']}) | {r['batch']} | {r['ratio']} | "
-            f"{r['variant']} | {r['exec']} | {_fmt(r['merging_blocks'], 'd') or '?'}/{_fmt(r['blocks'], 'd') or '?'} | "
+            f"{r['variant']} | {plan_label(_plan_of(r))} | {r['exec']} | "
+            f"{_fmt(r['merging_blocks'], 'd') or '?'}/{_fmt(r['blocks'], 'd') or '?'} | "
             f"{_fmt(r.get('ms'))} | {spread} | "
             f"{_fmt(r.get('vs_unpatched'))} | {_fmt(r.get('rel_l2'), '.4f')} | {_fmt(r.get('cosine'), '.4f')} | "
             f"{r['status']} |")
@@ -432,7 +489,7 @@ def main(argv=None) -> int:
         for row in model_rows:
             rows.append(row)
             print(f"{name:8s} {row.get('variant', '-'):9s} {row.get('exec', '-'):5s} "
-                  f"ratio {row.get('ratio', '-')!s:4s} "
+                  f"ratio {row.get('ratio', '-')!s:4s} {plan_label(_plan_of(row)):16s} "
                   f"{_fmt(row.get('ms'), '9.2f')} ms  {_fmt(row.get('vs_unpatched'), '5.2f')}x  {row['status']}",
                   flush=True)
 
@@ -445,7 +502,7 @@ def main(argv=None) -> int:
     report = dict(environment=env, versions=versions(), command=command, dtype=args.dtype, device_kind=device,
                   settings=dict(batch=args.batch, ratios=args.ratios, execs=args.execs, warmup=args.warmup,
                                 repeats=args.repeats, rounds=args.rounds, size=args.size,
-                                max_downsample=args.max_downsample),
+                                max_downsample=args.max_downsample, plans=args.plans),
                   elapsed_s=round(time.monotonic() - started, 1), rows=rows, goal=judge(rows, why_not))
     write_report(out, stem, report, write_markdown, "target SD ", goal_line)
     return 0
