@@ -25,3 +25,26 @@ def test_readme_opens_with_the_command_ci_runs():
     commands = [line.split("  #")[0].strip() for line in first_block]
     assert commands[0].startswith('pip install -e ".[demo]" && python -m tofu_triton demo')
     assert commands[1] == ci_command
+
+
+def test_cpu_steps_come_first_and_their_check_runs():
+    # A CPU-only reader is sent to the CPU steps before the first install command, and those steps pin torch and
+    # torchvision together, install the test extras before pytest, and check torchvision by running one of its ops
+    # (a torchvision built for another torch imports fine and fails at its first op).
+    import subprocess
+    import sys
+
+    head, first_block = README.split("```bash\n", 1)
+    assert "CPU steps" in head.split("\n", 1)[1]
+    cpu = re.search(r"\*\*CPU steps\*\*.*?```bash\n(.*?)```", first_block, flags=re.S).group(1).splitlines()
+    assert re.match(r"pip install torch==[\d.]+ torchvision==[\d.]+ --index-url https://download.pytorch.org/whl/cpu",
+                    cpu[0])
+    test_install = next(i for i, line in enumerate(cpu) if line.startswith('pip install -e ".[test]"'))
+    assert test_install < next(i for i, line in enumerate(cpu) if line.startswith("pytest"))
+    check = next(line for line in cpu if "torchvision.ops" in line)
+    command, expected = check.split("  #")
+    assert command.startswith('python -c "') and expected.strip() == "None tensor([0])"
+    done = subprocess.run([sys.executable, "-c", command.strip()[len('python -c "'):-1]], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split(maxsplit=1)[1].strip() == "tensor([0])"  # the first word: None, or the CUDA version
