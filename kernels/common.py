@@ -186,15 +186,22 @@ def best_partners(base, rows_a, mask_a, b_pos_ptr, NB, D, P, stride_n, stride_d,
                 # fp16/bf16 products are exact in the fp32 accumulator.
                 dot = tl.dot(a, bt, dot)
         inv_b = 1.0 / tl.maximum(tl.sqrt(sq_b), EPS)
-        score = dot * inv_a[:, None] * inv_b[None, :]
-        # NaN counts as -inf (reference.py); padding columns can never win
-        # because ties go to the smaller index and they sit after real ones.
-        score = tl.where((score != score) | ~mask_b[None, :], float("-inf"), score)
-        tile_max = tl.max(score, axis=1)
-        tile_idx = tl.argmax(score, axis=1, tie_break_left=True).to(tl.int32)
-        better = tile_max > best  # strict: an earlier tile keeps a tie
-        best_idx = tl.where(better, b0 + tile_idx, best_idx)
-        best = tl.where(better, tile_max, best)
+        best, best_idx = keep_best(dot * inv_a[:, None] * inv_b[None, :], mask_b, b0, best, best_idx)
+    return best, best_idx
+
+
+@triton.jit
+def keep_best(score, mask_b, b0, best, best_idx):
+    """The running max/argmax of ``best_partners`` after one tile of B columns
+    ``b0 + j`` (score [BLOCK_A, BLOCK_B] fp32, mask_b the real columns)."""
+    # NaN counts as -inf (reference.py); padding columns can never win
+    # because ties go to the smaller index and they sit after real ones.
+    score = tl.where((score != score) | ~mask_b[None, :], float("-inf"), score)
+    tile_max = tl.max(score, axis=1)
+    tile_idx = tl.argmax(score, axis=1, tie_break_left=True).to(tl.int32)
+    better = tile_max > best  # strict: an earlier tile keeps a tie
+    best_idx = tl.where(better, b0 + tile_idx, best_idx)
+    best = tl.where(better, tile_max, best)
     return best, best_idx
 
 

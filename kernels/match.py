@@ -6,14 +6,22 @@ max/argmax (``common.best_partners``). The ``Na x Nb`` score matrix never
 reaches memory; only ``node_max``/``node_idx`` do. The partition is the
 alternating one of a ViT (A = ``P, P+2, ...``, B = ``P+1, P+3, ...``) or,
 for the Stable Diffusion step, given as position arrays.
+
+The Stable Diffusion step has a second scores candidate, "dot"
+(``spatial_scores``): every token's inverse norm first (one small launch),
+then larger ``tl.dot`` tiles that only multiply, scale and keep the best, so
+no program recomputes a B norm; ``SPATIAL_SCORES_CANDIDATES`` names both, and
+bench/tournament_sd.py measures which runs (docs/design.md §5.1).
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from tofu_triton.reference import split_sizes
 
-from .common import best_partners, cdiv, dot_in_fp32, empty, next_power_of_2, on_device, plain
+from .common import EPS, best_partners, cdiv, dot_in_fp32, empty, keep_best, next_power_of_2, on_device, plain
 
 # (BLOCK_A, BLOCK_B, largest BLOCK_D), keyed by whether the dot runs on fp32
 # inputs. The exact fp32 dot runs on CUDA cores and needs far more registers
@@ -87,3 +95,114 @@ def match_scores(metric: torch.Tensor, protected: int = 0, positions=None, wrap=
             num_warps=MATCH_WARPS,
         )
     return node_max, node_idx
+
+
+class SpatialScoresSettings(NamedTuple):
+    """Tiles of the "dot" scores candidate (the defaults ship and are compiled ahead of time)."""
+
+    block_a: int = 128  # A rows per program: 48 programs per image at N = 4096 (2x2 cells)
+    block_b: int = 64  # B rows per tile
+    block_d: int = 64  # channels per tl.dot (C = 320 takes 5)
+    num_warps: int = 8
+    num_stages: int = 3  # software pipelining of the tile loads
+
+
+SPATIAL_SCORES = SpatialScoresSettings()
+NORM_BLOCK = 64  # rows per program of the inverse-norm pass
+
+
+@triton.jit
+def _inv_norm_kernel(metric_ptr, inv_ptr, stride_b, stride_n, stride_d, N, D, num_blocks,
+                     BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """inv[b, n] = 1 / max(|metric[b, n]|, EPS) in fp32, summed in BLOCK_D chunks as best_partners does."""
+    pid = tl.program_id(0)
+    batch = (pid // num_blocks).to(tl.int64)
+    offs_n = (pid % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    ptrs = metric_ptr + batch * stride_b + offs_n[:, None].to(tl.int64) * stride_n
+    sq = tl.zeros([BLOCK_N], dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        offs_d = d0 + tl.arange(0, BLOCK_D)
+        v = tl.load(ptrs + offs_d[None, :] * stride_d, mask=mask_n[:, None] & (offs_d < D)[None, :],
+                    other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    tl.store(inv_ptr + batch * N + offs_n, 1.0 / tl.maximum(tl.sqrt(sq), EPS), mask=mask_n)
+
+
+@triton.jit
+def _spatial_scores_kernel(
+    metric_ptr, inv_ptr, a_pos_ptr, b_pos_ptr, node_max_ptr, node_idx_ptr,
+    stride_b, stride_n, stride_d, N, NA, NB, D, num_a_blocks,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    batch = (pid // num_a_blocks).to(tl.int64)
+    offs_a = (pid % num_a_blocks) * BLOCK_A + tl.arange(0, BLOCK_A)
+    mask_a = offs_a < NA
+    base = metric_ptr + batch * stride_b
+    inv = inv_ptr + batch * N
+    rows_a = tl.load(a_pos_ptr + offs_a, mask=mask_a, other=0)
+    inv_a = tl.load(inv + rows_a, mask=mask_a, other=0.0)
+    a_ptrs = base + rows_a[:, None] * stride_n
+    best = tl.full([BLOCK_A], float("-inf"), dtype=tl.float32)
+    best_idx = tl.zeros([BLOCK_A], dtype=tl.int32)
+    for b0 in range(0, NB, BLOCK_B):
+        offs_b = b0 + tl.arange(0, BLOCK_B)
+        mask_b = offs_b < NB
+        rows_b = tl.load(b_pos_ptr + offs_b, mask=mask_b, other=0)
+        b_ptrs = base + rows_b[None, :] * stride_n
+        dot = tl.zeros([BLOCK_A, BLOCK_B], dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            offs_d = d0 + tl.arange(0, BLOCK_D)
+            mask_d = offs_d < D
+            a = tl.load(a_ptrs + offs_d[None, :] * stride_d, mask=mask_a[:, None] & mask_d[None, :], other=0.0)
+            bt = tl.load(b_ptrs + offs_d[:, None] * stride_d, mask=mask_d[:, None] & mask_b[None, :], other=0.0)
+            if DOT_FP32:  # exact IEEE products, as best_partners
+                dot = tl.dot(a.to(tl.float32), bt.to(tl.float32), dot, input_precision="ieee")
+            else:
+                dot = tl.dot(a, bt, dot)
+        inv_b = tl.load(inv + rows_b, mask=mask_b, other=0.0)
+        best, best_idx = keep_best(dot * inv_a[:, None] * inv_b[None, :], mask_b, b0, best, best_idx)
+    out = batch * NA + offs_a
+    tl.store(node_max_ptr + out, best, mask=mask_a)
+    tl.store(node_idx_ptr + out, best_idx.to(tl.int64), mask=mask_a)
+
+
+def spatial_scores(metric: torch.Tensor, a_pos: torch.Tensor, b_pos: torch.Tensor, wrap=plain,
+                   settings: SpatialScoresSettings = SPATIAL_SCORES):
+    """The "dot" scores candidate: metric [B, N, D] fp32/fp16/bf16 (any strides),
+    a_pos [Na] / b_pos [Nb] int64 contiguous (Nb >= 1). Returns (node_max [B, Na]
+    fp32, node_idx [B, Na] int64) as ``match_scores(metric, positions=(a_pos, b_pos))``:
+    the same scores up to the rounding of the sums, ties to the smallest B index.
+    Two launches: the inverse norms of all N tokens, then the scores."""
+    batch, n, d = metric.shape
+    na, nb = a_pos.numel(), b_pos.numel()
+    dot_fp32 = dot_in_fp32(metric.dtype)
+    # An fp32 dot runs on CUDA cores with MATCH_BLOCKS' small tiles; fp16/bf16 on tensor cores.
+    block_a, block_b, block_d = (MATCH_BLOCKS[True] if dot_fp32 else settings[:3])
+    block_d = max(16, min(next_power_of_2(d), block_d))
+    inv = torch.empty(batch, n, dtype=torch.float32, device=metric.device)  # scratch: every entry written
+    node_max = empty(batch, na, dtype=torch.float32, device=metric.device)
+    node_idx = empty(batch, na, dtype=torch.int64, device=metric.device)
+    strides = (metric.stride(0), metric.stride(1), metric.stride(2))
+    norm_blocks, num_a_blocks = cdiv(n, NORM_BLOCK), cdiv(na, block_a)
+    with on_device(metric):
+        wrap(_inv_norm_kernel)[(batch * norm_blocks,)](
+            metric, inv, *strides, n, d, norm_blocks, BLOCK_N=NORM_BLOCK, BLOCK_D=block_d, num_warps=4)
+        wrap(_spatial_scores_kernel)[(batch * num_a_blocks,)](
+            metric, inv, a_pos, b_pos, node_max, node_idx, *strides, n, na, nb, d, num_a_blocks,
+            BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, DOT_FP32=dot_fp32,
+            num_warps=MATCH_WARPS if dot_fp32 else settings.num_warps,
+            num_stages=settings.num_stages,
+        )
+    return node_max, node_idx
+
+
+def _match_on_positions(metric, a_pos, b_pos):
+    """Today's scores ("match"): the match kernel on position arrays (looked up when called)."""
+    return match_scores(metric, positions=(a_pos, b_pos))
+
+
+# The SD scores' candidates for dispatch (tofu_triton.dispatch, op "spatial_scores"),
+# each (metric, a_pos, b_pos) -> (node_max, node_idx).
+SPATIAL_SCORES_CANDIDATES = {"match": _match_on_positions, "dot": spatial_scores}

@@ -9,7 +9,12 @@ Two kernels, no atomics, deterministic:
   program per ``dst_block`` destinations, each also owning an equal slice of
   A, with no communication between programs: every program finds the same
   top-r threshold on its own by a radix select (O(Na) per pass), then builds
-  its destinations' CSR lists and its slice of A.
+  its destinations' CSR lists and its slice of A. Candidate "radix64".
+
+The spatial select has a second candidate, "sort" (``spatial_select_sort``):
+no Triton kernel, two stable device sorts and a few elementwise ops. Which
+one runs on a card is measured by bench/tournament_sd.py (docs/design.md §5.1);
+``SPATIAL_SELECT_CANDIDATES`` names them.
 """
 from typing import NamedTuple
 
@@ -203,3 +208,41 @@ def spatial_select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: i
             DST_BLOCK=settings.dst_block, num_warps=settings.num_warps,
         )
     return unm_idx, dst_start, dst_src, a_row
+
+
+def spatial_select_sort(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int):
+    """The spatial select from sorts ("sort" candidate): the same inputs and outputs as
+    ``spatial_select``, bit for bit, for any Na (no 2^24 limit).
+
+    One stable descending sort of the scores gives the order (the reference's
+    argsort; -0.0 is first folded into +0.0 so the two tie, NaN never reaches
+    here); a second stable sort of the destinations, with the kept tokens sent
+    past the last one, lists the sources grouped by destination in index order.
+    Binary searches replace the scatters of the reference (a scatter with
+    repeated indices is not deterministic on CUDA): the kept tokens are where
+    the running count of kept tokens steps up, and a destination's start is
+    how many sources go to smaller destinations. Fixed shapes, no host sync
+    (CUDA-graph safe), no atomics."""
+    batch, na = node_max.shape
+    dev = node_max.device
+    order = torch.sort(node_max + 0.0, dim=-1, descending=True, stable=True).indices
+    keep = torch.ones(batch, na, dtype=torch.bool, device=dev).scatter_(1, order[:, :r], False)
+    kept_upto = keep.cumsum(dim=-1)  # kept tokens up to and including i
+    a_row = torch.where(keep, kept_upto - 1, na - r + node_idx)
+    ranks = torch.arange(1, na - r + 1, device=dev).expand(batch, -1).contiguous()
+    unm_idx = torch.searchsorted(kept_upto, ranks)  # first i holding k kept tokens: the k-th kept token
+    by_dst = torch.sort(torch.where(keep, nb, node_idx), dim=-1, stable=True)
+    dst_src = by_dst.indices[:, :r].contiguous()
+    starts = torch.arange(nb + 1, device=dev).expand(batch, -1).contiguous()
+    dst_start = torch.searchsorted(by_dst.values[:, :r].contiguous(), starts)
+    return unm_idx, dst_start, dst_src, a_row
+
+
+def _radix64(node_max, node_idx, r, nb):
+    """Today's kernel ("radix64"), looked up when called (tests count its launches)."""
+    return spatial_select(node_max, node_idx, r, nb)
+
+
+# The spatial select's candidates for dispatch (tofu_triton.dispatch, op "spatial_select"),
+# each (node_max, node_idx, r, nb) -> (unm_idx, dst_start, dst_src, a_row).
+SPATIAL_SELECT_CANDIDATES = {"radix64": _radix64, "sort": spatial_select_sort}

@@ -99,6 +99,16 @@ def _configs():
         const = dict(IDX_BITS=bits, BLOCK=spatial.block, BLOCK_ROUTE=spatial.route_block, DST_BLOCK=spatial.dst_block)
         out.append((f"spatial_select IDX_BITS={bits}", select._spatial_select_kernel, ptrs, const,
                     spatial.num_warps))
+    sd_scores = match.SpatialScoresSettings()
+    for dt in PTR:  # the SD "dot" scores candidate: C >= 64 uses one channel tile size, so one config per dtype
+        ba, bb, bd = match.MATCH_BLOCKS[True] if dt == "fp32" else sd_scores[:3]
+        warps = match.MATCH_WARPS if dt == "fp32" else sd_scores.num_warps
+        ptrs = dict(positions, metric_ptr=PTR[dt], inv_ptr="*fp32", node_max_ptr="*fp32", node_idx_ptr="*i64")
+        out.append((f"spatial_scores {dt}", match._spatial_scores_kernel, ptrs,
+                    dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32"),
+                    dict(num_warps=warps, num_stages=sd_scores.num_stages)))
+        out.append((f"spatial_inv_norm {dt}", match._inv_norm_kernel, dict(metric_ptr=PTR[dt], inv_ptr="*fp32"),
+                    dict(BLOCK_N=match.NORM_BLOCK, BLOCK_D=64), 4))
     for dt in PTR:
         for mode, mode_id in common.MODE_IDS.items():
             for c in WIDTHS:

@@ -264,15 +264,41 @@ def _(step, h, w, sx, sy, seed, block, rand):
     return [step.new_empty(n - nb), step.new_empty(nb), step.new_empty(n)]
 
 
-@torch.library.custom_op("tofu_triton::spatial_match", mutates_args=())
-def _spatial_match_op(metric: Tensor, a_pos: Tensor, b_pos: Tensor, r: int) -> List[Tensor]:
+# Candidates of the SD match's two halves (kernels.match.SPATIAL_SCORES_CANDIDATES,
+# kernels.select.SPATIAL_SELECT_CANDIDATES). On CUDA the measured winner runs
+# (tofu_triton.dispatch, tables written by bench/tournament_sd.py); until a table
+# has a row, the defaults: today's scores kernel ("match"), and "sort" for the
+# select (one device argsort measured 0.030 ms against the radix kernel's 0.224
+# ms at N = 4096 on an H200; see docs/design.md §5.1). The CPU (interpreter)
+# runs the Triton kernels "match" and "radix64".
+SPATIAL_SCORES_DEFAULT, SPATIAL_SELECT_DEFAULT = "match", "sort"
+
+
+def _spatial_candidates(metric: Tensor) -> Tuple[str, str]:
+    """(scores, select) candidate names for the SD match of ``metric`` [B, N, C]."""
+    if metric.device.type != "cuda":
+        return "match", "radix64"
+    from . import dispatch
+
+    batch, n, c = metric.shape
     k = _kernels()
-    node_max, node_idx = k.match.match_scores(metric, positions=(a_pos, b_pos))
-    return list(k.select.spatial_select(node_max, node_idx, r, b_pos.numel()))
+    scores = dispatch.winner("spatial_scores", metric.device, metric.dtype, SPATIAL_SCORES_DEFAULT,
+                             allowed=tuple(k.match.SPATIAL_SCORES_CANDIDATES), B=batch, N=n, C=c)
+    select = dispatch.winner("spatial_select", metric.device, metric.dtype, SPATIAL_SELECT_DEFAULT,
+                             allowed=tuple(k.select.SPATIAL_SELECT_CANDIDATES), B=batch, N=n)
+    return scores, select
+
+
+@torch.library.custom_op("tofu_triton::spatial_match", mutates_args=())
+def _spatial_match_op(metric: Tensor, a_pos: Tensor, b_pos: Tensor, r: int, scores: str = "match",
+                      select: str = "radix64") -> List[Tensor]:
+    k = _kernels()
+    node_max, node_idx = k.match.SPATIAL_SCORES_CANDIDATES[scores](metric, a_pos, b_pos)
+    return list(k.select.SPATIAL_SELECT_CANDIDATES[select](node_max, node_idx, r, b_pos.numel()))
 
 
 @_spatial_match_op.register_fake
-def _(metric, a_pos, b_pos, r):
+def _(metric, a_pos, b_pos, r, scores="match", select="radix64"):
     batch, na, nb = metric.shape[0], a_pos.shape[0], b_pos.shape[0]
     new = lambda *shape: metric.new_empty(shape, dtype=torch.int64)  # noqa: E731
     return [new(batch, na - r), new(batch, nb + 1), new(batch, r), new(batch, na)]
@@ -652,7 +678,7 @@ def spatial_match(metric: Tensor, partition: Partition, r: int, backend: str = "
     metric = metric.detach()
     if r == 0 or not use_triton:
         return reference.spatial_match(metric, partition, r)
-    return SpatialMatch(*_spatial_match_op(metric, partition.a_pos, partition.b_pos, r))
+    return SpatialMatch(*_spatial_match_op(metric, partition.a_pos, partition.b_pos, r, *_spatial_candidates(metric)))
 
 
 def spatial_merge(x: Tensor, match: SpatialMatch, partition: Partition, mode: str = "mean",
