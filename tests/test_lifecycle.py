@@ -164,6 +164,45 @@ def test_pickle_and_deepcopy(family):
         assert tp.is_patched(clone) and torch.equal(_output(clone, inputs), expected)
 
 
+def test_mistyped_settings_are_refused_and_other_attributes_set(family):
+    model, inputs, patch, _ = family
+    patch(model, r=2, mode="tome")
+    target = tp.lifecycle.patched_module(model)
+    before = dict(tp.settings(model))
+    # a typo, a patch() argument without its tofu_ prefix, a setting in another case, an unknown tofu_ name
+    for name, meant in [("tofu_mdoe", "'tofu_mode'"), ("mode", "'tofu_mode'"), ("R", "'r'"),
+                        ("tofu_speed", "the settings are r, tofu_mode")]:
+        with pytest.raises(AttributeError, match=f"^'{name}' is not a setting of this patched .*; .*{meant}"):
+            setattr(target, name, 1)
+        assert name not in vars(target)
+    assert tp.settings(model) == before
+    target.r = 1  # settings, ordinary attributes, submodules and parameters set as on any module
+    target.my_label = "cat"
+    target.extra = torch.nn.Linear(2, 2)
+    target.scale = torch.nn.Parameter(torch.ones(1))
+    assert tp.settings(model)["r"] == 1 and target.my_label == "cat"
+    assert "extra.weight" in dict(target.named_parameters()) and "scale" in dict(target.named_parameters())
+    tp.unpatch(model)
+    target.tofu_speed = 1  # unpatched: nothing is refused
+
+
+def test_mistyped_unet_ratio_is_refused():
+    from test_patch_diffusers import inputs, run, unet
+
+    model = unet("sd15")
+    unpatched = run(model, inputs("sd15"))
+    model.mode = "mine"  # an attribute of the user's, set before patching, stays settable
+    tp.diffusers(model, ratio=0.5, mode="tome", use_rand=False)
+    with pytest.raises(AttributeError, match="did you mean 'ratio'"):
+        model.rato = 0.0
+    with pytest.raises(AttributeError, match="did you mean 'tofu_backend'"):
+        model.backend = "reference"
+    model.mode = "still mine"
+    assert not torch.equal(run(model, inputs("sd15")), unpatched)
+    model.ratio = 0.0  # the real setting takes effect: ratio 0 is bitwise the unpatched UNet
+    assert torch.equal(run(model, inputs("sd15")), unpatched)
+
+
 def test_unpatched_models_are_refused_by_introspection():
     model, _ = _timm()
     with pytest.raises(TypeError, match="not patched"):

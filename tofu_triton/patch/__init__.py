@@ -3,6 +3,7 @@
     import timm, tofu_triton.patch as tp
     model = tp.timm(timm.create_model("vit_base_patch16_224").eval(), r=16, mode="tofu")
     model.r = 8                      # settings are plain attributes, changeable between calls
+    model.mode = "tome"              # AttributeError: did you mean 'tofu_mode'? (lifecycle.Patched)
     tp.plan(model)                   # the per-layer schedule it really follows (r clamped)
     tp.unpatch(model)
 

@@ -10,10 +10,12 @@ deleting the settings.
 
 This module owns what every family shares: validating new settings and
 rolling back to the previous ones when they are refused, the class swap,
-finding the patched module of any model, :func:`unpatch`,
-:func:`is_patched`, :func:`plan` and :func:`settings`. A family describes
-itself once with a :class:`Family` and calls :func:`apply`.
+finding the patched module of any model, refusing mistyped settings
+(:class:`Patched`), :func:`unpatch`, :func:`is_patched`, :func:`plan` and
+:func:`settings`. A family describes itself once with a :class:`Family` and
+calls :func:`apply`.
 """
+import difflib
 import sys
 from typing import Callable, Dict, List, NamedTuple, Optional, Tuple
 
@@ -37,10 +39,55 @@ class Family(NamedTuple):
 
 class Patched:
     """Marker base of every patched class (set on the class by :func:`apply`):
-    ``_tofu_base`` is the original class, ``_tofu_family`` the Family."""
+    ``_tofu_base`` is the original class, ``_tofu_family`` the Family.
+
+    Settings are plain attributes of the patched module (``model.r = 8``), so
+    a mistyped one (``unet.rato = 0.3``) would be a new attribute nobody reads.
+    On the module that carries the settings, setting a *new* attribute whose
+    name looks like a setting raises AttributeError naming the setting meant
+    (see :func:`setting_typo`); every other attribute (parameters, submodules,
+    existing attributes, private ``_names``, names unlike any setting) is set
+    as by ``nn.Module`` itself. An attribute of your own with such a name can
+    be set before patching (an existing attribute is never refused).
+    """
 
     _tofu_base: type
     _tofu_family: Family
+
+    def __setattr__(self, name: str, value) -> None:
+        settings = type(self)._tofu_family.settings
+        # Cheapest tests first: torch and the model libraries set attributes often;
+        # a part (a patched submodule) carries no settings and is never checked.
+        if name in settings or name[:1] == "_" or settings[0] not in self.__dict__ or hasattr(self, name):
+            super().__setattr__(name, value)
+            return
+        meant = setting_typo(name, settings)
+        if meant is None:
+            super().__setattr__(name, value)
+            return
+        hint = f"did you mean {meant!r}?" if meant else f"the settings are {', '.join(settings)}"
+        raise AttributeError(
+            f"{name!r} is not a setting of this patched {type(self)._tofu_base.__name__}; {hint} (a new attribute "
+            "named like a setting is refused on a patched model: set your own before patching, or rename it)")
+
+
+def setting_typo(name: str, settings: Tuple[str, ...]) -> Optional[str]:
+    """The setting a new attribute ``name`` was probably meant to be, or None if it looks like no setting.
+
+    Refused (so ``model.<name> = ...`` raises on a patched model): a setting's name
+    in another case (``R``); a patch() argument named without its ``tofu_`` prefix
+    (``mode`` for ``tofu_mode``); a name within difflib's 0.8 similarity of a
+    setting (``rato``, ``tofu_mdoe``); any other ``tofu_*`` name, the prefix being
+    the settings' (returns "" when no setting is close).
+    """
+    lowered = name.lower()
+    for candidate in (lowered, "tofu_" + lowered):
+        if candidate in settings:
+            return candidate
+    close = difflib.get_close_matches(lowered, settings, n=1, cutoff=0.8)
+    if close:
+        return close[0]
+    return "" if lowered.startswith("tofu_") else None
 
 
 _FAMILIES: List[Family] = []
