@@ -138,10 +138,10 @@ def main(argv=None) -> int:
     from importlib.metadata import version
 
     load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"  # what runs
     rows = [row for family in args.families for row in measure_family(family, args.size, args.steps, args.ratio)]
     given = argv if argv is not None else sys.argv[1:]
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
     report = dict(environment=environment(), diffusers=version("diffusers"), commit=commit,
                   threads=torch.get_num_threads(), size=args.size, steps=args.steps, ratio=args.ratio, rows=rows,
                   load_before=load_before, load_after=" / ".join(f"{v:.1f}" for v in os.getloadavg()),

@@ -40,6 +40,16 @@ attend to the merged image tokens, with ``log(size)`` on those keys when
 ``prop_attn`` is on (docs/design.md §5.2); Flux's rotary positions follow the
 merged tokens (a merged token is rotated by its destination's position).
 
+Plans and whole blocks (docs/design.md §5.5): the partition and the match
+of a merge (its plan) are computed from each merging block's input by
+default (``reuse="none"``); ``reuse="step"`` computes one per resolution per
+call, at the first merging block of that resolution, and the later blocks
+merge their own tokens with it; ``reuse=k`` keeps it for the next k calls of
+the same thread (ToMA's interval across denoising steps; refused under
+``torch.compile`` and CUDA graph capture). ``whole_block=True`` merges once
+before each merging block and unmerges its update once after it (all
+sub-layers on the merged tokens; the ``merge_*`` flags do not apply).
+
 Which blocks (UNets): those at most ``max_downsample`` times below the
 latent's resolution; the default (None) is the highest resolution that has
 attention: 1 for SD 1.x/2.x, 2 for SDXL, whose full-resolution level has
@@ -60,7 +70,8 @@ blocks, reproducible for a given ``seed`` (``None``: one drawn at patch
 time). Settings are attributes of the UNet / transformer, changeable between
 calls and validated at each call: ``ratio``, ``tofu_mode``,
 ``max_downsample``, ``sx``, ``sy``, ``use_rand``, ``merge_attn``,
-``merge_crossattn``, ``merge_mlp``, ``prop_attn``, ``seed``, ``tofu_backend``.
+``merge_crossattn``, ``merge_mlp``, ``prop_attn``, ``seed``, ``tofu_backend``,
+``plan_reuse``, ``whole_block``.
 
 The step runs through ``tofu_triton.ops.spatial_partition`` /
 ``spatial_match`` / ``spatial_merge`` / ``spatial_unmerge``: fused Triton

@@ -20,6 +20,11 @@ sub-layers it merges:
   merged when ``merge_attn`` is on; the text tokens of the concatenated
   sequence are never merged.
 
+In whole-block mode (``whole_block``) each forward's body runs once on the
+merged image tokens (a :class:`~tofu_triton.patch.latent_step.WholeBlock`
+step: nothing merges inside, the sizes and rotary positions are the merge's)
+and only the block's update is unmerged, onto the block's input.
+
 Attention in a merging block runs PyTorch SDPA here rather than the block's
 processor (the processors cannot take per-image rotary tables or a key
 bias), which is why only diffusers' default processors are accepted; a key
