@@ -3,7 +3,9 @@ torch.export and AOTInductor, loaded back and compared with eager (CUDA only).
 
     python bench/export_check.py [--out DIR] [--model NAME]   # ~1 minute; writes export_check.json
 
-On CUDA, ``torch.export`` traces the ``triton_op`` twins of the Triton ops
+The attention takes the path ``tofu_triton.attention.choose`` picks (recorded:
+eager and while tracing, where only differentiable paths may run). On CUDA,
+``torch.export`` traces the ``triton_op`` twins of the Triton ops
 (``tofu_triton.ops._export_ops``) so AOTInductor compiles the kernels into the
 package. This is the only place that path runs; CI checks export on the CPU
 with the reference backend (tests/test_export.py).
@@ -30,6 +32,7 @@ def check(model_name: str, batch: int, dtype: torch.dtype) -> dict:
     side = model.patch_embed.img_size[0]
     x = torch.randn(batch, 3, side, side, device="cuda", dtype=dtype)
     row = dict(model=model_name, batch=batch, dtype=str(dtype).replace("torch.", ""))
+    row["attention"] = attention_choice(model, batch, x)
     with torch.no_grad():
         eager = model(x)
     t0 = time.perf_counter()
@@ -46,6 +49,21 @@ def check(model_name: str, batch: int, dtype: torch.dtype) -> dict:
         with torch.no_grad():
             row["package_vs_eager"] = rel_error(package(x), eager)
     return row
+
+
+def attention_choice(model, batch, x) -> dict:
+    """The path ``attention="auto"`` takes in the first block: in eager inference, and
+    while torch.export traces (grad on, a bias that needs a gradient): cuDNN's op
+    cannot differentiate its bias, so there it must be a differentiable path."""
+    from tofu_triton import attention
+
+    attn = model.blocks[0].attn
+    n = model.patch_embed.num_patches + model.num_prefix_tokens
+    q = torch.zeros(batch, attn.num_heads, n, attn.head_dim, device=x.device, dtype=x.dtype)
+    bias = torch.zeros(batch, 1, 1, n, device=x.device, dtype=x.dtype)
+    with torch.no_grad():
+        eager = attention.choose(q, bias=bias)
+    return dict(eager=eager, traced=attention.choose(q, bias=bias.requires_grad_()))
 
 
 def main(argv=None) -> int:

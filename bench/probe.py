@@ -1,15 +1,19 @@
-"""Three quick GPU probes behind the end-to-end numbers (CUDA only, ~40 s).
+"""GPU probes behind the end-to-end numbers (CUDA only): the attention tournament, host syncs, launches.
 
-    python bench/probe.py --out bench/results
+    python bench/probe.py --out bench/results [--budget-s 120] [--write-table]
 
-1. ``attention``: what proportional attention costs on each path of
-   :mod:`tofu_triton.attention` at ViT-B shapes (12 heads, head dim 64) and
-   the token counts a ToFu ViT-B runs (197 down to 25): SDPA without a bias
-   (the floor), and with the ``log(size)`` bias as a float mask (``mask``),
-   through cuDNN (``cudnn``, where it runs), as an extra head channel
-   (``channel``) and through compiled ``flex_attention`` (``flex``, at a few
-   shapes: it compiles per shape). Each path's output is checked against the
-   mask path; ``auto`` says which path ``tofu_triton.attention.choose`` takes.
+1. ``attention``: the tournament of proportional attention's paths
+   (:mod:`tofu_triton.attention`: ``mask``, ``cudnn``, ``vsize``, ``vsize_v``
+   and the Triton kernel at each of its block-size configs ``triton_<config>``)
+   at B = 1, 8, 64, 256, N = 25 .. 1025 (the token counts of a ToFu ViT), head
+   dims 64, 80, 128, fp16 and bf16, each timed (CUDA-graph replay,
+   ``triton.testing.do_bench``, median) against SDPA without a bias at the same
+   shape: ratio = path / no-bias SDPA, target <= 1.15. Every candidate's output
+   is checked against the float mask first; a wrong one is recorded and never
+   wins. Cases run most important first (D = 64 fp16 N = 197 at every B) until
+   ``--budget-s`` is spent; ``probe.json`` is rewritten after every case, so a
+   cut run still reports. ``--write-table`` rewrites this card's rows of
+   ``tofu_triton/tables/attention.json`` (what ``attention.choose`` reads).
 2. ``sync``: one forward of a patched ViT-B (ToFu, Triton kernels) under
    ``torch.cuda.set_sync_debug_mode("error")``: any host sync (``.item()``,
    a data-dependent shape) raises, which would also break CUDA graphs.
@@ -24,6 +28,7 @@ import argparse
 import functools
 import json
 import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,42 +36,105 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from measure import count_launches, environment, time_cuda  # noqa: E402
+from measure import count_launches, environment, time_cuda_graph  # noqa: E402
 
-HEADS, HEAD_DIM = 12, 64
-PATHS = ("mask", "cudnn", "channel", "flex")
-# flex_attention compiles once per shape (seconds each): time it at these only.
-FLEX_CASES = {(64, 197), (64, 101), (256, 197)}
+BATCHES = (1, 8, 64, 256)
+TOKENS = (197, 101, 50, 25, 401, 577, 1025)
+HEAD_DIMS = (64, 80, 128)
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+HEADS = {64: 12, 80: 16, 128: 16}  # ViT-B (12 x 64), ViT-H/14 (16 x 80), 16 x 128 (ViT-G-like widths)
+TARGET = 1.15  # a path within 15 % of SDPA without a bias is "at flash speed"
+# Preference among candidates that time within TIE of the fastest: the float mask first
+# (differentiable, no cuDNN version dependence), cuDNN last.
+PREFERENCE = ("mask", "vsize", "vsize_v", "triton", "cudnn")
+TIE = 0.05
+# Relative error (RMS) against the float mask above which a candidate is wrong.
+CHECK_RTOL = {torch.float16: 4e-3, torch.bfloat16: 3e-2}
 
 
-def attention_rows(batches, tokens, dtype):
+def attention_cases(batches=BATCHES, tokens=TOKENS, head_dims=HEAD_DIMS, dtypes=tuple(DTYPES)):
+    """(dtype name, D, N, B) most important first: fp16 D=64 N=197 at every B, then
+    the other token counts, then bf16, then the other head dims."""
+    cases = [(dt, d, n, b) for dt in dtypes for d in head_dims for n in tokens for b in batches]
+    return sorted(cases, key=lambda c: (c[1] != head_dims[0], c[0] != dtypes[0], c[2] != tokens[0],
+                                        cases.index(c)))
+
+
+def _preference(name: str) -> int:
+    return PREFERENCE.index(name.split("_")[0] if name.startswith("triton_") else name)
+
+
+def pick_winner(us: dict) -> str:
+    """The fastest candidate of ``us`` ({name: median us}); one within TIE of it that
+    comes earlier in PREFERENCE wins instead (noise must not flip the choice)."""
+    best = min(us.values())
+    near = [name for name, t in us.items() if t <= best * (1 + TIE)]
+    return min(near, key=lambda name: (_preference(name), us[name]))
+
+
+def attention_case(dtype, d, n, batch):
     from tofu_triton import attention
+    from tofu_triton.testing import rel_error
 
+    heads = HEADS[d]
+    q, k, v = (torch.randn(batch, heads, n, d, device="cuda", dtype=dtype) for _ in range(3))
+    bias = (1 + 3 * torch.rand(batch, n, device="cuda")).log()[:, None, None, :].to(dtype)
+    row = dict(dtype=str(dtype).replace("torch.", ""), B=batch, N=n, D=d, heads=heads,
+               auto=attention.choose(q, bias=bias))
+    row["no_bias_ms"] = time_cuda_graph(functools.partial(F.scaled_dot_product_attention, q, k, v), 5, 25)
+    want = attention.sized_attention(q, k, v, bias, path="mask")
+    row["ms"], row["errors"] = {}, {}
+    for name in attention.runnable(attention.capabilities(q.device), q, k, v, bias):
+        fn = functools.partial(attention.sized_attention, q, k, v, bias, path=name)
+        try:
+            err = rel_error(fn(), want)
+            if not err <= CHECK_RTOL[dtype]:
+                row["errors"][name] = f"wrong: relative error {err:.3g} against the float mask"
+                continue
+            ms = time_cuda_graph(fn, 5, 25)
+            if ms is None:
+                row["errors"][name] = "cannot be captured in a CUDA graph"
+                continue
+            row["ms"][name] = ms
+        except Exception as e:  # one path failing must not lose the others
+            row["errors"][name] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    if row["ms"]:
+        row["winner"] = pick_winner(row["ms"])
+    return row
+
+
+def attention_rows(cases, budget_s, on_row=lambda rows: None):
     rows = []
-    for batch in batches:
-        for n in tokens:
-            q, k, v = (torch.randn(batch, HEADS, n, HEAD_DIM, device="cuda", dtype=dtype) for _ in range(3))
-            bias = (1 + 3 * torch.rand(batch, n, device="cuda")).log()[:, None, None, :].to(dtype)
-            row = dict(batch=batch, n=n, auto=attention.choose(q))
-            row["none_ms"] = time_cuda(functools.partial(F.scaled_dot_product_attention, q, k, v))["median_ms"]
-            want = attention.sized_attention(q, k, v, bias, path="mask")
-            for path in PATHS:
-                if path == "cudnn" and row["auto"] != "cudnn":
-                    row["cudnn_error"] = "does not run here"
-                    continue
-                if path == "flex" and (batch, n) not in FLEX_CASES:
-                    continue
-                fn = functools.partial(attention.sized_attention, q, k, v, bias, path=path)
-                try:
-                    row[f"{path}_max_abs_err"] = (fn().float() - want.float()).abs().max().item()
-                    row[f"{path}_ms"] = time_cuda(fn)["median_ms"]
-                except Exception as e:  # one path failing must not lose the others
-                    row[f"{path}_error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}"
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for dt, d, n, batch in cases:
+            if time.perf_counter() - t0 > budget_s:
+                print(f"attention: budget of {budget_s:.0f} s spent; {len(cases) - len(rows)} cases not run",
+                      flush=True)
+                break
+            row = attention_case(DTYPES[dt], d, n, batch)
             rows.append(row)
-            print(f"attention B={batch:<4d} N={n:<4d} none {row['none_ms']:.4f} ms  " + "  ".join(
-                f"{p} {row[p + '_ms']:.4f} ms ({row[p + '_ms'] / row['none_ms'] - 1:+.0%})" for p in PATHS
-                if p + "_ms" in row) + f"  auto={row['auto']}", flush=True)
+            on_row(rows)
+            none = row["no_bias_ms"]
+            print(f"attention {dt} D={d:<3d} B={batch:<4d} N={n:<4d} no bias {none * 1e3:.1f} us  " + "  ".join(
+                f"{p} {ms / none:.2f}x" for p, ms in sorted(row["ms"].items(), key=lambda i: i[1]))
+                + f"  auto={row['auto']} winner={row.get('winner')}"
+                + (f"  errors: {row['errors']}" if row["errors"] else ""), flush=True)
     return rows
+
+
+def table(rows, env, command, old=None) -> dict:
+    """The dispatch table (tofu_triton/dispatch.py's format) from ``rows``: this run's rows
+    replace the old table's rows of the same card; other cards' rows stay."""
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
+    card = env["device"]
+    kept = [r for r in (old or {}).get("rows", []) if r.get("card") != card]
+    new = [dict(card=card, dtype=r["dtype"], shape=dict(B=r["B"], N=r["N"], D=r["D"]), winner=r["winner"],
+                us={name: round(ms * 1e3, 2) for name, ms in r["ms"].items()},
+                no_bias_us=round(r["no_bias_ms"] * 1e3, 2)) for r in rows if r.get("winner")]
+    return dict(op="attention", provenance=dict(card=card, date=env["date"][:10], commit=commit, torch=env["torch"],
+                                                triton=env["triton"], command=command), rows=kept + new)
 
 
 def make_model(variant, dtype):
@@ -128,48 +196,75 @@ def launch_rows(dtype):
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results"))
-    p.add_argument("--dtype", default="fp16", choices=("fp16", "bf16"))
+    p.add_argument("--dtype", default="fp16", choices=tuple(DTYPES), help="of the sync and launch probes")
+    p.add_argument("--budget-s", type=float, default=120.0,
+                   help="seconds for the attention tournament (~120 s on an H200 for every case)")
+    p.add_argument("--write-table", action="store_true",
+                   help="rewrite this card's rows of tofu_triton/tables/attention.json from the tournament")
+    p.add_argument("--skip", default="", help="comma-separated probes not to run: attention, sync, launches")
     args = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("probe.py needs CUDA; nothing was measured", file=sys.stderr)
         return 2
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
-    report = dict(environment=environment(), dtype=args.dtype,
+    dtype = DTYPES[args.dtype]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    report = dict(environment=environment(), dtype=args.dtype, target=TARGET,
                   command="python bench/probe.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:])))
-    for name, fn in (("attention", lambda: attention_rows((8, 64, 256), (197, 101, 53, 25), dtype)),
-                     ("sync", lambda: sync_check(dtype)), ("launches", lambda: launch_rows(dtype))):
+
+    def save(rows=None):
+        if rows is not None:
+            report["attention"] = rows
+        (out / "probe.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
+        (out / "probe.md").write_text(markdown(report), encoding="utf-8")
+
+    skip = set(filter(None, args.skip.split(",")))
+    probes = (("attention", lambda: attention_rows(attention_cases(), args.budget_s, save)),
+              ("sync", lambda: sync_check(dtype)), ("launches", lambda: launch_rows(dtype)))
+    for name, fn in probes:
+        if name in skip:
+            continue
         try:
             report[name] = fn()
         except Exception as e:  # one probe failing must not lose the others
             report[name] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             print(f"{name}: {report[name]}", flush=True)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "probe.json").write_text(json.dumps(report, indent=1, default=str), encoding="utf-8")
-    (out / "probe.md").write_text(markdown(report), encoding="utf-8")
+        save()
+    if args.write_table and isinstance(report.get("attention"), list):
+        from tofu_triton import dispatch
+
+        path = dispatch.TABLE_DIR / "attention.json"
+        new = table(report["attention"], report["environment"], report["command"], dispatch.table("attention"))
+        path.write_text(json.dumps(new, indent=1) + "\n", encoding="utf-8")
+        print(f"wrote {path} ({len(new['rows'])} rows)", flush=True)
     return 0
 
 
 def markdown(report) -> str:
     env = report["environment"]
-    lines = ["# GPU probes: attention mask cost, host syncs, launches", "",
-             f"- card: {env['device']}; date: {env['date']}; torch {env['torch']}, triton {env['triton']}; "
-             f"{report['dtype']}",
+    lines = ["# GPU probes: the attention tournament, host syncs, launches", "",
+             f"- card: {env['device']}; date: {env['date']}; torch {env['torch']}, triton {env['triton']}",
              f"- command: `{report['command']}`", ""]
     att = report.get("attention")
     if isinstance(att, list):
-        lines += ["Proportional attention per path, ms (overhead over SDPA without a bias); `auto`: the path "
-                  "tofu_triton.attention.choose takes.", "",
-                  "| B | N | SDPA, no bias | " + " | ".join(PATHS) + " | auto |",
-                  "|---|---|---|" + "---|" * len(PATHS) + "---|"]
+        lines += [f"Proportional attention: each path's time over SDPA without a bias at the same shape (target "
+                  f"<= {report.get('target', TARGET)}x); `auto`: what tofu_triton.attention.choose took before "
+                  "this run; winner: the fastest (within 5 % the float mask is preferred, cuDNN last).", "",
+                  "| dtype | D | B | N | SDPA, no bias us | best path | its ratio | mask | cudnn | vsize | "
+                  "vsize_v | best triton | auto | errors |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for r in att:
-            cells = []
-            for path in PATHS:
-                if path + "_ms" in r:
-                    cells.append(f"{r[path + '_ms']:.4f} ({r[path + '_ms'] / r['none_ms'] - 1:+.0%})")
-                else:
-                    cells.append(r.get(path + "_error", "not run"))
-            lines.append(f"| {r['batch']} | {r['n']} | {r['none_ms']:.4f} | " + " | ".join(cells) + f" | {r['auto']} |")
+            none = r["no_bias_ms"]
+            ms = r["ms"]
+            cells = {name: f"{ms[name] / none:.2f}x" if name in ms else "-" for name in ("mask", "cudnn", "vsize",
+                                                                                       "vsize_v")}
+            tri = sorted((t, n) for n, t in ms.items() if n.startswith("triton_"))
+            win = r.get("winner")
+            lines.append(f"| {r['dtype']} | {r['D']} | {r['B']} | {r['N']} | {none * 1e3:.1f} | {win} | "
+                         + (f"{ms[win] / none:.2f}x" if win else "-") + " | "
+                         + " | ".join(cells.values()) + " | "
+                         + (f"{tri[0][1][7:]} {tri[0][0] / none:.2f}x" if tri else "-")
+                         + f" | {r['auto']} | {'; '.join(f'{k}: {v}' for k, v in r['errors'].items())} |")
     else:
         lines.append(f"attention: {att}")
     lines += ["", f"sync check: {report.get('sync')}", ""]

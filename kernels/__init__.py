@@ -13,6 +13,8 @@ defined in ``tofu_triton/reference.py`` (docs/design.md):
 * ``merge.py``: the merge and its gradient.
 * ``partition.py``: the cell partition of a latent grid (Stable Diffusion).
 * ``unmerge.py``: merged tokens back to the grid, fused with the residual add.
+* ``attention.py``: flash attention with a per-key additive bias (proportional
+  attention's ``log(size)``), forward only.
 * ``common.py``: what several of them share (mode ids, device helpers such as
   the selection order key and the best-partner search, output allocation,
   the device guard).

@@ -21,7 +21,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from tofu_triton.kernels import common, match, merge, partition, select, step, unmerge
+from tofu_triton.kernels import attention, common, match, merge, partition, select, step, unmerge
 
 ARCHS = [80, 90]
 PTR = {"fp32": "*fp32", "fp16": "*fp16", "bf16": "*bf16"}
@@ -43,7 +43,7 @@ def _signature(fn, pointers, constexprs):
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
             sig[name] = pointers[name]
-        elif name == "inv_h":
+        elif name in ("inv_h", "qk_scale"):
             sig[name] = "fp32"
         else:
             sig[name] = "i32"
@@ -73,9 +73,27 @@ def _step_configs():
     return out
 
 
+def _attention_configs():
+    """The attention kernel at every block-size candidate of head dims 64 and 128 (fp16, bf16;
+    head dim 80, in the 128 tile, at its default), num_stages as launched. fp32 runs on the
+    mask path on a GPU (tofu_triton.attention.runnable)."""
+    out = []
+    for dt in ("fp16", "bf16"):
+        for d in (64, 80, 128):
+            names = attention.configs_for(d)
+            for name in names if d != 80 else names[:1]:
+                cfg = attention.CONFIGS[name]
+                ptrs = dict(q_ptr=PTR[dt], k_ptr=PTR[dt], v_ptr=PTR[dt], bias_ptr=PTR[dt], out_ptr=PTR[dt])
+                const = dict(D=d, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=attention.head_dim_block(d),
+                             DOT_FP32=False)
+                out.append((f"attention {name} {dt} D={d}", attention._attention_kernel, ptrs, const,
+                            dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)))
+    return out
+
+
 def _configs():
-    """(name, kernel, pointer types, constexprs, num_warps): what the launchers launch."""
-    out = _step_configs()
+    """(name, kernel, pointer types, constexprs, num_warps or launch options): what the launchers launch."""
+    out = _step_configs() + _attention_configs()
     positions = {"a_pos_ptr": "*i64", "b_pos_ptr": "*i64"}  # the spatial partition's arrays (POS=True)
     for dt in PTR:
         for d in HEAD_DIMS:
@@ -142,7 +160,8 @@ CONFIGS = _configs()
 def _compile(index, arch):
     name, fn, ptrs, const, warps = CONFIGS[index]
     src = ASTSource(fn, _signature(fn, ptrs, const), const)
-    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    options = warps if isinstance(warps, dict) else {"num_warps": warps}
+    return triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
 
 
 def _ptxas_report(ptx: str, arch: int) -> dict:

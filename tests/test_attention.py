@@ -1,23 +1,29 @@
 """Proportional attention on every path (tofu_triton.attention) against its definition:
-SDPA with the log-size bias as an additive float mask, and softmax written out."""
+SDPA with the log-size bias as an additive float mask, and softmax written out; and
+which path ``auto`` takes on a CUDA card (asked with CPU tensors)."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from tofu_triton import attention
+from tofu_triton import attention, dispatch
+from tofu_triton.kernels import attention as kernel
 from tofu_triton.testing import assert_close
 
 from conftest import ON_GPU
 
-# Bias rounded once to the keys' dtype (the channel path divides it by the scale first).
-CHANNEL_RTOL = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+CPU_PATHS = ("mask", "triton", "vsize", "vsize_v")  # what runs on the CPU (triton in the interpreter)
+H200 = attention.Capabilities("cuda", (9, 0), 91002, True, True)
 
 
-def inputs(dtype, batch=2, heads=3, n=21, d=16, seed=0, device="cpu"):
+def inputs(dtype, batch=2, heads=3, n=21, d=16, seed=0, device="cpu", empty=0):
+    """q, k, v [batch, heads, n, d] and bias = log(size) [batch, 1, 1, n] with sizes in 1..6;
+    the last ``empty`` keys of every image have size 0 (bias -inf: padding)."""
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(batch, heads, n, d, generator=g).to(device, dtype) for _ in range(3))
-    size = 1 + torch.randint(0, 6, (batch, n, 1), generator=g).float()
-    return q, k, v, size.log()[:, None, None, :, 0].to(device, dtype)
+    size = 1 + torch.randint(0, 6, (batch, n), generator=g).float()
+    if empty:
+        size[:, n - empty:] = 0
+    return q, k, v, size.log()[:, None, None, :].to(device, dtype)
 
 
 def written_out(q, k, v, bias):
@@ -26,28 +32,41 @@ def written_out(q, k, v, bias):
     return ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5 + bias).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("path", ["mask", "channel", "flex"])
-def test_every_path_adds_the_key_bias(path, dtype):
-    q, k, v, bias = inputs(dtype)
+# (batch, heads, n, head dim, padding keys): N off every tile size, head dims 64, 80 (a 128 tile), 128.
+SHAPES = [(2, 3, 25, 64, 0), (1, 2, 197, 80, 7), (1, 1, 1025, 128, 100)]
+# The long sequence (17 x 17 tiles, seconds in the interpreter) is for the kernel's tiles, in fp16 only.
+CASES = [(path, shape, dtype) for path in CPU_PATHS for shape in SHAPES for dtype in (torch.float32, torch.float16)
+         if shape[2] < 1000 or (path == "triton" and dtype == torch.float16)]
+
+
+@pytest.mark.parametrize("path,shape,dtype", CASES,
+                         ids=lambda c: "B{}H{}N{}D{}pad{}".format(*c) if isinstance(c, tuple) else str(c))
+def test_every_path_adds_the_key_bias(path, shape, dtype, poisoned):
+    batch, heads, n, d, empty = shape
+    q, k, v, bias = inputs(dtype, batch, heads, n, d, seed=n, empty=empty)
     got = attention.sized_attention(q, k, v, bias, path=path)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert got.dtype == dtype and got.shape == want.shape
-    rtol = CHANNEL_RTOL[dtype] if path == "channel" else None
-    if rtol is None:
-        assert_close(got, want, name=path)
-    else:
-        err = (got.double() - want.double()).norm() / want.double().norm()
-        assert err <= rtol, f"{path}: relative error {err:.3g}"
+    assert_close(got, want, name=f"{path} vs the float mask")
     assert_close(got.double(), written_out(q, k, v, bias), dtype=dtype, name=f"{path} vs the definition")
 
 
-@pytest.mark.parametrize("head_dim", [7, 80])
-def test_the_bias_channel_pads_any_head_dim(head_dim):
-    # head dim + 1 padded to a multiple of 8 (7 + 1 needs none, 80 + 1 needs 7), the scale kept at 1/sqrt(d).
-    q, k, v, bias = inputs(torch.float32, d=head_dim, seed=head_dim)
-    got = attention.sized_attention(q, k, v, bias, path="channel")
-    assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), name="channel")
+@pytest.mark.parametrize("config", list(kernel.CONFIGS))
+def test_every_triton_config_computes_the_same(config, poisoned):
+    # 70 keys: a partial last tile for BLOCK_N 32 and 64; 70 queries: a partial last query block.
+    q, k, v, bias = inputs(torch.float16, batch=2, heads=2, n=70, d=32, seed=3, empty=5)
+    got = kernel.biased_attention(q, k, v, bias, config)
+    assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), name=config)
+
+
+def test_triton_reads_strided_inputs_and_a_broadcast_fp32_bias(poisoned):
+    # q, k, v as timm makes them (a permuted [B, N, 3, H, D] view); one bias for every image, in fp32.
+    g = torch.Generator().manual_seed(5)
+    qkv = torch.randn(2, 40, 3, 2, 16, generator=g).to(torch.float16).permute(2, 0, 3, 1, 4)
+    q, k, v = qkv.unbind(0)
+    bias = (1 + torch.rand(1, 1, 1, 40, generator=g) * 4).log()
+    got = attention.sized_attention(q, k, v, bias, path="triton")
+    assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.half()), name="strided")
 
 
 def test_a_key_of_size_s_counts_as_s_copies():
@@ -57,7 +76,7 @@ def test_a_key_of_size_s_counts_as_s_copies():
     bias[..., 2] = torch.tensor(3.0).log()
     copies = [0, 1, 2, 2, 2, 3, 4]
     want = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
-    for path in ("mask", "channel"):
+    for path in CPU_PATHS:
         assert_close(attention.sized_attention(q, k, v, bias, path=path), want, name=path)
 
 
@@ -75,11 +94,106 @@ def test_auto_picks_mask_on_the_cpu_and_unknown_paths_are_refused():
         attention.sized_attention(q, k, v, bias, path="fast")
 
 
+def test_cudnn_on_the_cpu_is_a_one_line_error_naming_what_runs():
+    q, k, v, bias = inputs(torch.float16)
+    with pytest.raises(ValueError) as err:
+        attention.sized_attention(q, k, v, bias, path="cudnn")
+    message = str(err.value)
+    assert "\n" not in message and "'cudnn'" in message
+    assert message.endswith("paths that run here: mask, triton, vsize, vsize_v")
+
+
+def test_paths_without_a_gradient_fall_back_to_the_float_mask():
+    q, k, v, bias = inputs(torch.float32)
+    q.requires_grad_()
+    got = attention.sized_attention(q, k, v, bias, path="triton")
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    assert torch.equal(got, want)  # the mask path itself, so the gradient is the mask path's
+    got.sum().backward()
+    assert q.grad is not None
+    with pytest.raises(ValueError, match="vsize paths have no dropout"):
+        attention._sized_values(q, k, v, bias, 0.1, pad_qk=True)
+
+
+# --------------------------------------------------------------------------- what a CUDA card picks
+
+
+@pytest.fixture
+def cuda_like(monkeypatch):
+    """``setup(winner=None)``: tofu_triton.attention answers as on an H200 with cuDNN 9 for
+    CPU tensors. The cuDNN path runs a stand-in with the real op's autograd property: it
+    raises, as ``_scaled_dot_product_cudnn_attention`` does, for a bias that needs a
+    gradient while grad is on; else it computes the float mask and records the call
+    (list returned). With ``winner``, the dispatch table names that candidate the
+    winner at every shape and dtype."""
+    calls = []
+
+    def cudnn_stand_in(q, k, v, bias, dropout_p):
+        if torch.is_grad_enabled() and bias.requires_grad:
+            raise RuntimeError("The function '_scaled_dot_product_cudnn_attention' is not differentiable with "
+                               "respect to argument 'attn_bias'. This input cannot have requires_grad True.")
+        calls.append(tuple(q.shape))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout_p)
+
+    def setup(winner=None):
+        monkeypatch.setattr(attention, "capabilities", lambda device: H200)
+        monkeypatch.setattr(attention, "_cudnn", cudnn_stand_in)
+        if winner is not None:
+            rows = [dict(card="NVIDIA H200", dtype=dt, shape=dict(B=8, N=197, D=64), winner=winner, us={winner: 1.0})
+                    for dt in ("float16", "bfloat16", "float32")]
+            real = dispatch._load
+            monkeypatch.setattr(dispatch, "_load", lambda op: dict(rows=rows) if op == "attention" else real(op))
+        dispatch._winner.cache_clear()
+        return calls
+
+    yield setup
+    dispatch._winner.cache_clear()
+
+
+def test_cuda_picks_the_committed_tables_default(cuda_like):
+    cuda_like()
+    q, k, v, bias = inputs(torch.float16, batch=8, heads=12, n=197, d=64)
+    # The H200 measured the float mask and cuDNN equal: the table names the mask.
+    assert attention.choose(q, bias=bias) == "mask"
+    assert dispatch.table("attention")["provenance"]["card"] == "NVIDIA H200"
+
+
+def test_cuda_runs_only_differentiable_paths_where_a_gradient_is_needed(cuda_like):
+    cuda_like()
+    q, k, v, bias = inputs(torch.float16, d=64)
+    every = attention.runnable(H200, q, k, v, bias)
+    assert "cudnn" in every and {f"triton_{c}" for c in kernel.configs_for(64)} <= set(every)
+    bias.requires_grad_()
+    assert attention.runnable(H200, q, k, v, bias) == ("mask", "vsize", "vsize_v")
+    with torch.no_grad():
+        assert attention.runnable(H200, q, k, v, bias) == every
+    assert attention.runnable(H200, q, k, v, bias, dropout_p=0.1) == ("mask",)
+    # cuDNN takes fp16/bf16 only, head dims that are multiples of 8 up to 128.
+    assert "cudnn" not in attention.runnable(H200, *inputs(torch.float32, d=64)[:3], bias.detach())
+    assert "cudnn" not in attention.runnable(H200, *inputs(torch.float16, d=60)[:3], bias.detach())
+
+
+@pytest.mark.parametrize("winner", ["cudnn", "triton_m128n64w8", "vsize"])
+def test_cuda_takes_the_measured_winner_unless_it_cannot_give_a_gradient(cuda_like, winner):
+    calls = cuda_like(winner)
+    q, k, v, bias = inputs(torch.float16, batch=4, heads=2, n=50, d=64)
+    assert attention.choose(q, bias=bias) == winner
+    bias.requires_grad_()
+    with torch.no_grad():
+        assert attention.choose(q, bias=bias) == winner
+    assert attention.choose(q, bias=bias) == ("vsize" if winner == "vsize" else "mask")
+    got = attention.sized_attention(q, k, v, bias)  # the gradient path: never the stand-in
+    assert calls == [] and got.requires_grad
+    with torch.no_grad():
+        attention.sized_attention(q, k, v, bias)
+    assert calls == ([(4, 2, 50, 64)] if winner == "cudnn" else [])
+
+
 @pytest.mark.skipif(not ON_GPU, reason="cuDNN attention runs on CUDA only")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_cudnn_path_adds_the_key_bias(dtype):
     q, k, v, bias = inputs(dtype, batch=4, heads=12, n=197, d=64, device="cuda")
-    if attention.choose(q) != "cudnn":
+    if "cudnn" not in attention.runnable(attention.capabilities(q.device), q, k, v, bias):
         pytest.skip(f"cuDNN attention does not run here (torch {torch.__version__}, "
                     f"cuDNN {torch.backends.cudnn.version()})")
     got = attention.sized_attention(q, k, v, bias, path="cudnn")

@@ -1,14 +1,17 @@
 """torch.export + AOTInductor of patched models (CPU, reference backend), and the export ops."""
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 import tofu_triton.patch as tp
-from tofu_triton import ops
+from tofu_triton import attention, ops
 from tofu_triton import reference as ref
 from tofu_triton.models import create_vit
 from tofu_triton.testing import assert_close, make_inputs
 
 from conftest import ON_GPU
+from test_attention import cuda_like  # noqa: F401 (the fixture)
 
 
 def _round_trip(model, args=(), kwargs=None, tmp_path=None):
@@ -19,7 +22,10 @@ def _round_trip(model, args=(), kwargs=None, tmp_path=None):
     return program, torch._inductor.aoti_load_package(path)
 
 
-def test_timm_vit_exports_and_packages(tmp_path):
+def test_timm_vit_exports_and_packages(tmp_path, cuda_like):  # noqa: F811 (the imported fixture)
+    # Through the attention path a CUDA card whose table names vsize would take (the
+    # identity on stock SDPA: it runs here, and it is what export traces on CUDA then).
+    cuda_like("vsize")
     model = tp.timm(create_vit("smoke"), r=2, mode="tofu", backend="reference")
     x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -27,6 +33,37 @@ def test_timm_vit_exports_and_packages(tmp_path):
     program, package = _round_trip(model, (x,), tmp_path=tmp_path)
     assert torch.equal(program.module()(x), expected)
     assert_close(package(x), expected, torch.float32, "AOTInductor package vs eager")
+
+
+class SizedAttention(nn.Module):
+    """q, k, v and a log-size bias all computed from parameters, so all need a gradient
+    while torch.export traces (it traces with grad on), as in a patched ViT on CUDA."""
+
+    def __init__(self, d=64):
+        super().__init__()
+        self.qkv = nn.Linear(d, 3 * d)
+        self.size = nn.Linear(d, 1)
+
+    def forward(self, x):
+        q, k, v = self.qkv(x)[:, None].chunk(3, dim=-1)  # [B, 1, N, d] each
+        bias = F.logsigmoid(self.size(x))[:, None, None, :, 0]
+        return attention.sized_attention(q, k, v, bias)
+
+
+def test_export_on_cuda_never_hands_cudnn_a_bias_that_needs_a_gradient(cuda_like):  # noqa: F811
+    # The H200 failure: auto took cuDNN, whose op cannot differentiate its bias, and
+    # torch.export traces with grad on. The stand-in fails exactly so; the choice must
+    # fall back to a differentiable path while tracing, and eager inference keeps cuDNN.
+    calls = cuda_like("cudnn")
+    torch.manual_seed(0)
+    model = SizedAttention().half()
+    x = torch.randn(2, 40, 64).half()
+    with torch.no_grad():
+        expected = model(x)
+    assert calls == [(2, 1, 40, 64)], "eager inference on this card runs cuDNN"
+    program = torch.export.export(model, (x,))
+    assert calls == [(2, 1, 40, 64)], "the export traced the cuDNN path"
+    assert_close(program.module()(x), expected, torch.float16, "exported vs eager")
 
 
 def test_hf_bert_with_padding_exports_and_packages(tmp_path):

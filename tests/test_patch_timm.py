@@ -149,7 +149,7 @@ def test_attention_with_mask_equals_manual_softmax():
     assert_close(out, expected, torch.float32, "masked attention")
 
 
-@pytest.mark.parametrize("path", ["channel", "flex"])
+@pytest.mark.parametrize("path", ["vsize", "triton"])
 def test_every_attention_path_gives_the_model_of_the_mask_path(path):
     model, x = tiny(), images()
     with torch.no_grad():

@@ -28,8 +28,8 @@ and only the block's update is unmerged, onto the block's input.
 Attention in a merging block runs PyTorch SDPA here rather than the block's
 processor (the processors cannot take per-image rotary tables or a key
 bias), which is why only diffusers' default processors are accepted; a key
-bias goes through :func:`tofu_triton.attention.sized_attention` (cuDNN's
-fused kernel on CUDA where it runs).
+bias goes through :func:`tofu_triton.attention.sized_attention` (on CUDA the
+path measured fastest for the card and shape).
 ``log(size)`` is added to the image keys' logits when ``prop_attn`` is on;
 the text keys get 0. In ToDo mode the image keys and values are
 average-pooled after their norm and rotation, queries stay whole.
