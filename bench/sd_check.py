@@ -1,16 +1,19 @@
 """GPU checks of the Stable Diffusion step's kernels that the CPU interpreter cannot make.
 
-1. ``select``: the fused select (one program per 64 destinations) against
+1. ``select``: every select candidate (kernels.select.SPATIAL_SELECT_CANDIDATES:
+   the radix kernel, one program per 64 destinations, and the sorts) against
    the reference select on the same scores, at N = 4096, 16384 and 65536
    (the interpreter stops at 16384), on random and on heavily tied scores,
-   and with every source sent to three destinations, repeated (the kernel
-   must be deterministic).
+   and with every source sent to three destinations, repeated (each must be
+   deterministic).
 2. ``step``: the whole step on fp16 hidden states: partition (random
    destinations, exactly the reference's), match (select checked
    exactly on the kernel's own scores), merge and unmerge + residual values
    against the reference.
 3. ``timing``: device time of each kernel (partition, scores, select, merge, unmerge) at
-   those sizes, B = 2, C = 320, ratio 0.5 (``triton.testing.do_bench``).
+   those sizes, B = 2, C = 320, ratio 0.5 (``triton.testing.do_bench``); the scores and
+   select are the candidates ops.spatial_match dispatches to on this card (named in
+   the row). bench/tournament_sd.py times every candidate.
 
 ``--small`` runs one small case of 1 and 2 only, for compute-sanitizer
 (memcheck, synccheck), e.g.
@@ -53,9 +56,10 @@ def check_select(side: int, repeats: int, gen: torch.Generator) -> dict:
             node_idx = node_idx % 3
         for r in (1, side * side // 2, na):
             want = reference.to_spatial(reference.select(node_max, node_idx, r, nb, 0))
-            for _ in range(repeats):
-                runs += 1
-                failures += not _equal(kernels.select.spatial_select(node_max, node_idx, r, nb), want)
+            for select in kernels.select.SPATIAL_SELECT_CANDIDATES.values():
+                for _ in range(repeats):
+                    runs += 1
+                    failures += not _equal(select(node_max, node_idx, r, nb), want)
     return dict(check="select", n=side * side, runs=runs, failures=failures)
 
 
@@ -68,7 +72,8 @@ def check_step(side: int, gen: torch.Generator) -> dict:
     res = torch.randn(BATCH, side * side, C, generator=gen, device=DEVICE, dtype=torch.float16)
     r = int(side * side * RATIO)
     match = ops.spatial_match(x, part, r, backend="triton")
-    node_max, node_idx = kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos))
+    scores, _ = ops._spatial_candidates(x)  # the select is checked on the scores it was given
+    node_max, node_idx = kernels.match.SPATIAL_SCORES_CANDIDATES[scores](x, part.a_pos, part.b_pos)
     select_ok = _equal(match, reference.to_spatial(reference.select(node_max, node_idx, r, part.b_pos.numel(), 0)))
     want_max, _ = reference.spatial_scores(x, part)
     score_err = (node_max - want_max).abs().max().item()
@@ -91,21 +96,24 @@ def timing(side: int) -> dict:
     part = reference.spatial_partition(side, side, 2, 2, device=DEVICE)
     x = torch.randn(BATCH, side * side, C, device=DEVICE, dtype=torch.float16)
     r = int(side * side * RATIO)
-    node_max, node_idx = kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos))
-    unm, start, src, a_row = kernels.select.spatial_select(node_max, node_idx, r, part.b_pos.numel())
+    scores, select = ops._spatial_candidates(x)
+    scores_fn = kernels.match.SPATIAL_SCORES_CANDIDATES[scores]
+    select_fn = kernels.select.SPATIAL_SELECT_CANDIDATES[select]
+    node_max, node_idx = scores_fn(x, part.a_pos, part.b_pos)
+    unm, start, src, a_row = select_fn(node_max, node_idx, r, part.b_pos.numel())
     y, _ = kernels.merge.merge_forward(x, None, unm, start, src, 0, "mlerp", positions=(part.a_pos, part.b_pos),
                                     with_size=False)
     step = torch.tensor(421, device=DEVICE)
     fns = {
         "partition": lambda: kernels.partition.spatial_partition(step, side, side, 2, 2, 7, 2, True),
-        "scores": lambda: kernels.match.match_scores(x, positions=(part.a_pos, part.b_pos)),
-        "select": lambda: kernels.select.spatial_select(node_max, node_idx, r, part.b_pos.numel()),
+        "scores": lambda: scores_fn(x, part.a_pos, part.b_pos),
+        "select": lambda: select_fn(node_max, node_idx, r, part.b_pos.numel()),
         "merge_mlerp": lambda: kernels.merge.merge_forward(x, None, unm, start, src, 0, "mlerp",
                                                            positions=(part.a_pos, part.b_pos), with_size=False),
         "unmerge_residual": lambda: kernels.unmerge.spatial_unmerge(y, x, part.slot, a_row),
         "tomesd_like_argsort": lambda: node_max.argsort(dim=-1, descending=True),  # one sort, for scale
     }
-    return dict(check="timing", n=side * side, c=C, batch=BATCH,
+    return dict(check="timing", n=side * side, c=C, batch=BATCH, candidates=dict(scores=scores, select=select),
                 ms={name: do_bench(fn, warmup=10, rep=40) for name, fn in fns.items()})
 
 

@@ -4,7 +4,8 @@ One block's step on a latent grid, 2x2 cells, ratio 0.5, mean merge, C = 320
 (SD's first block), batch 2 (classifier-free guidance), three implementations:
 
 * ``triton``    the fused kernels (``tofu_triton.ops.spatial_*``, backend="triton"; CUDA only): 4 launches
-  to merge (partition, scores, select, merge), 1 to unmerge
+  to merge (partition, scores, select, merge), 1 to unmerge; the scores and select are the candidates the
+  dispatch table names for this card (the "sort" select is ~8 small torch ops, the "dot" scores 2 launches)
 * ``reference`` the PyTorch reference of ``tofu_triton`` (``backend="reference"``)
 * ``tomesd``    tomesd's own ``bipartite_soft_matching_random2d`` merge and unmerge (the peer;
   tests/test_patch_diffusers.py checks it equal to the reference)

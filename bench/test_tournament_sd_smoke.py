@@ -53,7 +53,8 @@ def test_write_tables_replaces_this_cards_rows_and_dispatch_reads_them(tmp_path,
     old_row = dict(card="Card A", dtype="float16", shape=dict(B=2, N=4096), winner="radix64",
                    us=dict(radix64=224.0, sort=None))
     other_card = dict(old_row, card="Card B")
-    (tmp_path / "spatial_select.json").write_text(json.dumps(dict(op="spatial_select", rows=[old_row, other_card])))
+    (tmp_path / "spatial_select.json").write_text(json.dumps(dict(op="spatial_select", rows=[old_row, other_card],
+                                                                  note="no row yet", measured=[old_row])))
     rows = [dict(op="spatial_select", dtype="float16", shape=dict(B=2, N=4096), winner="sort",
                  us=dict(radix64=200.0, sort=40.0, argsort=30.0), failed=[]),
             dict(op="spatial_scores", dtype="float16", shape=dict(B=2, N=4096, C=320), winner="dot",
@@ -66,7 +67,7 @@ def test_write_tables_replaces_this_cards_rows_and_dispatch_reads_them(tmp_path,
     tournament_sd.write_tables(prov, rows, table_dir=tmp_path)
     select = json.loads((tmp_path / "spatial_select.json").read_text())
     assert [(r["card"], r["winner"]) for r in select["rows"]] == [("Card B", "radix64"), ("Card A", "sort")]
-    assert select["provenance"] == prov
+    assert select["provenance"] == prov and "note" not in select and select["measured"] == [old_row]
     scores = json.loads((tmp_path / "spatial_scores.json").read_text())
     assert scores["rows"][0]["shape"] == dict(B=2, N=4096, C=320)
     try:

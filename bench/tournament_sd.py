@@ -210,7 +210,9 @@ def write_tables(prov: dict, rows: list, table_dir=None) -> None:
         kept = [r for r in old.get("rows", [])
                 if (r["card"], r["dtype"], json.dumps(r["shape"], sort_keys=True)) not in fresh]
         with open(path, "w") as f:
-            json.dump(dict(old, op=op, provenance=prov, rows=kept + new), f, indent=1)
+            # The seed's note ("no row yet") no longer holds; its earlier measurements stay.
+            rest = {key: value for key, value in old.items() if key != "note"}
+            json.dump(dict(rest, op=op, provenance=prov, rows=kept + new), f, indent=1)
             f.write("\n")
     dispatch.clear_cache()
 
