@@ -153,6 +153,42 @@ def test_bert_r0_padded_equals_alone():
         torch.testing.assert_close(pooled[i], alone.last_hidden_state[0].mean(0), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
+def test_bert_rows_without_real_tokens_stay_finite(impl):
+    # Row 1 is all padding, row 2 is [CLS] and padding: there padding can only merge into padding
+    # (total size 0), which once gave 0/0 = NaN that attention then spread over the row.
+    model = bert(impl)
+    ids, mask = ids_and_mask(lengths=(20, 0, 1))
+    with torch.no_grad():
+        unpatched = model(input_ids=ids, attention_mask=mask)
+        tp.transformers(model, r=0)
+        r0 = model(input_ids=ids, attention_mask=mask)
+    assert unpatched.last_hidden_state.isfinite().all()
+    if impl == "eager":  # both add finfo.min to every key of such a row (sdpa unpatched leaves it unmasked)
+        torch.testing.assert_close(r0.last_hidden_state, unpatched.last_hidden_state, rtol=1e-5, atol=1e-5)
+    for mode in MODES:
+        model.r, model.tofu_mode = 3, mode
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask)
+            first, cls = model(input_ids=ids[:1]), model(input_ids=ids[2:, :1])
+        assert out.last_hidden_state.isfinite().all() and out.pooler_output.isfinite().all(), mode
+        assert out.token_mask[1].sum() == 0 and out.token_mask[2].tolist() == [1] + [0] * 7
+        assert out.token_size[1].sum() == 0 and out.token_size[2, 0, 0] == 1  # [CLS] merged with nothing
+        torch.testing.assert_close(out.last_hidden_state[:1], first.last_hidden_state, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out.last_hidden_state[2, :1], cls.last_hidden_state[0], rtol=1e-5, atol=1e-5)
+        pooled = tp.mean_pool(out.last_hidden_state, out.token_size, out.token_mask)
+        assert torch.equal(pooled[1], torch.zeros_like(pooled[1]))
+
+
+def test_flex_attention_is_refused_at_patch_time():
+    model = bert("flex_attention")
+    with pytest.raises(NotImplementedError, match="attn_implementation='flex_attention'.*sdpa"):
+        tp.transformers(model, r=2)
+    assert not tp.is_patched(model) and not hasattr(model, "r")
+    model.set_attn_implementation("sdpa")  # what the message says to do
+    assert tp.is_patched(tp.transformers(model, r=2))
+
+
 def test_mean_pool_matches_sentence_transformers_formula():
     h = torch.randn(2, 5, 4)
     mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])

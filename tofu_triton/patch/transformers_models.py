@@ -19,8 +19,9 @@ Patching swaps the base model's class for a cached subclass whose
 ``forward`` runs the embeddings, then the layers through this module's own
 layer function, which calls the layer's submodules (projections, output
 dense/LayerNorm, MLP) and the attention function transformers selected
-(``config._attn_implementation``: ``"sdpa"`` or ``"eager"``; others are
-refused at call time, since they cannot take a float mask). A patched layer::
+(``config._attn_implementation``: ``"sdpa"`` or ``"eager"``; others, e.g.
+``"flex_attention"`` or ``"flash_attention_2"``, are refused at patch time, and
+at call time if set after patching, since they cannot take a float mask). A patched layer::
 
     attention with an additive float mask  (padding keys: -inf-like; log(size) when sized)
     token reduction step (docs/design.md §1), metric = keys averaged over heads
@@ -43,7 +44,10 @@ construction and tested:
   merged into a real one it adds nothing to the mean (size 0) nor to the
   mlerp max-norm (norm 0): padding never changes a real token;
 * after each step tokens are stably partitioned so real tokens come first
-  in the order an unpadded run would have them, padding last.
+  in the order an unpadded run would have them, padding last;
+* padding merged only into padding (a row that is all padding, or [CLS] and
+  padding) stays zero with size 0 instead of 0/0 = NaN: such a row comes out
+  finite, as unpatched (its values are as meaningless as unpatched ones).
 
 Hence the guarantee: a sentence in a right-padded batch gets the same real
 tokens, sizes and embeddings (to float rounding of masked attention) as the
@@ -65,7 +69,9 @@ and ``token_mask`` (``[B, N_out]``, 1 for real tokens): pass both to
 Per-call state (sizes, validity, token counts) lives in local variables of
 one forward; configuration lives on the patched base model as plain
 attributes changeable between calls: ``r``, ``tofu_mode``,
-``tofu_prune_layers``, ``tofu_prop_attn``, ``tofu_backend``.
+``tofu_prune_layers``, ``tofu_prop_attn``, ``tofu_backend`` (a new attribute
+named like one, e.g. ``model.mode``, raises AttributeError: see
+:class:`tofu_triton.patch.lifecycle.Patched`).
 
 Not supported (refused): ``output_attentions`` / ``output_hidden_states``
 (token counts change across layers), caches, ``encoder_hidden_states``,
@@ -100,6 +106,9 @@ from . import lifecycle
 
 CONFIG = ("r", "tofu_mode", "tofu_prune_layers", "tofu_prop_attn", "tofu_backend")
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+# The size a padded token merges with: far below fp32's resolution of any real size (>= 1, so s + PAD_SIZE == s),
+# and the sum of a sequence's worth of it (< 2**40 tokens) far below 1: tokens under that sum are padding again.
+PAD_SIZE = 2.0 ** -100
 SUPPORTED = ("BertModel", "ViTModel", "ViTForImageClassification", "CLIPVisionModel", "Dinov2Model",
              "SiglipVisionModel")
 
@@ -121,14 +130,22 @@ class TofuModelOutput(BaseModelOutputWithPooling):
 # --------------------------------------------------------------------------- pieces
 
 
-def _attend(module: nn.Module, config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
-            dropout: float, scaling: float, eager) -> Tensor:
+def _check_attn_implementation(config) -> None:
+    """NotImplementedError unless the model attends with one of ATTN_IMPLEMENTATIONS: checked at patch time,
+    and again at every call (``model.set_attn_implementation`` may change it after patching)."""
     impl = config._attn_implementation
     if impl not in ATTN_IMPLEMENTATIONS:
         raise NotImplementedError(
             f"attn_implementation={impl!r} is not supported by tofu_triton.patch.transformers "
-            f"(it needs an additive float mask); use one of {ATTN_IMPLEMENTATIONS}"
+            f"(it needs an additive float mask): load the model with attn_implementation=\"sdpa\" or \"eager\", "
+            "or call model.set_attn_implementation(\"sdpa\")"
         )
+
+
+def _attend(module: nn.Module, config, q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor],
+            dropout: float, scaling: float, eager) -> Tensor:
+    _check_attn_implementation(config)
+    impl = config._attn_implementation
     fn = ALL_ATTENTION_FUNCTIONS.get_interface(impl, eager)
     out, _ = fn(module, q, k, v, mask, dropout=dropout, scaling=scaling)
     return out  # [B, N, heads, head_dim]
@@ -179,8 +196,11 @@ def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, run: Run):
         return res.x, res.size
     x = x * (size > 0).to(x.dtype)  # a padded token adds nothing to a merge
     match = ops.bipartite_match(_metric(k, size, run.padded), step.r, run.protected, run.backend)
-    x, size = ops.merge_tokens(x, match, size, step.mode, run.backend)
-    return _pads_last(x, size)
+    # Padding merges with size PAD_SIZE, not 0: padding merged only into padding (a row with no real
+    # token but [CLS], or none at all) then averages zeros instead of dividing 0 by 0 (NaN, which
+    # attention spreads over the whole row), and a real token's size and value are bitwise those of size 0.
+    x, size = ops.merge_tokens(x, match, size.clamp_min(PAD_SIZE), step.mode, run.backend)
+    return _pads_last(x, size.masked_fill(size < PAD_SIZE * 2.0 ** 40, 0))
 
 
 def _heads(x: Tensor, proj: nn.Module, head_dim: int) -> Tensor:
@@ -481,9 +501,11 @@ def _check_layout(layers) -> None:
 
 
 def check_model(model: nn.Module) -> None:
-    """Raise TypeError unless ``model`` is a family (and a layer layout) this module patches."""
+    """Raise TypeError unless ``model`` is a family (and a layer layout) this module patches, and
+    NotImplementedError if it attends with an implementation the patched layers cannot use."""
     _check_family(model)
     _check_layout(_layers(_base(model)))
+    _check_attn_implementation(_base(model).config)
 
 
 def _check_family(model: nn.Module) -> None:
