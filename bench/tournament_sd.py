@@ -3,7 +3,8 @@ scores, and the whole step with each pair, timed against one torch.argsort of th
 same scores (docs/design.md §5.1).
 
 Candidates (tofu_triton.kernels): select ``SPATIAL_SELECT_CANDIDATES`` ("radix64":
-the radix-select kernel; "sort": two stable device sorts and binary searches),
+the radix-select kernel; "sort": two stable device sorts and binary searches;
+"topk": torch.topk of unique order keys as the threshold, then one sort),
 scores ``SPATIAL_SCORES_CANDIDATES`` ("match": the match kernel on position arrays;
 "dot": inverse norms first, then larger tl.dot tiles). Each candidate's output is
 checked before it is timed (a wrong candidate is recorded as failed and never

@@ -11,10 +11,11 @@ Two kernels, no atomics, deterministic:
   top-r threshold on its own by a radix select (O(Na) per pass), then builds
   its destinations' CSR lists and its slice of A. Candidate "radix64".
 
-The spatial select has a second candidate, "sort" (``spatial_select_sort``):
-no Triton kernel, two stable device sorts and a few elementwise ops. Which
-one runs on a card is measured by bench/tournament_sd.py (docs/design.md §5.1);
-``SPATIAL_SELECT_CANDIDATES`` names them.
+The spatial select has two more candidates without a Triton kernel: "sort"
+(``spatial_select_sort``: two stable device sorts and a few elementwise ops)
+and "topk" (``spatial_select_topk``: a top-k threshold instead of the first
+sort). Which one runs on a card is measured by bench/tournament_sd.py
+(docs/design.md §5.1); ``SPATIAL_SELECT_CANDIDATES`` names them.
 """
 from typing import NamedTuple
 
@@ -238,6 +239,35 @@ def spatial_select_sort(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, 
     return unm_idx, dst_start, dst_src, a_row
 
 
+def spatial_select_topk(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int):
+    """The "topk" candidate: ``spatial_select_sort`` with its first sort replaced by a
+    threshold. The order keys of ``common.order_key`` (the score's bits made
+    order-preserving, then the index reversed: unique, so the top r are one
+    set whatever the implementation) go through ``torch.topk``, whose CUDA
+    path is a radix select (the O(N) top-k idea of FlashInfer's and sglang's
+    kernels; torch may fall back to a sort for some sizes), and the r-th best
+    key is their minimum. The rest is ``spatial_select_sort``'s, with the
+    destination sort on int32 keys (half the radix passes). Same outputs, bit
+    for bit; Na < 2^24."""
+    batch, na = node_max.shape
+    dev = node_max.device
+    bits = (node_max + 0.0).view(torch.int32)  # +0.0: -0.0 ties with +0.0
+    score = (bits ^ ((bits >> 31) & 0x7FFFFFFF)).to(torch.int64) + 2147483648  # float order, unsigned
+    shift = idx_bits(na)
+    key = (score << shift) | ((1 << shift) - 1 - torch.arange(na, device=dev))
+    threshold = torch.topk(key, r, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    keep = key < threshold
+    kept_upto = keep.cumsum(dim=-1)
+    a_row = torch.where(keep, kept_upto - 1, na - r + node_idx)
+    ranks = torch.arange(1, na - r + 1, device=dev).expand(batch, -1).contiguous()
+    unm_idx = torch.searchsorted(kept_upto, ranks)
+    by_dst = torch.sort(torch.where(keep, nb, node_idx).to(torch.int32), dim=-1, stable=True)
+    dst_src = by_dst.indices[:, :r].contiguous()
+    starts = torch.arange(nb + 1, device=dev, dtype=torch.int32).expand(batch, -1).contiguous()
+    dst_start = torch.searchsorted(by_dst.values[:, :r].contiguous(), starts)
+    return unm_idx, dst_start, dst_src, a_row
+
+
 def _radix64(node_max, node_idx, r, nb):
     """Today's kernel ("radix64"), looked up when called (tests count its launches)."""
     return spatial_select(node_max, node_idx, r, nb)
@@ -245,4 +275,4 @@ def _radix64(node_max, node_idx, r, nb):
 
 # The spatial select's candidates for dispatch (tofu_triton.dispatch, op "spatial_select"),
 # each (node_max, node_idx, r, nb) -> (unm_idx, dst_start, dst_src, a_row).
-SPATIAL_SELECT_CANDIDATES = {"radix64": _radix64, "sort": spatial_select_sort}
+SPATIAL_SELECT_CANDIDATES = {"radix64": _radix64, "sort": spatial_select_sort, "topk": spatial_select_topk}

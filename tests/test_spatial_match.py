@@ -4,7 +4,7 @@ select) against the reference, on CPU through Triton's interpreter.
 Select is checked exactly on the kernel's own scores (so near-ties of the
 scores cannot hide a select bug), the scores up to near-ties. "many" runs the
 select with tiny tiles so that one image is split over many programs, as it
-is at N = 4096 and beyond. Every candidate of the select ("radix64", "sort")
+is at N = 4096 and beyond. Every candidate of the select ("radix64", "sort", "topk")
 and of the scores ("match", "dot") is checked (the GPU runs whichever a
 dispatch table names). Every output is poisoned before a kernel runs."""
 import functools
@@ -23,13 +23,13 @@ from conftest import DEVICE, DTYPES, GRIDS, assert_same, make_partition, r_value
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 
-@pytest.fixture(params=["radix64", "radix64_many", "sort"])
+@pytest.fixture(params=["radix64", "radix64_many", "sort", "topk"])
 def select_candidate(request):
     """A spatial select (node_max, node_idx, r, nb): the radix kernel with the shipped
     settings or with many programs per image (16 destinations and their share of A
-    each, in tiles of 16, as at N = 4096 and beyond), or the "sort" candidate."""
-    if request.param == "sort":
-        return select_kernels.spatial_select_sort
+    each, in tiles of 16, as at N = 4096 and beyond), or a candidate built on torch's sorts."""
+    if request.param in ("sort", "topk"):
+        return select_kernels.SPATIAL_SELECT_CANDIDATES[request.param]
     settings = select_kernels.SpatialSelectSettings()
     if request.param == "radix64_many":
         settings = select_kernels.SpatialSelectSettings(dst_block=16, block=16, route_block=16)
@@ -109,8 +109,12 @@ def test_spatial_select_at_sd_sizes(side):
     node_max = torch.randn(1, na, generator=g).round(decimals=2)  # many exact ties
     node_idx = torch.randint(0, nb, (1, na), generator=g)
     for r in (side * side // 2, na):
+        want = ref.to_spatial(ref.select(node_max, node_idx, r, nb, 0))
         got = select_kernels.spatial_select(node_max.to(DEVICE), node_idx.to(DEVICE), r, nb, settings=settings)
-        assert_same(got, ref.to_spatial(ref.select(node_max, node_idx, r, nb, 0)))
+        assert_same(got, want)
+        for name in ("sort", "topk"):  # torch ops: cheap in any case (16-bit index part of the keys here)
+            assert_same(select_kernels.SPATIAL_SELECT_CANDIDATES[name](node_max.to(DEVICE), node_idx.to(DEVICE), r, nb),
+                        want)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -137,7 +141,7 @@ def test_dot_scores_match_the_reference(dtype):
     assert node_max[0, 3].item() == float("-inf") and node_max[1, 5].item() == 0.0
 
 
-@pytest.mark.parametrize("scores,select", [("dot", "sort"), ("dot", "radix64"), ("match", "sort")])
+@pytest.mark.parametrize("scores,select", [("dot", "sort"), ("dot", "radix64"), ("match", "topk")])
 def test_spatial_match_op_with_each_candidate(scores, select):
     # The op the GPU dispatches to, with each pair the table may name: the
     # select exactly the reference's on that candidate's own scores.
