@@ -44,6 +44,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import dispatch
+from .kernels import attention as kernel
+from .kernels.common import interpreting
 
 PATHS = ("auto", "mask", "cudnn", "triton", "vsize", "vsize_v")
 # Where a gradient is needed and the path asked for cannot give one, this runs instead.
@@ -52,8 +54,6 @@ DIFFERENTIABLE = "mask"
 
 def _triton_configs() -> dict:
     """``{"triton_<config>": config}``: the Triton path's candidates (every block-size config)."""
-    from .kernels import attention as kernel
-
     return {f"triton_{name}": name for name in kernel.CONFIGS}
 
 
@@ -78,8 +78,6 @@ class Capabilities(NamedTuple):
 @functools.lru_cache(maxsize=None)
 def capabilities(device: torch.device) -> Capabilities:
     """The :class:`Capabilities` of ``device`` (cached: one lookup per device)."""
-    from .kernels.common import interpreting
-
     if device.type != "cuda":
         return Capabilities(device.type, triton=device.type == "cpu" and interpreting())
     index = device.index if device.index is not None else torch.cuda.current_device()
@@ -99,23 +97,26 @@ def runnable(caps: Capabilities, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     """The candidate names (of :data:`CANDIDATES`) that compute this call here, in
     :data:`CANDIDATES` order. Depends on the capabilities, dtype, head dim,
     dropout and whether a gradient is needed (a path that cannot give one is left out)."""
-    d = q.shape[-1]
+    return _runnable(caps, q.dtype, q.shape[-1], bool(dropout_p), _needs_grad(bias), _needs_grad(q, k, v, bias),
+                     _is_exporting(), caps.kind == "cuda" and torch.backends.cuda.cudnn_sdp_enabled())
+
+
+@functools.lru_cache(maxsize=None)
+def _runnable(caps: Capabilities, dtype: torch.dtype, d: int, dropout: bool, bias_grad: bool, any_grad: bool,
+              exporting: bool, cudnn_sdp: bool) -> tuple:
+    if dropout:
+        return ("mask",)  # only the float mask applies dropout as SDPA defines it
     out = ["mask"]
-    if dropout_p:
-        return tuple(out)  # only the float mask applies dropout as SDPA defines it
-    half = q.dtype in (torch.float16, torch.bfloat16)
+    half = dtype in (torch.float16, torch.bfloat16)
     # cuDNN's op cannot differentiate its bias: with a bias that needs a gradient
     # (torch.export traces with grad on), calling it raises.
     if (caps.kind == "cuda" and caps.has_cudnn_op and caps.cudnn >= 90000 and caps.capability >= (8, 0) and half
-            and d % 8 == 0 and d <= 128 and not _needs_grad(bias) and torch.backends.cuda.cudnn_sdp_enabled()):
+            and d % 8 == 0 and d <= 128 and not bias_grad and cudnn_sdp):
         out.append("cudnn")
     out += ["vsize", "vsize_v"]
-    from .kernels import attention as kernel
-
     # Inference only, and a raw kernel launch that torch.export cannot trace.
     # fp32 only in the interpreter (tests): on a GPU its exact fp32 products do not fit the registers.
-    if (caps.triton and d <= kernel.MAX_HEAD_DIM and (half or caps.kind != "cuda") and not _needs_grad(q, k, v, bias)
-            and not _is_exporting()):
+    if caps.triton and d <= kernel.MAX_HEAD_DIM and (half or caps.kind != "cuda") and not any_grad and not exporting:
         out += [f"triton_{name}" for name in kernel.configs_for(d)]
     return tuple(out)
 
@@ -159,9 +160,7 @@ def sized_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dro
     else:
         path = _runnable_path(path, q, k, v, bias, dropout_p)
     if path.startswith("triton_"):
-        from .kernels import attention as kernel
-
-        return kernel.biased_attention(q, k, v, bias, _triton_configs()[path])
+            return kernel.biased_attention(q, k, v, bias, _triton_configs()[path])
     if path in ("vsize", "vsize_v"):
         return _sized_values(q, k, v, bias, dropout_p, pad_qk=path == "vsize")
     if bias.dtype != q.dtype:  # a mask must be in the query's dtype (under autocast, the autocast dtype)
@@ -197,8 +196,6 @@ def _runnable_path(path: str, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, dro
 
 
 def _default_triton_config(d: int) -> str:
-    from .kernels import attention as kernel
-
     return kernel.configs_for(min(d, kernel.MAX_HEAD_DIM))[0]
 
 
