@@ -204,7 +204,7 @@ def judge(rows: List[Dict], why_not: Optional[str]) -> List[Dict]:
     for row in rows:
         if row.get("variant") != "tofu" or row.get("ratio") != GOAL_RATIO or row["model"] != GOAL_MODEL:
             continue
-        if _plan_of(row) not in (None, DEFAULT_PLAN):  # the goal is the defaults'; the other plans are there to choose them
+        if _plan_of(row) not in (None, DEFAULT_PLAN):  # the goal is the defaults'; other plans help choose them
             continue
         speedup = row.get("vs_unpatched")
         if speedup is None:
