@@ -513,8 +513,8 @@ def test_torch_compile_takes_step_reuse_and_whole_blocks_and_refuses_kept_plans(
 def test_ratio_0_is_bitwise_unpatched_and_unpatch_restores(family):
     model, args = build(family), inputs(family)
     expected = run(model, args)
-    for mode in ("tofu", "todo"):
-        tp.diffusers(model, ratio=0.0, mode=mode, prop_attn=True, merge_mlp=True)
+    for mode, plans in (("tofu", {}), ("todo", {}), ("tome", dict(reuse=2, whole_block=True))):
+        tp.diffusers(model, ratio=0.0, mode=mode, prop_attn=True, merge_mlp=True, **plans)
         assert torch.equal(run(model, args), expected)
     model.ratio = 0.5
     assert (run(model, args) - expected).abs().max() > 1e-3
