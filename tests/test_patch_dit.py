@@ -407,6 +407,35 @@ def test_whole_block_mode_runs_every_block_on_the_merged_tokens(family, setting)
     assert (run(model, args) - run(tp.diffusers(model, whole_block=True), args)).abs().max() > 1e-4
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_whole_block_mode_is_diffusers_own_block_on_the_merged_tokens(family):
+    # Without proportional attention a whole block is exactly diffusers' unpatched forward run on m(x) (Flux:
+    # one image at a time, each with the rotary rows of its merged tokens), its update unmerged onto x.
+    s, grid = Setting("tome"), (7, 5)
+    model = tp.diffusers(build(family), seed=0, whole_block=True, **s.kwargs())
+    calls = block_calls(model, inputs(family))
+    for blk, kw, out in calls:
+        base = type(blk)._tofu_base
+        kw = {k: v for k, v in kw.items() if k not in ("joint_attention_kwargs", "cross_attention_kwargs")}
+        x = kw.pop("hidden_states")
+        merge = Merge(x, grid, s.ratio, "mean")
+        merged = merge.m(x)
+        with torch.no_grad():
+            if "image_rotary_emb" not in kw:
+                want = base.forward(blk, merged, **kw)
+            else:  # per image: its merged tokens' positions pick its rows of the rotary tables
+                cos, sin = kw.pop("image_rotary_emb")
+                n_text, where = kw["encoder_hidden_states"].shape[1], merge.positions()
+                parts = [base.forward(blk, merged[i:i + 1], kw["encoder_hidden_states"][i:i + 1], kw["temb"][i:i + 1],
+                                      tuple(torch.cat([t[:n_text], t[n_text:][where[i]]]) for t in (cos, sin)))
+                         for i in range(BATCH)]
+                want = tuple(torch.cat(p) for p in zip(*parts))
+        if isinstance(want, tuple):
+            torch.testing.assert_close(out[0], want[0], rtol=1e-4, atol=2e-5)
+            want, out = want[1], out[1]
+        torch.testing.assert_close(out, x + merge.u(want - merged), rtol=1e-4, atol=2e-5)
+
+
 def test_whole_block_mode_shortens_every_projection():
     # Flux: the image side of every projection and MLP sees N - r rows; the text side all of its tokens.
     model, args = build("flux"), inputs("flux", grid=(6, 6))
