@@ -68,7 +68,9 @@ STEP_MAX_N = 1025  # ViT-H/14 at 448 px, ViT-B/16 at 512 px: the largest token c
 STEP_MAX_D = 128  # head dims the match keeps in registers
 STEP_MAX_C = 8192
 PLAN_MAX_NA = 1024  # A tokens the two-launch plan sorts in registers (N <= 2049)
-PLAN_WARPS = 8
+# Warps of the plan, by whether its dot runs on fp32 inputs: the fp16/bf16 tiles need 8 (4 spill on sm_80),
+# the fp32 tiles 4 (8 spill on sm_80): tests/test_aot_compile.py.
+PLAN_WARPS = {True: 4, False: 8}
 
 # The step's candidates (the names of tofu_triton/tables/vit_step.json).
 STEP_PATHS = ("one_launch", "two_launch", "three_launch")
@@ -361,7 +363,7 @@ def plan(keys: torch.Tensor, protected: int, r: int, index: torch.Tensor, wrap=p
             keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), 1.0 / heads,
             heads, d, protected, na, nb, r, batch,
             BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, DOT_FP32=dot_fp32, SINGLE_D=d <= block_d,
-            BLOCK_SEL=plan_block(na), BLOCK_NB=plan_block(nb + 1), num_warps=PLAN_WARPS,
+            BLOCK_SEL=plan_block(na), BLOCK_NB=plan_block(nb + 1), num_warps=PLAN_WARPS[dot_fp32],
         )
 
 
