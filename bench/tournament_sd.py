@@ -14,7 +14,8 @@ within ``SCORE_ATOL`` of the best).
 
 Shapes: N = 1024, 4096, 16384, 65536 (2x2 cells, ratio 0.5: r = N / 2), B = 1
 and 2, fp16 and bf16; the scores also at C = 640 and 1280 where the SD UNets
-run those widths (N <= 16384); N = 65536 last. Parts are timed with
+run those widths (N <= 16384). Order: fp16 before bf16, B = 2 before 1, N =
+4096, 16384, 1024, and every N = 65536 case last. Parts are timed with
 ``triton.testing.do_bench`` (median, L2 flushed), the whole step (partition,
 scores, select, merge mlerp, unmerge + residual) by CUDA-graph replay. Results
 are written after every shape (a run cut short keeps what it measured); cases
@@ -23,7 +24,7 @@ left when ``--budget-s`` is spent are skipped and listed.
     python bench/tournament_sd.py --out bench/results/gpu [--budget-s 90] [--write-table]
 
 ``--write-table`` (GPU only) replaces this card's rows of the same dtype and shape
-in tofu_triton/tables/spatial_select.json and spatial_scores.json. ``--small``
+in tofu_triton/tables/spatial_select.json and spatial_scores.json, after every case. ``--small``
 runs tiny shapes on the CPU in Triton's interpreter (TRITON_INTERPRET=1): it
 checks the script and the candidates, its times mean nothing.
 """
@@ -238,19 +239,25 @@ def main(argv=None) -> int:
     if args.small:
         cases = [(side, widths, 2, dtypes[0]) for side, widths in SMALL_SHAPES]
     else:
-        cases = [(side, widths, batch, dtype) for side, widths in GPU_SHAPES for dtype in dtypes for batch in (1, 2)]
+        # Most wanted first, so a short budget still measures them: fp16 before bf16, B = 2 (classifier-free
+        # guidance) before 1, SD 1.5's and SDXL's sizes before 1024; N = 65536 (the slowest) last.
+        order = {32: 2, 64: 0, 128: 1, 256: 3}
+        cases = sorted(((side, widths, batch, dtype) for side, widths in GPU_SHAPES for dtype in dtypes
+                        for batch in (2, 1)),
+                       key=lambda c: (c[0] == 256, dtypes.index(c[3]), -c[2], order[c[0]]))
     rows, skipped, t0 = [], [], time.time()
     for side, widths, batch, dtype in cases:
         if time.time() - t0 > args.budget_s:
             skipped.append(f"N={side * side} B={batch} {dtype}".replace("torch.", ""))
             continue
-        for row in run_shape(side, widths, batch, dtype, gen):
-            rows.append(row)
+        case_rows = run_shape(side, widths, batch, dtype, gen)
+        for row in case_rows:
             print("tournament_sd", json.dumps(row), flush=True)
+        rows += case_rows
         write_report(args.out, prov, rows, skipped)
+        if args.write_table:  # after every case too: a run stopped by its stage's time limit keeps its rows
+            write_tables(prov, case_rows)
     write_report(args.out, prov, rows, skipped)
-    if args.write_table:
-        write_tables(prov, rows)
     failed = [row for row in rows if row["failed"]]
     print(f"tournament_sd {'PASSED' if not failed else 'FAILED'}: {len(rows)} rows, {len(failed)} with a failed "
           f"candidate, {len(skipped)} skipped, {time.time() - t0:.0f} s")
