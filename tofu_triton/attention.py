@@ -160,7 +160,7 @@ def sized_attention(q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], dro
     else:
         path = _runnable_path(path, q, k, v, bias, dropout_p)
     if path.startswith("triton_"):
-            return kernel.biased_attention(q, k, v, bias, _triton_configs()[path])
+        return kernel.biased_attention(q, k, v, bias, _triton_configs()[path])
     if path in ("vsize", "vsize_v"):
         return _sized_values(q, k, v, bias, dropout_p, pad_qk=path == "vsize")
     if bias.dtype != q.dtype:  # a mask must be in the query's dtype (under autocast, the autocast dtype)
