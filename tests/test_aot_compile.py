@@ -34,6 +34,9 @@ SD_WIDTHS = [384, 768, 1280]
 HEAD_DIMS = [32, 64, 128, 256]
 # The step's head dims by the tiles they use: 64 (the metric in one tile), 128 (80 and 96 alike: a loop over D).
 STEP_HEAD_DIMS = [64, 128]
+# Per-image token counts of the two-launch plan's register sort (Na, Nb + 1): ViT-B/16 at 224 px (Na = 98, the
+# smallest tile) and the largest it takes (kernels.step.PLAN_MAX_NA).
+PLAN_TOKENS = [98, 1024]
 
 
 def _signature(fn, pointers, constexprs):
@@ -70,6 +73,15 @@ def _step_configs():
                                 node_max_ptr="*fp32", node_idx_ptr="*i64")
                     tag = f"step {mode} {dt} D={d}" + ("" if has_size else " size=None no-bias")
                     out.append((tag, step._step_kernel, ptrs, const, settings.num_warps))
+    for dt in PTR:  # the two-launch step's plan: match (keys in) + sort select; no mode, size or bias
+        for d in STEP_HEAD_DIMS:
+            for na in PLAN_TOKENS:
+                ba, bb, bd = match.match_blocks(d, dot_fp32=dt == "fp32")
+                const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd,
+                             BLOCK_SEL=step.plan_block(na), BLOCK_NB=step.plan_block(na + 1))
+                ptrs = dict(keys_ptr=PTR[dt], node_max_ptr="*fp32", node_idx_ptr="*i64", index_ptr="*i64")
+                out.append((f"plan {dt} D={d} Na={na}", step._plan_kernel, ptrs, const,
+                            step.PLAN_WARPS[dt == "fp32"]))
     return out
 
 
@@ -97,12 +109,16 @@ def _configs():
     positions = {"a_pos_ptr": "*i64", "b_pos_ptr": "*i64"}  # the spatial partition's arrays (POS=True)
     for dt in PTR:
         for d in HEAD_DIMS:
-            for pos in (False, True):
+            # A given metric (ViT, spatial), and a ViT step's keys (HEADS: heads averaged as loaded) at its head dims.
+            for pos, heads in ((False, False), (True, False), (False, True)):
+                if heads and d not in STEP_HEAD_DIMS:
+                    continue
                 ba, bb, bd = match.match_blocks(d, dot_fp32=dt == "fp32")
-                const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd, POS=pos)
+                const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd, POS=pos,
+                             HEADS=heads)
                 ptrs = dict(positions, metric_ptr=PTR[dt], node_max_ptr="*fp32", node_idx_ptr="*i64")
-                out.append((f"match {dt} D={d}" + (" spatial" if pos else ""), match._match_kernel, ptrs, const,
-                            match.MATCH_WARPS))
+                out.append((f"match {dt} D={d}" + (" spatial" if pos else " keys" if heads else ""),
+                            match._match_kernel, ptrs, const, match.MATCH_WARPS_KEYS if heads else match.MATCH_WARPS))
     idx = {n: "*i64" for n in ["node_idx_ptr", "unm_idx_ptr", "src_idx_ptr", "dst_idx_ptr", "dst_start_ptr",
                                "dst_src_ptr"]}
     out.append(("select", select._select_kernel, dict(idx, node_max_ptr="*fp32"),
@@ -137,11 +153,14 @@ def _configs():
                     const = dict(MODE=mode_id, HAS_SIZE=has_size, BLOCK_C=bc, POS=pos)
                     shared = dict(positions, size_ptr="*fp32", unm_idx_ptr="*i64", dst_start_ptr="*i64",
                                   dst_src_ptr="*i64")
-                    fwd = dict(shared, x_ptr=PTR[dt], out_ptr=PTR[dt], size_out_ptr="*fp32")
+                    fwd = dict(shared, x_ptr=PTR[dt], out_ptr=PTR[dt], size_out_ptr="*fp32", bias_ptr=PTR[dt])
                     bwd = dict(shared, x_ptr=PTR[dt], grad_out_ptr=PTR[dt], grad_x_ptr=PTR[dt])
                     warps = merge.merge_num_warps(bc)
                     tag = f"{mode} {dt} C={c}" + ("" if has_size else " size=None") + (" spatial" if pos else "")
-                    out.append((f"merge {tag}", merge._merge_kernel, fwd, dict(const, WRITE_SIZE=not pos), warps))
+                    # The ViT step's merge writes the next attention's bias where sizes are tracked.
+                    fwd_const = dict(const, WRITE_SIZE=not pos, BIAS=has_size and not pos)
+                    out.append((f"merge {tag}" + (" +bias" if fwd_const["BIAS"] else ""), merge._merge_kernel, fwd,
+                                fwd_const, warps))
                     out.append((f"merge_backward {tag}", merge._merge_backward_kernel, bwd, const, warps))
         for c in SD_WIDTHS:
             for has_res in (False, True):
