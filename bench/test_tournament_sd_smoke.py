@@ -32,10 +32,10 @@ def test_small_run_checks_and_times_every_candidate(tmp_path):
     result = json.loads((tmp_path / "tournament_sd.json").read_text())
     by_op = {row["op"]: row for row in result["rows"]}
     assert set(by_op) == {"spatial_select", "spatial_scores", "sd_step"}
-    assert set(by_op["spatial_select"]["us"]) == {"radix64", "sort", "topk", "argsort"}
+    assert set(by_op["spatial_select"]["us"]) == {"radix64", "sort", "topk", "fused", "argsort"}
     assert set(by_op["spatial_scores"]["us"]) == {"match", "dot"}
-    assert len(by_op["sd_step"]["us"]) == 6 and all(v is not None for v in by_op["sd_step"]["us"].values())
-    assert by_op["spatial_select"]["winner"] in ("radix64", "sort", "topk")  # the baseline argsort never wins
+    assert len(by_op["sd_step"]["us"]) == 8 and all(v is not None for v in by_op["sd_step"]["us"].values())
+    assert by_op["spatial_select"]["winner"] in ("radix64", "sort", "topk", "fused")  # the baseline argsort never wins
     assert "## spatial_select" in (tmp_path / "tournament_sd.md").read_text()
     assert result["provenance"]["commit"] and result["provenance"]["command"].endswith(f"--out {tmp_path}")
     # The committed tables are never rewritten without --write-table.

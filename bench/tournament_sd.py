@@ -4,7 +4,8 @@ same scores (docs/design.md §5.1).
 
 Candidates (tofu_triton.kernels): select ``SPATIAL_SELECT_CANDIDATES`` ("radix64":
 the radix-select kernel; "sort": two stable device sorts and binary searches;
-"topk": torch.topk of unique order keys as the threshold, then one sort),
+"topk": torch.topk of unique order keys as the threshold, then one sort;
+"fused": one program per image, radix threshold and a counting sort),
 scores ``SPATIAL_SCORES_CANDIDATES`` ("match": the match kernel on position arrays;
 "dot": inverse norms first, then larger tl.dot tiles). Each candidate's output is
 checked before it is timed (a wrong candidate is recorded as failed and never
@@ -70,15 +71,16 @@ def _timer(graph: bool):
     return host
 
 
-def select_ok(got, node_max, node_idx, r, nb) -> bool:
-    """The candidate's SpatialMatch fields equal the reference select's on the same scores."""
+def select_ok(fn, node_max, node_idx, r, nb) -> bool:
+    """The select candidate ``fn``'s SpatialMatch fields equal the reference select's on the same scores."""
+    got = fn(node_max, node_idx, r, nb)
     want = reference.to_spatial(reference.select(node_max, node_idx, r, nb, 0))
     return all(torch.equal(a, b) for a, b in zip(got, want))
 
 
-def scores_ok(got, metric, part) -> bool:
-    """Same best scores as the reference, each chosen partner within a near-tie of the best."""
-    node_max, node_idx = got
+def scores_ok(fn, metric, part) -> bool:
+    """The scores candidate ``fn`` gives the reference's best scores, each chosen partner within a near-tie."""
+    node_max, node_idx = fn(metric, part.a_pos, part.b_pos)
     unit = metric.float() / metric.float().norm(dim=-1, keepdim=True).clamp_min(reference.EPS)
     want_max, _ = reference.spatial_scores(metric, part)
     chosen = (unit[:, part.a_pos] * unit[:, part.b_pos][torch.arange(metric.shape[0])[:, None], node_idx]).sum(-1)
@@ -86,6 +88,15 @@ def scores_ok(got, metric, part) -> bool:
     return bool(((node_max - want_max).abs()[finite] <= SCORE_ATOL).all()
                 and ((chosen - want_max).abs()[finite] <= SCORE_ATOL).all()
                 and torch.equal(node_max[~finite], want_max[~finite]))
+
+
+def _runs_right(check, *args) -> bool:
+    """``check(*args)``, with a candidate that raises (e.g. fails to compile on this card) counted as wrong."""
+    try:
+        return bool(check(*args))
+    except Exception as exc:  # reported, then the tournament goes on without it
+        print(f"tournament_sd: a candidate raised {type(exc).__name__}: {str(exc)[:300]}", file=sys.stderr)
+        return False
 
 
 def _winner(us: dict, candidates) -> str:
@@ -106,7 +117,7 @@ def run_shape(side: int, widths, batch: int, dtype: torch.dtype, gen: torch.Gene
         x = torch.randn(batch, n, c, generator=gen, device=DEVICE).to(dtype)
         us, failed = {}, []
         for name, fn in score_cands.items():
-            if scores_ok(fn(x, part.a_pos, part.b_pos), x, part):
+            if _runs_right(scores_ok, fn, x, part):
                 us[name] = 1e3 * timer(functools.partial(fn, x, part.a_pos, part.b_pos))
             else:
                 us[name] = None
@@ -120,7 +131,7 @@ def run_shape(side: int, widths, batch: int, dtype: torch.dtype, gen: torch.Gene
         tied = node_max.mul(20).round().div(20)
         us, failed = {}, []
         for name, fn in sel_cands.items():
-            if all(select_ok(fn(m, node_idx, rr, nb), m, node_idx, rr, nb) for m in (node_max, tied)
+            if all(_runs_right(select_ok, fn, m, node_idx, rr, nb) for m in (node_max, tied)
                    for rr in sorted({1, r, na})):
                 us[name] = 1e3 * timer(functools.partial(fn, node_max, node_idx, r, nb))
             else:

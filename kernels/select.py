@@ -11,10 +11,12 @@ Two kernels, no atomics, deterministic:
   top-r threshold on its own by a radix select (O(Na) per pass), then builds
   its destinations' CSR lists and its slice of A. Candidate "radix64".
 
-The spatial select has two more candidates without a Triton kernel: "sort"
-(``spatial_select_sort``: two stable device sorts and a few elementwise ops)
-and "topk" (``spatial_select_topk``: a top-k threshold instead of the first
-sort). Which one runs on a card is measured by bench/tournament_sd.py
+The spatial select has more candidates: "fused" (``_spatial_select_fused_kernel``:
+one program per image, the radix threshold once, then a counting sort by
+destination with cursors in scratch memory), and two without a Triton kernel:
+"sort" (``spatial_select_sort``: two stable device sorts and a few elementwise
+ops) and "topk" (``spatial_select_topk``: a top-k threshold instead of the
+first sort). Which one runs on a card is measured by bench/tournament_sd.py
 (docs/design.md §5.1); ``SPATIAL_SELECT_CANDIDATES`` names them.
 """
 from typing import NamedTuple
@@ -23,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv, empty, on_device, order_key, plain, rank_select
+from .common import cdiv, empty, next_power_of_2, on_device, order_key, plain, rank_select
 
 SELECT_BLOCK = 64  # lanes of the ViT select's counting tiles
 SELECT_WARPS = 4
@@ -163,6 +165,70 @@ def _spatial_select_kernel(
         n_kept += tl.sum(keep.to(tl.int32), axis=0)
 
 
+@triton.jit
+def _spatial_select_fused_kernel(
+    node_max_ptr, node_idx_ptr,
+    unm_idx_ptr, dst_start_ptr, dst_src_ptr, a_row_ptr, cursor_ptr,
+    NA, NB, R,
+    IDX_BITS: tl.constexpr, BLOCK: tl.constexpr, BLOCK_T: tl.constexpr, NB_BLOCK: tl.constexpr,
+):
+    """One program per image ("fused" candidate): the threshold as ``_radix_threshold``,
+    then a counting sort of the sources by destination: a histogram of the
+    destinations gives ``dst_start``, and a second pass in index order places
+    each source at its destination's cursor (scratch memory, this program's
+    only) plus its rank among the earlier sources of that destination in the
+    tile. Barriers order the cursor reads and writes; no atomics."""
+    batch = tl.program_id(0).to(tl.int64)
+    node_max_ptr += batch * NA
+    node_idx_ptr += batch * NA
+    unm_idx_ptr += batch * (NA - R)
+    dst_start_ptr += batch * (NB + 1)
+    dst_src_ptr += batch * R
+    a_row_ptr += batch * NA
+    cursor_ptr += batch * NB_BLOCK
+    threshold = _radix_threshold(node_max_ptr, NA, R, IDX_BITS, BLOCK)
+
+    # Kept tokens (ascending) and every token's output row; the sources' count per destination.
+    counts = tl.zeros([NB_BLOCK], dtype=tl.int32)
+    n_kept = 0
+    lanes = tl.arange(0, BLOCK)
+    for i0 in range(0, NA, BLOCK):
+        offs = i0 + lanes
+        mask = offs < NA
+        is_src = mask & (order_key(node_max_ptr, offs, mask, IDX_BITS) >= threshold)
+        keep = mask & ~is_src
+        dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+        counts += tl.histogram(dst.to(tl.int32), NB_BLOCK, mask=is_src)
+        pos = n_kept + tl.cumsum(keep.to(tl.int32), axis=0) - 1
+        tl.store(unm_idx_ptr + pos, offs.to(tl.int64), mask=keep)
+        tl.store(a_row_ptr + offs, tl.where(keep, pos.to(tl.int64), NA - R + dst), mask=mask)
+        n_kept += tl.sum(keep.to(tl.int32), axis=0)
+    first = tl.cumsum(counts, axis=0) - counts
+    bins = tl.arange(0, NB_BLOCK)
+    tl.store(dst_start_ptr + bins, first.to(tl.int64), mask=bins < NB)
+    tl.store(dst_start_ptr + NB, tl.zeros([], dtype=tl.int64) + R)
+    tl.store(cursor_ptr + bins, first)
+    tl.debug_barrier()  # the cursors visible to every thread of the program
+
+    # Sources in index order, each at its destination's cursor plus its rank among the
+    # earlier sources of that destination in this tile; then each destination's last
+    # source in the tile advances the cursor past the tile's sources.
+    t = tl.arange(0, BLOCK_T)
+    for i0 in range(0, NA, BLOCK_T):
+        offs = i0 + t
+        mask = offs < NA
+        is_src = mask & (order_key(node_max_ptr, offs, mask, IDX_BITS) >= threshold)
+        dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
+        same = (dst[:, None] == dst[None, :]) & is_src[None, :]
+        rank = tl.sum((same & (t[None, :] < t[:, None])).to(tl.int32), axis=1)
+        later = tl.sum((same & (t[None, :] > t[:, None])).to(tl.int32), axis=1)
+        slot = tl.load(cursor_ptr + dst, mask=is_src, other=0) + rank
+        tl.store(dst_src_ptr + slot, offs.to(tl.int64), mask=is_src)
+        tl.debug_barrier()  # every cursor of this tile read before any is advanced
+        tl.store(cursor_ptr + dst, slot + 1, mask=is_src & (later == 0))
+        tl.debug_barrier()  # the advanced cursors visible to the next tile
+
+
 def select(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=plain, out=None):
     """Launch the ViT select: node_max [B, Na] fp32 (no NaN), node_idx [B, Na] int64
     (contiguous), ``r`` in [1, nb]. Returns (unm_idx [B, Na-r], src_idx [B, r],
@@ -268,6 +334,41 @@ def spatial_select_topk(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, 
     return unm_idx, dst_start, dst_src, a_row
 
 
+class FusedSelectSettings(NamedTuple):
+    """Tiles of the "fused" spatial select (shipped defaults; tests pass small ones)."""
+
+    block: int = 2048  # A tokens per tile of the threshold and histogram passes
+    block_t: int = 128  # A tokens per tile of the placing pass (a block_t x block_t compare)
+    num_warps: int = 8
+
+
+FUSED_SELECT = FusedSelectSettings()
+MAX_FUSED_NB = 16384  # destinations held in one program's histogram (N = 65536 with 2x2 cells)
+
+
+def spatial_select_fused(node_max: torch.Tensor, node_idx: torch.Tensor, r: int, nb: int, wrap=plain,
+                         settings: FusedSelectSettings = FUSED_SELECT):
+    """The "fused" candidate: one launch, one program per image; the same inputs and
+    outputs as ``spatial_select`` (nb <= MAX_FUSED_NB; more falls back to it)."""
+    if nb > MAX_FUSED_NB:
+        return spatial_select(node_max, node_idx, r, nb, wrap)
+    batch, na = node_max.shape
+    dev = node_max.device
+    nb_block = max(16, next_power_of_2(nb))
+    unm_idx = empty(batch, na - r, dtype=torch.int64, device=dev)
+    dst_start = empty(batch, nb + 1, dtype=torch.int64, device=dev)
+    dst_src = empty(batch, r, dtype=torch.int64, device=dev)
+    a_row = empty(batch, na, dtype=torch.int64, device=dev)
+    cursor = torch.empty(batch, nb_block, dtype=torch.int32, device=dev)  # scratch, written before read
+    with on_device(node_max):
+        wrap(_spatial_select_fused_kernel)[(batch,)](
+            node_max, node_idx, unm_idx, dst_start, dst_src, a_row, cursor, na, nb, r,
+            IDX_BITS=idx_bits(na), BLOCK=settings.block, BLOCK_T=settings.block_t, NB_BLOCK=nb_block,
+            num_warps=settings.num_warps,
+        )
+    return unm_idx, dst_start, dst_src, a_row
+
+
 def _radix64(node_max, node_idx, r, nb):
     """Today's kernel ("radix64"), looked up when called (tests count its launches)."""
     return spatial_select(node_max, node_idx, r, nb)
@@ -275,4 +376,5 @@ def _radix64(node_max, node_idx, r, nb):
 
 # The spatial select's candidates for dispatch (tofu_triton.dispatch, op "spatial_select"),
 # each (node_max, node_idx, r, nb) -> (unm_idx, dst_start, dst_src, a_row).
-SPATIAL_SELECT_CANDIDATES = {"radix64": _radix64, "sort": spatial_select_sort, "topk": spatial_select_topk}
+SPATIAL_SELECT_CANDIDATES = {"radix64": _radix64, "sort": spatial_select_sort, "topk": spatial_select_topk,
+                             "fused": spatial_select_fused}

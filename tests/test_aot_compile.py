@@ -133,6 +133,12 @@ def _configs():
         const = dict(IDX_BITS=bits, BLOCK=spatial.block, BLOCK_ROUTE=spatial.route_block, DST_BLOCK=spatial.dst_block)
         out.append((f"spatial_select IDX_BITS={bits}", select._spatial_select_kernel, ptrs, const,
                     spatial.num_warps))
+    fused = select.FusedSelectSettings()
+    for nb_block in (1024, 16384):  # N = 4096 and 65536 with 2x2 cells
+        ptrs = dict(idx, node_max_ptr="*fp32", a_row_ptr="*i64", cursor_ptr="*i32")
+        const = dict(IDX_BITS=16, BLOCK=fused.block, BLOCK_T=fused.block_t, NB_BLOCK=nb_block)
+        out.append((f"spatial_select_fused NB_BLOCK={nb_block}", select._spatial_select_fused_kernel, ptrs, const,
+                    fused.num_warps))
     sd_scores = match.SpatialScoresSettings()
     for dt in PTR:  # the SD "dot" scores candidate: C >= 64 uses one channel tile size, so one config per dtype
         ba, bb, bd = match.MATCH_BLOCKS[True] if dt == "fp32" else sd_scores[:3]

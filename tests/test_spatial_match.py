@@ -4,7 +4,7 @@ select) against the reference, on CPU through Triton's interpreter.
 Select is checked exactly on the kernel's own scores (so near-ties of the
 scores cannot hide a select bug), the scores up to near-ties. "many" runs the
 select with tiny tiles so that one image is split over many programs, as it
-is at N = 4096 and beyond. Every candidate of the select ("radix64", "sort", "topk")
+is at N = 4096 and beyond. Every candidate of the select ("radix64", "sort", "topk", "fused")
 and of the scores ("match", "dot") is checked (the GPU runs whichever a
 dispatch table names). Every output is poisoned before a kernel runs."""
 import functools
@@ -23,13 +23,18 @@ from conftest import DEVICE, DTYPES, GRIDS, assert_same, make_partition, r_value
 pytestmark = pytest.mark.usefixtures("poisoned")
 
 
-@pytest.fixture(params=["radix64", "radix64_many", "sort", "topk"])
+@pytest.fixture(params=["radix64", "radix64_many", "sort", "topk", "fused", "fused_tiles"])
 def select_candidate(request):
     """A spatial select (node_max, node_idx, r, nb): the radix kernel with the shipped
     settings or with many programs per image (16 destinations and their share of A
-    each, in tiles of 16, as at N = 4096 and beyond), or a candidate built on torch's sorts."""
-    if request.param in ("sort", "topk"):
+    each, in tiles of 16, as at N = 4096 and beyond), a candidate built on torch's
+    sorts, or the one-program kernel with the shipped tiles or tiles of 16 (many
+    tiles per image, so the cursors carry across tiles)."""
+    if request.param in ("sort", "topk", "fused"):
         return select_kernels.SPATIAL_SELECT_CANDIDATES[request.param]
+    if request.param == "fused_tiles":
+        return functools.partial(select_kernels.spatial_select_fused,
+                                 settings=select_kernels.FusedSelectSettings(block=16, block_t=16))
     settings = select_kernels.SpatialSelectSettings()
     if request.param == "radix64_many":
         settings = select_kernels.SpatialSelectSettings(dst_block=16, block=16, route_block=16)
@@ -112,7 +117,7 @@ def test_spatial_select_at_sd_sizes(side):
         want = ref.to_spatial(ref.select(node_max, node_idx, r, nb, 0))
         got = select_kernels.spatial_select(node_max.to(DEVICE), node_idx.to(DEVICE), r, nb, settings=settings)
         assert_same(got, want)
-        for name in ("sort", "topk"):  # torch ops: cheap in any case (16-bit index part of the keys here)
+        for name in ("sort", "topk", "fused"):  # 16-bit index part of the keys here
             assert_same(select_kernels.SPATIAL_SELECT_CANDIDATES[name](node_max.to(DEVICE), node_idx.to(DEVICE), r, nb),
                         want)
 
@@ -141,7 +146,7 @@ def test_dot_scores_match_the_reference(dtype):
     assert node_max[0, 3].item() == float("-inf") and node_max[1, 5].item() == 0.0
 
 
-@pytest.mark.parametrize("scores,select", [("dot", "sort"), ("dot", "radix64"), ("match", "topk")])
+@pytest.mark.parametrize("scores,select", [("dot", "sort"), ("dot", "fused"), ("match", "topk")])
 def test_spatial_match_op_with_each_candidate(scores, select):
     # The op the GPU dispatches to, with each pair the table may name: the
     # select exactly the reference's on that candidate's own scores.
