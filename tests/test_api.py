@@ -33,6 +33,9 @@ def inputs():
         (lambda x, m, s: tt.token_fusion(x, m, 2, backend="cuda"), ValueError, "backend must be one of"),
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s[:, :3]), ValueError, "size must have shape"),
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s.double()), TypeError, "size must be float32"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, size=s - 2), ValueError, "size must be >= 0"),
+        (lambda x, m, s: tt.token_fusion(x, m, 2, size=s / 0 * 0, backend="triton"), ValueError, "size must be >= 0"),
+        (lambda x, m, s: tt.token_fusion_step(x, m[:, None], 2, size=-s), ValueError, "size must be >= 0"),
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s.to("meta")), ValueError, "size is on"),
         (lambda x, m, s: tt.token_fusion(x, m.to("meta"), 2), ValueError, "metric is on"),
         (lambda x, m, s: tt.merge_tokens(x, (1, 2), s), TypeError, "match must be"),
@@ -90,6 +93,37 @@ def test_r_is_clamped_to_nb_and_zero_returns_inputs(inputs):
     x, size = x.cpu(), size.cpu()
     out, size_out = tt.token_fusion(x, metric, 0, None)
     assert out is x and torch.equal(size_out, torch.ones(2, 17, 1))
+
+
+def test_zero_sizes_are_padding_not_an_error(inputs):
+    x, metric, size = inputs
+    size[:, 5:] = 0
+    out, size_out = tt.token_fusion(x, metric, 3, size, mode="prune")
+    assert out.shape == (2, 14, 8) and (size_out >= 0).all()
+
+
+@pytest.mark.parametrize("mode", ref.MODES)
+def test_nan_inputs_give_the_reference_result_on_the_kernels(mode, poisoned):
+    # Batch 0: an all-NaN metric (every score -inf: the first r A tokens merge into B token 0) and finite x.
+    # Batch 1: a finite metric and x with a NaN in one channel of every A token, so that some of them merge:
+    # the merged tokens carry it exactly as in the reference (mlerp: the whole row, through the norms).
+    x, metric, size = make_inputs(2, 17, 8, seed=13)
+    metric[0] = float("nan")
+    x[1, 1::2, 2] = float("nan")
+    keys = metric[:, None].expand(2, 2, 17, 8)
+    want = ref.token_fusion_step(x, keys, 6, size, mode, 1)
+    for got in (tt.token_fusion(x.to(DEVICE), metric.to(DEVICE), 6, size.to(DEVICE), mode, backend="triton"),
+                tt.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), 6, size.to(DEVICE), mode, backend="triton")[:2]):
+        assert torch.equal(got[0].isnan().cpu(), want.x.isnan())
+        assert_close(got[0][0].cpu(), want.x[0])
+        assert_close(got[0][1].nan_to_num().cpu(), want.x[1].nan_to_num())
+        assert_close(got[1].cpu(), want.size, name="size")
+    assert want.match.dst_idx[0].tolist() == [0] * 6 and want.x[0].isfinite().all()
+    b_rows = want.x[1, 1 + 8 - 6:]  # after [CLS] and the 2 kept A tokens (which keep their NaN as they are)
+    nan_rows = b_rows.isnan().any(-1)
+    assert nan_rows.any() if mode != "prune" else not nan_rows.any()  # pruned sources are dropped unread
+    if mode == "mlerp":
+        assert b_rows[nan_rows].isnan().all()
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton"])

@@ -51,6 +51,28 @@ def test_nan_scores_sort_last_and_give_valid_indices():
     assert 0 not in match.dst_idx[1].tolist()
 
 
+def test_all_nan_metric_follows_the_order_rule_and_nan_x_is_never_hidden():
+    # An all-NaN metric scores every pair -inf: the first r A tokens (a stable order) merge into B token 0.
+    # A NaN in x is carried by the token it lands in (mean: its channel; mlerp: the whole row, through
+    # the norms); prune drops the source without reading it. N = 9, p = 1: A = 1, 3, 5, 7; B = 2, 4, 6, 8.
+    x, metric, size = make_inputs(1, 9, 4, dtype=torch.float64, seed=12)
+    metric[:] = float("nan")
+    x[0, 3, 0] = float("nan")  # A token 1: a source
+    match = ref.bipartite_match(metric, 3, protected=1)
+    assert match.src_idx.tolist() == [[0, 1, 2]] and match.dst_idx.tolist() == [[0, 0, 0]]
+    assert match.unm_idx.tolist() == [[3]]
+    rows = [2, 1, 3, 5]  # B token 0 and its sources
+    w = size[0, rows]
+    mean = (x[0, rows] * w).sum(0) / w.sum()
+    assert mean.isnan().tolist() == [True, False, False, False]
+    for mode in ref.MODES:
+        out, size_out = ref.merge_tokens(x, match, size, mode)
+        torch.testing.assert_close(out[0, [0, 1, 3, 4, 5]], x[0, [0, 7, 4, 6, 8]], rtol=0, atol=0)
+        merged = {"mean": mean, "mlerp": torch.full((4,), float("nan"), dtype=x.dtype), "prune": x[0, 2]}[mode]
+        torch.testing.assert_close(out[0, 2], merged, equal_nan=True)
+        torch.testing.assert_close(size_out[0, 2, 0], size[0, 2, 0] if mode == "prune" else w.sum().float())
+
+
 def test_r_is_clamped_and_zero_is_identity():
     x, metric, size = make_inputs(2, 10, 6, seed=1)
     assert ref.bipartite_match(metric, 100, protected=1).r == 4  # Nb = floor(9 / 2)

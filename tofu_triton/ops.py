@@ -115,6 +115,12 @@ def _check_size(size: Optional[Tensor], x: Tensor) -> None:
         raise ValueError(f"size is on {size.device} but x is on {x.device}")
     if size.dtype != torch.float32:
         raise TypeError(f"size must be float32, got {size.dtype}")
+    # Sizes count original tokens: > 0, or 0 for padding. Reading the values back costs a device-to-host sync
+    # on CUDA (none is allowed in a forward, docs/design.md §4) and breaks graph capture while compiling, so
+    # only CPU tensors outside compilation are checked; elsewhere a negative or NaN size is the caller's bug.
+    if size.device.type == "cpu" and not torch.compiler.is_compiling() and not bool((size >= 0).all()):
+        raise ValueError("size must be >= 0 (original tokens per token, 0 for padding); it has a negative or NaN "
+                         "entry")
 
 
 # --------------------------------------------------------------------------- launches
