@@ -415,7 +415,8 @@ def _export_ops() -> dict:
 
         @triton_op("tofu_triton::step_export", mutates_args=())
         def step_export(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-                        bias_dtype: Optional[torch.dtype], path: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                        bias_dtype: Optional[torch.dtype],
+                        path: str = "one_launch") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
             return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path, wrap=wrap_triton)
 
         _EXPORT_OPS.update(match=match_export, merge=merge_export, step=step_export)
