@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from tofu_triton import dispatch, reference
+from tofu_triton import dispatch, ops, reference
 from tofu_triton import kernels
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -50,7 +50,7 @@ DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # coarser levels only; the select does not depend on C (it is timed at the first width).
 GPU_SHAPES = [(32, (320, 640, 1280)), (64, (320, 640, 1280)), (128, (320, 640)), (256, (320,))]
 SMALL_SHAPES = [(8, (24,))]  # --small: B = 2, the first dtype only (the interpreter takes ~1 s a launch)
-TABLES = {"spatial_select": ("B", "N"), "spatial_scores": ("B", "N", "C")}
+TABLES = ops.SPATIAL_TABLE_KEYS  # the shape keys ops.spatial_match looks rows up by
 
 
 def _timer(graph: bool):

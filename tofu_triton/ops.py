@@ -278,6 +278,8 @@ def _(step, h, w, sx, sy, seed, block, rand):
 # ms at N = 4096 on an H200; see docs/design.md §5.1). The CPU (interpreter)
 # runs the Triton kernels "match" and "radix64".
 SPATIAL_SCORES_DEFAULT, SPATIAL_SELECT_DEFAULT = "match", "sort"
+# The shape keys of those tables' rows (bench/tournament_sd.py writes them with these).
+SPATIAL_TABLE_KEYS = {"spatial_scores": ("B", "N", "C"), "spatial_select": ("B", "N")}
 
 
 def _spatial_candidates(metric: Tensor) -> Tuple[str, str]:
@@ -286,12 +288,13 @@ def _spatial_candidates(metric: Tensor) -> Tuple[str, str]:
         return "match", "radix64"
     from . import dispatch
 
-    batch, n, c = metric.shape
+    sizes = dict(zip("BNC", metric.shape))
     k = _kernels()
+    shape = {op: {key: sizes[key] for key in keys} for op, keys in SPATIAL_TABLE_KEYS.items()}
     scores = dispatch.winner("spatial_scores", metric.device, metric.dtype, SPATIAL_SCORES_DEFAULT,
-                             allowed=tuple(k.match.SPATIAL_SCORES_CANDIDATES), B=batch, N=n, C=c)
+                             allowed=tuple(k.match.SPATIAL_SCORES_CANDIDATES), **shape["spatial_scores"])
     select = dispatch.winner("spatial_select", metric.device, metric.dtype, SPATIAL_SELECT_DEFAULT,
-                             allowed=tuple(k.select.SPATIAL_SELECT_CANDIDATES), B=batch, N=n)
+                             allowed=tuple(k.select.SPATIAL_SELECT_CANDIDATES), **shape["spatial_select"])
     return scores, select
 
 
