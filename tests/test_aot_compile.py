@@ -35,8 +35,9 @@ HEAD_DIMS = [32, 64, 128, 256]
 # The step's head dims by the tiles they use: 64 (the metric in one tile), 128 (80 and 96 alike: a loop over D).
 STEP_HEAD_DIMS = [64, 128]
 # Per-image token counts of the two-launch plan's register sort (Na, Nb + 1): ViT-B/16 at 224 px (Na = 98, the
-# smallest tile) and the largest it takes (kernels.step.PLAN_MAX_NA).
-PLAN_TOKENS = [98, 1024]
+# smallest tile) for every dtype and head dim, and the largest it takes (kernels.step.PLAN_MAX_NA) once: the
+# sort works on int64 keys whatever the keys' dtype, and its 1024-wide network takes ~30 s to compile.
+PLAN_TOKENS = {98: None, 1024: ("fp16", 64)}
 
 
 def _signature(fn, pointers, constexprs):
@@ -75,7 +76,9 @@ def _step_configs():
                     out.append((tag, step._step_kernel, ptrs, const, settings.num_warps))
     for dt in PTR:  # the two-launch step's plan: match (keys in) + sort select; no mode, size or bias
         for d in STEP_HEAD_DIMS:
-            for na in PLAN_TOKENS:
+            for na, only in PLAN_TOKENS.items():
+                if only is not None and only != (dt, d):
+                    continue
                 ba, bb, bd = match.match_blocks(d, dot_fp32=dt == "fp32")
                 const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd,
                              BLOCK_SEL=step.plan_block(na), BLOCK_NB=step.plan_block(na + 1))
