@@ -106,6 +106,16 @@ def test_step_is_one_launch_deterministic_and_without_bias_when_not_asked(launch
     assert all(torch.equal(a, b) for a, b in zip(runs[0].match[:5], runs[1].match[:5]))
 
 
+@pytest.mark.parametrize("path", ["two_launch", "three_launch"])
+def test_other_paths_are_deterministic_and_without_bias_when_not_asked(path):
+    x, keys = qkv_keys(2, 2, 25, 16, torch.float16, seed=3)
+    x, keys = x.to(DEVICE), keys.to(DEVICE)
+    runs = [tt.token_fusion_step(x, keys, 9, mode="mean", backend="triton", path=path) for _ in range(2)]
+    assert runs[0].bias is None
+    assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].size, runs[1].size)
+    assert all(torch.equal(a, b) for a, b in zip(runs[0].match[:5], runs[1].match[:5]))
+
+
 @pytest.mark.parametrize("path", step_kernels.STEP_PATHS)
 def test_nan_keys_give_valid_indices(path):
     x, keys = qkv_keys(2, 2, 33, 8, torch.float32, seed=4)
