@@ -581,9 +581,9 @@ def token_fusion_step(
     r = effective_r(n, r, protected)
     if keys.requires_grad:
         keys = keys.detach()
-    path = _step_path(path, x, n, c, keys.shape[3], protected)
     if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.token_fusion_step(x, keys, r, size, mode, protected, bias_dtype)
+    path = _step_path(path, x, n, c, keys.shape[3], protected)  # after the reference: it imports the kernels
     outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype, path)
     return _as_step(*outputs, n, protected, r, bias_dtype is not None, with_match)
 
