@@ -1,10 +1,15 @@
 """Partition: the cell partition of a latent grid for the Stable Diffusion step
 (reference.spatial_partition with reference.cell_choice, docs/design.md §5, §5.1).
 
-One program tests every position for being its cell's destination (the
-top-left token, or the one a splitmix64 hash of (seed, step, block, cell)
-picks, bit for bit as the reference) and ranks it in A or B with running
-counts. It replaces the ~30 small torch ops of the reference's partition.
+One program per band of ``sy`` grid rows (one row of cells) tests every
+position for being its cell's destination (the top-left token, or the one a
+splitmix64 hash of (seed, step, block, cell) picks, bit for bit as the
+reference) and ranks it in A or B with running counts. A band needs no other
+band's result: every full row of cells before it holds exactly ``w // sx``
+destinations, so its first ranks are known. It replaces the ~30 small torch
+ops of the reference's partition (one program for the whole grid measured
+0.281 ms at N = 65536 on an H200, 2026-12-04; the bands spread that over
+h / sy programs).
 """
 import torch
 import triton
@@ -31,16 +36,21 @@ def _partition_kernel(
     N, W, HSY, WSX, SX, SY, NA, seed, block,
     RAND: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """One program builds reference.spatial_partition(h, w, sx, sy, cell_choice(...)):
-    each position is tested for being its cell's destination, and running
-    counts of B positions give every position its rank in A or in B."""
+    """Program ``band`` builds rows ``[band * SY, (band + 1) * SY)`` of
+    reference.spatial_partition(h, w, sx, sy, cell_choice(...)): each position
+    is tested for being its cell's destination, and running counts of B
+    positions, starting after the ``WSX`` destinations of each earlier full
+    cell row, give every position its rank in A or in B."""
+    band = tl.program_id(0)
     lanes = tl.arange(0, BLOCK)
     if RAND:
         inner = _mix(tl.load(step_ptr) * 1000003 + block * 7919 + seed)
-    n_b = 0
-    for n0 in range(0, N, BLOCK):
+    n_b = tl.minimum(band, HSY) * WSX
+    lo = band * SY * W
+    hi = tl.minimum(lo + SY * W, N)
+    for n0 in range(lo, hi, BLOCK):
         n = n0 + lanes
-        mask = n < N
+        mask = n < hi
         y = n // W
         x = n % W
         cy = y // SY
@@ -71,7 +81,7 @@ def spatial_partition(step: torch.Tensor, h: int, w: int, sx: int, sy: int, seed
     b_pos = empty(nb, dtype=torch.int64, device=dev)
     slot = empty(n, dtype=torch.int64, device=dev)
     with on_device(step):
-        wrap(_partition_kernel)[(1,)](
+        wrap(_partition_kernel)[(-(-h // sy),)](  # one program per band of sy rows
             step, a_pos, b_pos, slot, n, w, hsy, wsx, sx, sy, n - nb, seed, block,
             RAND=rand, BLOCK=PARTITION_BLOCK, num_warps=PARTITION_WARPS,
         )
