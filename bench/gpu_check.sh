@@ -40,6 +40,8 @@
 #   GPU_CHECK_SKIP_DIT=1 ...                              # no diffusion-transformer stage
 #   GPU_CHECK_SKIP_SAN=1 ...                              # no compute-sanitizer
 #   GPU_CHECK_SKIP_BENCH=1 ...                            # no microbenchmarks
+#   GPU_CHECK_PART=vit GPU_CHECK_BUDGET_S=480 ...        # two calls: the ViT half (tests ... probe),
+#   GPU_CHECK_PART=sd GPU_CHECK_BUDGET_S=290 ...         # then the SD half (bench/README.md)
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x   # print each stage's limit and command, run nothing
 #   GPU_CHECK_DRY_RUN=full ...                           # the same, as if every stage used all of its limit
 #
@@ -70,6 +72,7 @@ min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 stage() { # stage NAME LIMIT_S COMMAND...
   local name=$1 limit=$2
   shift 2
+  if [ "$limit" != absent ] && [ -n "${OFF:-}" ]; then return 1; fi # not in this part of the plan (GPU_CHECK_PART)
   if [ "$limit" = absent ]; then # absent SCRIPT: a stage whose script this checkout does not have
     STAGES+=("$(printf '%-15s %-12s %5s' "$name" "not here" "-")")
     echo "=== [$name] skipped: $1 is not in this checkout" | tee -a "$LOG"
@@ -143,18 +146,27 @@ HAS_SANITIZER=$(command -v compute-sanitizer >/dev/null && echo 1 || true)
 if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then HAS_SANITIZER=1; fi
 T_VIT=$(script bench/tournament_vit.py); T_SD=$(script bench/tournament_sd.py)
 on() { [ -z "$1" ] && echo "$2" || echo 0; } # on SKIP_VAR CAP: CAP, or 0 where the stage is switched off
-C_TESTS=$(on "${GPU_CHECK_SKIP_TESTS:-}" 105)
-C_EXPORT=45; C_COMPILE=45
-C_TVIT=$([ -n "$T_VIT" ] && echo 30 || echo 0)
-C_VIT=70; C_PROBE=45
-C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && echo 25 || echo 0)
-C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" 30); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" 35)
-C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && echo 15 || echo 0)
-C_DET=30; C_SUM=10
+# GPU_CHECK_PART splits the plan over two device calls, so the tournaments get the time a single 540 s call
+# cannot give them all: "vit" (tests, export, compile, the ViT tournament and targets, the attention probe)
+# then "sd" (the SD tournament, the SD and DiT steps, the sanitizer, determinism); "all" (the default) runs
+# every stage in one call with smaller caps. part GROUP CAP_ALL CAP_PART: this stage's cap in this part.
+PART=${GPU_CHECK_PART:-all}
+case $PART in all | vit | sd) ;; *) echo "GPU_CHECK_PART must be all, vit or sd, got '$PART'" >&2; exit 2 ;; esac
+part() { if [ "$PART" = all ]; then echo "$2"; elif [ "$PART" = "$1" ]; then echo "$3"; else echo 0; fi; }
+C_TESTS=$(on "${GPU_CHECK_SKIP_TESTS:-}" "$(part vit 105 100)")
+C_EXPORT=$(part vit 45 40); C_COMPILE=$(part vit 45 50)
+C_TVIT=$([ -n "$T_VIT" ] && part vit 30 75 || echo 0)
+C_VIT=$(part vit 70 80); C_PROBE=$(part vit 45 75)
+C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && part sd 25 90 || echo 0)
+C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" "$(part sd 30 40)"); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" "$(part sd 35 50)")
+C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && part sd 15 15 || echo 0)
+C_DET=$(part sd 30 30); C_SUM=10
 # The caps of the kept stages still to come (the summary's included); each kept stage takes its own out.
 RESERVE=$((C_TESTS + C_EXPORT + C_COMPILE + C_TVIT + C_VIT + C_PROBE + C_TSD + C_SD + C_DIT + 3 * C_SAN + C_DET \
   + C_SUM))
-take() { # take CAP: LIMIT = min(CAP, time left - the caps of the kept stages after this one)
+take() { # take CAP: LIMIT = min(CAP, time left - the caps of the kept stages after this one); OFF for CAP 0
+  OFF=$([ "$1" -eq 0 ] && echo 1 || true)
+  if [ -n "$OFF" ]; then LIMIT=0; return; fi
   RESERVE=$((RESERVE - $1))
   LIMIT=$(min "$1" $(($(remaining) - RESERVE)))
 }
@@ -207,7 +219,7 @@ stage compile "$LIMIT" bash -c "$PY bench/throughput.py --models vit_b --batches
 if [ -n "$T_VIT" ]; then
   take "$C_TVIT"
   stage tournament-vit "$LIMIT" "$PY" "$T_VIT" --out "$RESULTS" --budget-s "$(budget "$LIMIT" 15)" --write-table
-else
+elif [ "$PART" != sd ]; then
   stage tournament-vit absent bench/tournament_vit.py
 fi
 
@@ -235,7 +247,7 @@ if [ -z "${GPU_CHECK_SKIP_SD:-}" ]; then
   if [ -n "$T_SD" ]; then
     take "$C_TSD"
     stage tournament-sd "$LIMIT" "$PY" "$T_SD" --out "$RESULTS" --budget-s "$(budget "$LIMIT" 15)" --write-table
-  else
+  elif [ "$PART" != vit ]; then
     stage tournament-sd absent bench/tournament_sd.py
   fi
 fi

@@ -50,3 +50,19 @@ def test_a_stage_switched_off_gives_its_time_to_the_others(tmp_path):
     assert "sd" not in limits and "tests" not in limits and "tournament-sd" not in limits
     before = everything["bench"] if isinstance(everything.get("bench"), int) else 0
     assert isinstance(limits.get("bench"), int) and limits["bench"] > before, (everything, limits)
+
+
+def test_the_two_part_plan_splits_the_stages_and_gives_the_tournaments_their_time(tmp_path):
+    vit, _ = plan(tmp_path, dry="1", GPU_CHECK_PART="vit", GPU_CHECK_BUDGET_S="480")
+    sd, _ = plan(tmp_path, dry="1", GPU_CHECK_PART="sd", GPU_CHECK_BUDGET_S="290")
+    vit_half = {"tests", "export", "compile", "tournament-vit", "throughput", "probe"}
+    sd_half = {"tournament-sd", "sd", "dit", "san-memcheck", "san-racecheck", "san-synccheck", "determinism"}
+    assert vit_half - {"tournament-vit"} <= set(vit) and not sd_half & set(vit), vit
+    assert sd_half - {"tournament-sd"} <= set(sd) and not vit_half & set(sd), sd
+    assert vit["probe"] >= 60 and sd["sd"] >= 30, (vit, sd)
+    for limits, name in ((vit, "tournament-vit"), (sd, "tournament-sd")):
+        if os.path.exists(os.path.join(HERE, name.replace("-", "_") + ".py")):
+            assert limits[name] >= 60, limits
+    for limits, budget in ((vit, 480), (sd, 290)):
+        kept = sum(v for n, v in limits.items() if isinstance(v, int) and n not in ("env", "install", "bench"))
+        assert kept + SETUP_S <= budget, limits
