@@ -209,17 +209,15 @@ def markdown(result: dict, before=None) -> str:
 
 def environment() -> dict:
     import platform
-    import subprocess
 
     import triton
 
     import tofu_triton
 
-    try:  # the checkout the measured package comes from (--before runs this script against another one)
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=Path(tofu_triton.__file__).parent).stdout.strip()
-    except OSError:
-        commit = "?"
+    from measure import git_commit
+
+    # the checkout the measured package comes from (--before runs this script against another one)
+    commit = git_commit(str(Path(tofu_triton.__file__).parent))
     return dict(machine=f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs",
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), torch=torch.__version__,
                 triton=triton.__version__, commit=commit,

@@ -22,6 +22,7 @@ once, each output written once; the Match indices in between are not
 counted), so "GB/s" and "% of copy bandwidth" are comparable across
 implementations and honest about how far from the memory roofline a step is.
 """
+import os
 import time
 from typing import Callable, Dict, Optional
 
@@ -188,6 +189,17 @@ def peak_memory(fn: Callable) -> int:
     fn()
     torch.cuda.synchronize()
     return torch.cuda.max_memory_allocated() - before
+
+
+def git_commit(where: Optional[str] = None) -> str:
+    """The short commit of the checkout at ``where`` (default: this one), or "unknown"."""
+    import subprocess
+
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                              cwd=where or os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
 
 
 def environment() -> Dict[str, str]:

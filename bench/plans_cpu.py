@@ -25,7 +25,6 @@ import argparse
 import json
 import os
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,7 @@ import torch
 
 from arguments import choice_list
 from dit_cpu import FAMILIES, agreement
-from measure import environment
+from measure import environment, git_commit
 
 ROWS = {"unpatched": None, "per block": dict(), "reuse=step": dict(reuse="step"), "reuse=2": dict(reuse=2),
         "reuse=5": dict(reuse=5), "whole block": dict(whole_block=True),
@@ -138,8 +137,7 @@ def main(argv=None) -> int:
     from importlib.metadata import version
 
     load_before = " / ".join(f"{v:.1f}" for v in os.getloadavg())
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"  # what runs
+    commit = git_commit()  # what runs
     rows = [row for family in args.families for row in measure_family(family, args.size, args.steps, args.ratio)]
     given = argv if argv is not None else sys.argv[1:]
     report = dict(environment=environment(), diffusers=version("diffusers"), commit=commit,

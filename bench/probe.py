@@ -28,7 +28,6 @@ import argparse
 import functools
 import json
 import shlex
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from measure import count_launches, environment, time_cuda_graph  # noqa: E402
+from measure import count_launches, environment, git_commit, time_cuda_graph  # noqa: E402
 
 BATCHES = (1, 8, 64, 256)
 TOKENS = (197, 101, 50, 25, 401, 577, 1025)
@@ -123,18 +122,12 @@ def attention_rows(cases, budget_s, on_row=lambda rows: None):
     return rows
 
 
-def table(rows, env, command, old=None) -> dict:
-    """The dispatch table (tofu_triton/dispatch.py's format) from ``rows``: this run's rows
-    replace the old table's rows of the same card; other cards' rows stay."""
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parent).stdout.strip() or "unknown"
-    card = env["device"]
-    kept = [r for r in (old or {}).get("rows", []) if r.get("card") != card]
-    new = [dict(card=card, dtype=r["dtype"], shape=dict(B=r["B"], N=r["N"], D=r["D"]), winner=r["winner"],
-                us={name: round(ms * 1e3, 2) for name, ms in r["ms"].items()},
-                no_bias_us=round(r["no_bias_ms"] * 1e3, 2)) for r in rows if r.get("winner")]
-    return dict(op="attention", provenance=dict(card=card, date=env["date"][:10], commit=commit, torch=env["torch"],
-                                                triton=env["triton"], command=command), rows=kept + new)
+def table_rows(rows, env) -> list:
+    """This run's attention cases as dispatch-table rows (tofu_triton/dispatch.py's format)."""
+    return [dict(card=env["device"], dtype=r["dtype"], shape=dict(B=r["B"], N=r["N"], D=r["D"]), winner=r["winner"],
+                 us={name: round(ms * 1e3, 2) for name, ms in r["ms"].items()},
+                 no_bias_us=round(r["no_bias_ms"] * 1e3, 2))
+            for r in rows if r.get("winner")]
 
 
 def make_model(variant, dtype):
@@ -233,10 +226,12 @@ def main(argv=None) -> int:
     if args.write_table and isinstance(report.get("attention"), list):
         from tofu_triton import dispatch
 
-        path = dispatch.TABLE_DIR / "attention.json"
-        new = table(report["attention"], report["environment"], report["command"], dispatch.table("attention"))
-        path.write_text(json.dumps(new, indent=1) + "\n", encoding="utf-8")
-        print(f"wrote {path} ({len(new['rows'])} rows)", flush=True)
+        env = report["environment"]
+        rows = table_rows(report["attention"], env)
+        prov = dict(card=env["device"], date=env["date"][:10], commit=git_commit(), torch=env["torch"],
+                    triton=env["triton"], command=report["command"])
+        path = dispatch.update_table("attention", prov, rows)
+        print(f"wrote {path} ({len(rows)} rows of this run)", flush=True)
     return 0
 
 

@@ -33,7 +33,6 @@ import argparse
 import functools
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -171,15 +170,12 @@ def step_rows(x, part, r, batch, dname, graph_timer) -> list:
 
 
 def provenance(command: str) -> dict:
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip() or "unknown"
-    except OSError:
-        commit = "unknown"
     import triton
 
+    from measure import git_commit
+
     card = torch.cuda.get_device_name() if DEVICE == "cuda" else "CPU (interpreter)"
-    return dict(card=card, date=time.strftime("%Y-%m-%d"), commit=commit, torch=torch.__version__,
+    return dict(card=card, date=time.strftime("%Y-%m-%d"), commit=git_commit(), torch=torch.__version__,
                 triton=triton.__version__, command=command)
 
 
@@ -213,21 +209,11 @@ def write_report(out: str, prov: dict, rows: list, skipped: list) -> None:
 
 def write_tables(prov: dict, rows: list, table_dir=None) -> None:
     """Replace this card's rows (same dtype and shape) in each op's dispatch table, keep the rest."""
-    table_dir = table_dir or dispatch.TABLE_DIR
     for op, keys in TABLES.items():
-        path = os.path.join(table_dir, f"{op}.json")
-        old = json.load(open(path)) if os.path.exists(path) else {}
-        new = [dict(card=prov["card"], dtype=row["dtype"], shape={k: row["shape"][k] for k in keys},
-                    winner=row["winner"], us=row["us"]) for row in rows if row["op"] == op and row["winner"]]
-        fresh = {(r["card"], r["dtype"], json.dumps(r["shape"], sort_keys=True)) for r in new}
-        kept = [r for r in old.get("rows", [])
-                if (r["card"], r["dtype"], json.dumps(r["shape"], sort_keys=True)) not in fresh]
-        with open(path, "w") as f:
-            # The seed's note ("no row yet") no longer holds; its earlier measurements stay.
-            rest = {key: value for key, value in old.items() if key != "note"}
-            json.dump(dict(rest, op=op, provenance=prov, rows=kept + new), f, indent=1)
-            f.write("\n")
-    dispatch.clear_cache()
+        dispatch.update_table(op, prov, [dict(card=prov["card"], dtype=row["dtype"],
+                                              shape={k: row["shape"][k] for k in keys}, winner=row["winner"],
+                                              us=row["us"]) for row in rows if row["op"] == op and row["winner"]],
+                              table_dir)
 
 
 def main(argv=None) -> int:

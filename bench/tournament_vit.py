@@ -157,18 +157,10 @@ def write_report(out: str, prov: dict, rows: list, skipped: list, copy_gbps) -> 
 
 def write_table(prov: dict, rows: list, table_dir=None) -> None:
     """Replace this card's rows (same dtype and shape) in tables/vit_step.json; keep every other row."""
-    path = os.path.join(table_dir or dispatch.TABLE_DIR, f"{OP}.json")
-    old = json.load(open(path)) if os.path.exists(path) else {}
-    new = [dict(card=prov["card"], dtype=row["dtype"], shape=row["shape"], winner=row["winner"],
-                us={k: v for k, v in row["us"].items() if k in kernels.step.STEP_PATHS})
-           for row in rows if row["winner"]]
-    key = lambda r: (r["card"], r["dtype"], json.dumps(r["shape"], sort_keys=True))  # noqa: E731
-    fresh = {key(r) for r in new}
-    with open(path, "w") as f:
-        json.dump(dict(op=OP, provenance=prov, rows=[r for r in old.get("rows", []) if key(r) not in fresh] + new),
-                  f, indent=1)
-        f.write("\n")
-    dispatch.clear_cache()
+    dispatch.update_table(OP, prov, [dict(card=prov["card"], dtype=row["dtype"], shape=row["shape"],
+                                          winner=row["winner"],
+                                          us={k: v for k, v in row["us"].items() if k in kernels.step.STEP_PATHS})
+                                     for row in rows if row["winner"]], table_dir)
 
 
 def main(argv=None) -> int:

@@ -126,6 +126,23 @@ def _lookup(op: str, device_type: str, device_index: Optional[int], dtype: str, 
     return _winner(op, _card(torch.device(device_type, device_index)), dtype, default, allowed, shape)
 
 
+def update_table(op: str, provenance: dict, rows: list, table_dir=None) -> Path:
+    """Write a tournament's ``rows`` (``{"card", "dtype", "shape", "winner", "us", ...}``) into
+    ``tables/<op>.json``: each replaces the old row of the same card, dtype and shape; every other row
+    stays (other cards, shapes a budgeted run did not reach). The file's provenance becomes this run's.
+    The one writer of the format :func:`winner` reads; returns the file's path."""
+    path = Path(table_dir or TABLE_DIR) / f"{op}.json"
+    old = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    key = lambda row: (row["card"], row["dtype"], json.dumps(row["shape"], sort_keys=True))  # noqa: E731
+    fresh = {key(row) for row in rows}
+    kept = [row for row in old.get("rows", []) if key(row) not in fresh]
+    rest = {name: value for name, value in old.items() if name != "note"}  # a seed's "no rows yet" note
+    path.write_text(json.dumps(dict(rest, op=op, provenance=provenance, rows=kept + list(rows)), indent=1) + "\n",
+                    encoding="utf-8")
+    clear_cache()
+    return path
+
+
 def clear_cache() -> None:
     """Forget loaded tables and answers (after a tournament rewrote a table, or in tests)."""
     _ANSWERS.clear()
