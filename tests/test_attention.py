@@ -1,6 +1,8 @@
 """Proportional attention on every path (tofu_triton.attention) against its definition:
 SDPA with the log-size bias as an additive float mask, and softmax written out; and
 which path ``auto`` takes on a CUDA card (asked with CPU tensors)."""
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -118,8 +120,11 @@ def test_paths_without_a_gradient_fall_back_to_the_float_mask():
 # --------------------------------------------------------------------------- what a CUDA card picks
 
 
+TABLES = dispatch.TABLE_DIR  # the committed tables
+
+
 @pytest.fixture
-def cuda_like(monkeypatch):
+def cuda_like(monkeypatch, tmp_path):
     """``setup(winner=None)``: tofu_triton.attention answers as on an H200 with cuDNN 9 for
     CPU tensors. The cuDNN path runs a stand-in with the real op's autograd property: it
     raises, as ``_scaled_dot_product_cudnn_attention`` does, for a bias that needs a
@@ -138,16 +143,20 @@ def cuda_like(monkeypatch):
     def setup(winner=None):
         monkeypatch.setattr(attention, "capabilities", lambda device: H200)
         monkeypatch.setattr(attention, "_cudnn", cudnn_stand_in)
-        if winner is not None:
+        if winner is not None:  # a table of its own in a folder of its own (the committed one stays as it is)
             rows = [dict(card="NVIDIA H200", dtype=dt, shape=dict(B=8, N=197, D=64), winner=winner, us={winner: 1.0})
                     for dt in ("float16", "bfloat16", "float32")]
-            real = dispatch._load
-            monkeypatch.setattr(dispatch, "_load", lambda op: dict(rows=rows) if op == "attention" else real(op))
-        dispatch._winner.cache_clear()
+            folder = tmp_path / f"tables_{winner}"
+            folder.mkdir(exist_ok=True)
+            (folder / "attention.json").write_text(json.dumps(dict(op="attention", rows=rows)))
+            monkeypatch.setattr(dispatch, "TABLE_DIR", folder)
+        else:
+            monkeypatch.setattr(dispatch, "TABLE_DIR", TABLES)
+        dispatch.clear_cache()
         return calls
 
     yield setup
-    dispatch._winner.cache_clear()
+    dispatch.clear_cache()
 
 
 def test_cuda_picks_the_committed_tables_default(cuda_like):
@@ -200,3 +209,22 @@ def test_cudnn_path_adds_the_key_bias(dtype):
     assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), name="cudnn")
     # An fp32 bias is cast to the query's dtype first (cuDNN misreads one in another dtype).
     assert_close(attention.sized_attention(q, k, v, bias.float(), path="cudnn"), got, name="fp32 bias")
+
+
+def test_choose_on_cuda_is_a_constant_inside_a_full_graph(cuda_like):
+    # On CUDA, choose() reads the card (cuDNN's version, SDPA's switches) and the dispatch table: Dynamo
+    # cannot trace either, and the graph break it made showed only on a card (2026-12-04). Ask it here as
+    # an H200 would, inside fullgraph, once with the table's default and once with another winner.
+    q, k, v, bias = inputs(torch.float16, batch=8, heads=12, n=197, d=64)
+    for winner in (None, "vsize"):
+        cuda_like(winner)
+        torch._dynamo.reset()
+        compiled = torch.compile(lambda q: attention.choose(q, bias=bias), fullgraph=True, backend="eager")
+        assert compiled(q) == attention.choose(q, bias=bias) == (winner or "mask")
+
+
+def test_the_device_query_is_a_constant_inside_a_full_graph():
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda x: x + attention.capabilities(x.device).capability[0], fullgraph=True,
+                             backend="eager")
+    assert compiled(torch.zeros(1)).item() == 0 and attention.capabilities(torch.device("cpu")).kind == "cpu"

@@ -75,15 +75,31 @@ class Capabilities(NamedTuple):
     triton: bool = False  # Triton kernels run here (CUDA, or the interpreter on the CPU)
 
 
-@functools.lru_cache(maxsize=None)
 def capabilities(device: torch.device) -> Capabilities:
     """The :class:`Capabilities` of ``device`` (cached: one lookup per device)."""
-    if device.type != "cuda":
-        return Capabilities(device.type, triton=device.type == "cpu" and interpreting())
-    index = device.index if device.index is not None else torch.cuda.current_device()
+    return Capabilities(*_capabilities(device.type, device.index))
+
+
+# Under torch.compile the queries below are constants the graph is built around: Dynamo cannot trace
+# cuDNN's version or SDPA's backend switches (each a graph break, so fullgraph=True failed on CUDA only).
+@torch.compiler.assume_constant_result
+def _capabilities(kind: str, index: Optional[int]) -> tuple:
+    return tuple(_query(kind, index))
+
+
+@functools.lru_cache(maxsize=None)
+def _query(kind: str, index: Optional[int]) -> Capabilities:
+    if kind != "cuda":
+        return Capabilities(kind, triton=kind == "cpu" and interpreting())
+    index = index if index is not None else torch.cuda.current_device()
     return Capabilities("cuda", torch.cuda.get_device_capability(index),
                         (torch.backends.cudnn.version() or 0) if torch.backends.cudnn.is_available() else 0,
                         hasattr(torch.ops.aten, "_scaled_dot_product_cudnn_attention"), True)
+
+
+@torch.compiler.assume_constant_result
+def _cudnn_sdp_enabled() -> bool:
+    return torch.backends.cuda.cudnn_sdp_enabled()
 
 
 _is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
@@ -98,7 +114,7 @@ def runnable(caps: Capabilities, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     :data:`CANDIDATES` order. Depends on the capabilities, dtype, head dim,
     dropout and whether a gradient is needed (a path that cannot give one is left out)."""
     return _runnable(caps, q.dtype, q.shape[-1], bool(dropout_p), _needs_grad(bias), _needs_grad(q, k, v, bias),
-                     _is_exporting(), caps.kind == "cuda" and torch.backends.cuda.cudnn_sdp_enabled())
+                     _is_exporting(), caps.kind == "cuda" and _cudnn_sdp_enabled())
 
 
 @functools.lru_cache(maxsize=None)
