@@ -273,11 +273,12 @@ def _(step, h, w, sx, sy, seed, block, rand):
 # Candidates of the SD match's two halves (kernels.match.SPATIAL_SCORES_CANDIDATES,
 # kernels.select.SPATIAL_SELECT_CANDIDATES). On CUDA the measured winner runs
 # (tofu_triton.dispatch, tables written by bench/tournament_sd.py); until a table
-# has a row, the defaults: today's scores kernel ("match"), and "sort" for the
-# select (one device argsort measured 0.030 ms against the radix kernel's 0.224
-# ms at N = 4096 on an H200; see docs/design.md §5.1). The CPU (interpreter)
-# runs the Triton kernels "match" and "radix64".
-SPATIAL_SCORES_DEFAULT, SPATIAL_SELECT_DEFAULT = "match", "sort"
+# has a row, the defaults are the kernels a card has measured ("match" and
+# "radix64", the H200 of 2026-12-04): a candidate becomes the default by a
+# committed measurement, never by expectation, however likely "sort" is to win
+# (its core, one argsort, measured 0.030 ms against radix64's 0.224 ms at
+# N = 4096; docs/design.md §5.1). The CPU (interpreter) runs the same two.
+SPATIAL_SCORES_DEFAULT, SPATIAL_SELECT_DEFAULT = "match", "radix64"
 # The shape keys of those tables' rows (bench/tournament_sd.py writes them with these).
 SPATIAL_TABLE_KEYS = {"spatial_scores": ("B", "N", "C"), "spatial_select": ("B", "N")}
 
