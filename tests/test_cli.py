@@ -299,7 +299,10 @@ def test_ctrl_c_in_a_running_demo(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "tofu_triton", "demo", "--model", "tiny", "--device", "cpu",
                              "--batch", "1", "--iters", "100000", "--out", str(tmp_path)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            # A run started in the background (CI's may be) ignores SIGINT, and Python then
+                            # never turns it into KeyboardInterrupt: give the demo the handler a terminal has.
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         assert "demo: tiny" in proc.stdout.readline()  # the header: the model is built and running
         proc.send_signal(signal.SIGINT)

@@ -48,3 +48,23 @@ def test_cpu_steps_come_first_and_their_check_runs():
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split(maxsplit=1)[1].strip() == "tensor([0])"  # the first word: None, or the CUDA version
+
+
+def test_ci_fails_when_the_test_suite_fails(tmp_path):
+    # .ci/run under `set -e`: a failing `pytest tests/` inside README's && list once let ruff's exit code decide.
+    import os
+    import shutil
+    import subprocess
+
+    repo = tmp_path / "repo"
+    (repo / ".ci").mkdir(parents=True)
+    shutil.copy(Path(__file__).resolve().parent.parent / ".ci" / "run", repo / ".ci" / "run")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("pip", "exit 0"), ("ruff", "exit 0"), ("pytest", '[ "$1" = tests/ ] && exit 1; exit 0')):
+        (bin_dir / name).write_text(f"#!/usr/bin/env bash\necho {name} \"$@\" >> '{tmp_path}/calls'\n{body}\n")
+        (bin_dir / name).chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(repo / ".ci" / "run")], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0, (tmp_path / "calls").read_text()
+    assert (tmp_path / "calls").read_text().splitlines()[-1] == "pytest tests/"  # and nothing after it
