@@ -191,6 +191,18 @@ def peak_memory(fn: Callable) -> int:
     return torch.cuda.max_memory_allocated() - before
 
 
+def run_script(name: str, *args: str, timeout: float = 600, cwd: Optional[str] = None):
+    """Run ``bench/<name>`` with ``args`` in a fresh Python (the smoke tests' one way to call a script):
+    on a machine without CUDA, its Triton kernels in the interpreter. Returns the CompletedProcess."""
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ) if torch.cuda.is_available() else dict(os.environ, TRITON_INTERPRET="1")
+    return subprocess.run([sys.executable, os.path.join(here, name), *args], capture_output=True, text=True,
+                          env=env, timeout=timeout, cwd=cwd)
+
+
 def git_commit(where: Optional[str] = None) -> str:
     """The short commit of the checkout at ``where`` (default: this one), or "unknown"."""
     import subprocess

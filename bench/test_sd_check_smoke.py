@@ -6,13 +6,13 @@ import sys
 
 import pytest
 
+from measure import run_script
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def test_sd_check_small_case_passes():
-    env = dict(os.environ, TRITON_INTERPRET="1") if not _cuda() else dict(os.environ)
-    done = subprocess.run([sys.executable, os.path.join(HERE, "sd_check.py"), "--small"], capture_output=True,
-                          text=True, env=env, timeout=600)
+    done = run_script("sd_check.py", "--small")
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     assert "sd_check PASSED" in done.stdout
     assert '"check": "select"' in done.stdout and '"failures": 0' in done.stdout

@@ -2,7 +2,6 @@
 script and every candidate's output, not their speed), and its dispatch-table writer."""
 import json
 import os
-import subprocess
 import sys
 
 import pytest
@@ -14,14 +13,13 @@ from tofu_triton.kernels import step
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import tournament_vit  # noqa: E402
+from measure import run_script  # noqa: E402
 
 ON_GPU = torch.cuda.is_available()
 
 
 def _run(*args):
-    env = dict(os.environ) if ON_GPU else dict(os.environ, TRITON_INTERPRET="1")
-    return subprocess.run([sys.executable, os.path.join(HERE, "tournament_vit.py"), *args], capture_output=True,
-                          text=True, env=env, timeout=600)
+    return run_script("tournament_vit.py", *args)
 
 
 def test_small_run_checks_and_times_every_candidate(tmp_path):
