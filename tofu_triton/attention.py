@@ -102,9 +102,6 @@ def _cudnn_sdp_enabled() -> bool:
     return torch.backends.cuda.cudnn_sdp_enabled()
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
 def _needs_grad(*tensors: Tensor) -> bool:
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
@@ -114,7 +111,7 @@ def runnable(caps: Capabilities, q: Tensor, k: Tensor, v: Tensor, bias: Tensor, 
     :data:`CANDIDATES` order. Depends on the capabilities, dtype, head dim,
     dropout and whether a gradient is needed (a path that cannot give one is left out)."""
     return _runnable(caps, q.dtype, q.shape[-1], bool(dropout_p), _needs_grad(bias), _needs_grad(q, k, v, bias),
-                     _is_exporting(), caps.kind == "cuda" and _cudnn_sdp_enabled())
+                     dispatch.exporting(), caps.kind == "cuda" and _cudnn_sdp_enabled())
 
 
 @functools.lru_cache(maxsize=None)

@@ -35,6 +35,21 @@ import torch
 TABLE_DIR = Path(__file__).resolve().parent / "tables"
 
 
+def exporting() -> bool:
+    """Whether ``torch.export`` is tracing, as opposed to any ``torch.compile``.
+
+    Before torch 2.14, Dynamo answers True to ``torch.compiler.is_exporting()``
+    inside every ``torch.compile`` (it keeps the function in its table of
+    tracing-state answers), so a compiled model would take the export-only
+    paths (the H200 run of torch 2.11: ``triton_op`` registered mid-trace, a
+    graph break under fullgraph). The flag export itself sets is read instead;
+    Dynamo reads a module global as the constant it is."""
+    flag = getattr(torch.compiler, "_is_exporting_flag", None)
+    if flag is None:  # a torch without the flag: its is_exporting() is all there is
+        return getattr(torch.compiler, "is_exporting", lambda: False)()
+    return bool(flag)
+
+
 @functools.lru_cache(maxsize=None)
 def _load(op: str) -> Optional[dict]:
     path = TABLE_DIR / f"{op}.json"

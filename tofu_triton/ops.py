@@ -72,9 +72,6 @@ def _use_triton(t: Tensor, backend: str) -> bool:
     return False  # auto on a non-CUDA device
 
 
-_is_exporting = getattr(torch.compiler, "is_exporting", lambda: False)
-
-
 def _launch_directly(x: Tensor) -> bool:
     """Eager inference: call the launcher itself instead of the custom op
     (no autograd needed, nobody tracing)."""
@@ -430,7 +427,7 @@ def _export_ops() -> dict:
 def _triton_path(name: str, x: Tensor):
     """The callable that runs op ``name`` on the Triton path for this caller (see
     the module docstring): the export twin, the custom op, or the launcher itself."""
-    if x.is_cuda and _is_exporting():
+    if x.is_cuda and dispatch.exporting():
         return _export_ops()[name]
     if _launch_directly(x):
         return _LAUNCHES[name]
