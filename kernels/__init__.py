@@ -23,6 +23,7 @@ No kernel uses atomics: every result is bitwise reproducible. Launchers take
 tensors with any strides, return contiguous outputs, and launch on the
 device of their tensors.
 """
+import importlib.machinery
 import importlib.util
 import os
 import sys
@@ -32,8 +33,7 @@ if __name__ == "kernels":
     # repository root is on sys.path (python -c / -m / a notebook started
     # there). "kernels" is another project's name (Hugging Face's package,
     # which transformers imports), so this folder must never stand in for it:
-    # hand the import to the first other finder that knows a "kernels", or
-    # fail as if this folder were not there.
+    # hand the import to the first other finder that knows a "kernels".
     _root = os.path.realpath(os.path.dirname(os.path.dirname(__file__)))
     _elsewhere = [p for p in sys.path if os.path.realpath(p or os.curdir) != _root]
     del sys.modules["kernels"]
@@ -43,14 +43,25 @@ if __name__ == "kernels":
         if _spec is not None:
             break
     if _spec is None:
-        raise ModuleNotFoundError(
-            "No module named 'kernels' (the kernels/ folder of the tofu-triton repository is not one: "
-            "it is installed as tofu_triton.kernels)", name="kernels")
-    _module = sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
-    try:
-        _spec.loader.exec_module(_module)
-    except BaseException:
-        del sys.modules["kernels"]
-        raise
+        # No other "kernels" anywhere: the import has to succeed all the same,
+        # with what reads as "not installed". transformers' availability check
+        # (utils/import_utils.py _is_package_available) finds this folder with
+        # find_spec, finds no distribution called kernels, falls back to
+        # importing it and counts a module without __version__ and with
+        # __file__ None as a namespace package shadowing on sys.path, not an
+        # install; had the import raised, every transformers (and so diffusers)
+        # model import would fail. So the module is an empty namespace package
+        # (what module_from_spec makes of a spec without a location): none of
+        # our names, no submodules (__path__ is empty), `from kernels import X`
+        # is an ImportError, and tofu_triton.kernels stays a module of its own.
+        _spec = importlib.machinery.ModuleSpec("kernels", None, is_package=True)
+        sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+    else:
+        _module = sys.modules["kernels"] = importlib.util.module_from_spec(_spec)
+        try:
+            _spec.loader.exec_module(_module)
+        except BaseException:
+            del sys.modules["kernels"]
+            raise
 else:
     from . import common, match, merge, partition, select, step, unmerge  # noqa: F401  (ops reaches them as attributes)
