@@ -13,8 +13,11 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-ON_GPU = DEVICE == "cuda"
+# Where tests put the tensors the Triton kernels run on: the GPU, where the kernels are compiled for it;
+# the CPU in the interpreter (no CUDA here, or TRITON_INTERPRET=1 set by hand on a CUDA machine), which
+# reads CPU tensors. On a GPU, backend="triton" and attention path "triton" refuse CPU tensors.
+DEVICE = "cuda" if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET", "0") != "1" else "cpu"
+ON_GPU = DEVICE == "cuda"  # the kernels compiled for a GPU (not the interpreter)
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]  # what the kernels take (tolerances: tofu_triton.testing.RTOL)
 
 

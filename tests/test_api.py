@@ -8,7 +8,7 @@ import tofu_triton as tt
 from tofu_triton import reference as ref
 from tofu_triton.testing import assert_close, make_inputs
 
-from conftest import DEVICE
+from conftest import DEVICE, ON_GPU
 
 
 @pytest.fixture
@@ -34,7 +34,10 @@ def inputs():
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s[:, :3]), ValueError, "size must have shape"),
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s.double()), TypeError, "size must be float32"),
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s - 2), ValueError, "size must be >= 0"),
-        (lambda x, m, s: tt.token_fusion(x, m, 2, size=s / 0 * 0, backend="triton"), ValueError, "size must be >= 0"),
+        # The Triton backend checks sizes too, where it reads CPU tensors (the interpreter); on CUDA reading
+        # them back would be a device-to-host sync, so there a NaN size is the caller's bug (ops._check_size).
+        pytest.param(lambda x, m, s: tt.token_fusion(x, m, 2, size=s / 0 * 0, backend="triton"), ValueError,
+                     "size must be >= 0", marks=pytest.mark.skipif(ON_GPU, reason="sizes on CUDA are not read back")),
         (lambda x, m, s: tt.token_fusion_step(x, m[:, None], 2, size=-s), ValueError, "size must be >= 0"),
         (lambda x, m, s: tt.token_fusion(x, m, 2, size=s.to("meta")), ValueError, "size is on"),
         (lambda x, m, s: tt.token_fusion(x, m.to("meta"), 2), ValueError, "metric is on"),

@@ -1,6 +1,9 @@
 """Proportional attention on every path (tofu_triton.attention) against its definition:
 SDPA with the log-size bias as an additive float mask, and softmax written out; and
-which path ``auto`` takes on a CUDA card (asked with CPU tensors)."""
+which path ``auto`` takes on a CUDA card (asked with the capabilities of an H200).
+
+Tests that run a path put their tensors on conftest's DEVICE: the GPU where the
+Triton kernel is compiled for it, the CPU where it runs in Triton's interpreter."""
 import json
 
 import pytest
@@ -9,11 +12,13 @@ import torch.nn.functional as F
 
 from tofu_triton import attention, dispatch
 from tofu_triton.kernels import attention as kernel
+from tofu_triton.kernels.common import interpreting
 from tofu_triton.testing import assert_close
 
-from conftest import ON_GPU
+from conftest import DEVICE, ON_GPU
 
-CPU_PATHS = ("mask", "triton", "vsize", "vsize_v")  # what runs on the CPU (triton in the interpreter)
+# The paths that run with a bias on DEVICE (cuDNN runs on CUDA only: tested by itself below).
+PATHS_HERE = ("mask", "triton", "vsize", "vsize_v")
 H200 = attention.Capabilities("cuda", (9, 0), 91002, True, True)
 
 
@@ -28,6 +33,12 @@ def inputs(dtype, batch=2, heads=3, n=21, d=16, seed=0, device="cpu", empty=0):
     return q, k, v, size.log()[:, None, None, :].to(device, dtype)
 
 
+def runs_here(path, dtype):
+    """Whether ``path`` runs for ``dtype`` on DEVICE: the Triton kernel takes fp32 in the
+    interpreter only (compiled for a GPU, its exact fp32 products do not fit the registers)."""
+    return not (ON_GPU and path == "triton" and dtype == torch.float32)
+
+
 def written_out(q, k, v, bias):
     """softmax(q k^T / sqrt(d) + bias) v in fp64, the definition."""
     q, k, v, bias = (t.double() for t in (q, k, v, bias))
@@ -37,15 +48,15 @@ def written_out(q, k, v, bias):
 # (batch, heads, n, head dim, padding keys): N off every tile size, head dims 64, 80 (a 128 tile), 128.
 SHAPES = [(2, 3, 25, 64, 0), (1, 2, 197, 80, 7), (1, 1, 1025, 128, 100)]
 # The long sequence (17 x 17 tiles, seconds in the interpreter) is for the kernel's tiles, in fp16 only.
-CASES = [(path, shape, dtype) for path in CPU_PATHS for shape in SHAPES for dtype in (torch.float32, torch.float16)
-         if shape[2] < 1000 or (path == "triton" and dtype == torch.float16)]
+CASES = [(path, shape, dtype) for path in PATHS_HERE for shape in SHAPES for dtype in (torch.float32, torch.float16)
+         if (shape[2] < 1000 or (path == "triton" and dtype == torch.float16)) and runs_here(path, dtype)]
 
 
 @pytest.mark.parametrize("path,shape,dtype", CASES,
                          ids=lambda c: "B{}H{}N{}D{}pad{}".format(*c) if isinstance(c, tuple) else str(c))
 def test_every_path_adds_the_key_bias(path, shape, dtype, poisoned):
     batch, heads, n, d, empty = shape
-    q, k, v, bias = inputs(dtype, batch, heads, n, d, seed=n, empty=empty)
+    q, k, v, bias = inputs(dtype, batch, heads, n, d, seed=n, device=DEVICE, empty=empty)
     got = attention.sized_attention(q, k, v, bias, path=path)
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     assert got.dtype == dtype and got.shape == want.shape
@@ -56,7 +67,7 @@ def test_every_path_adds_the_key_bias(path, shape, dtype, poisoned):
 @pytest.mark.parametrize("config", list(kernel.CONFIGS))
 def test_every_triton_config_computes_the_same(config, poisoned):
     # 70 keys: a partial last tile for BLOCK_N 32 and 64; 70 queries: a partial last query block.
-    q, k, v, bias = inputs(torch.float16, batch=2, heads=2, n=70, d=32, seed=3, empty=5)
+    q, k, v, bias = inputs(torch.float16, batch=2, heads=2, n=70, d=32, seed=3, device=DEVICE, empty=5)
     got = kernel.biased_attention(q, k, v, bias, config)
     assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), name=config)
 
@@ -64,22 +75,23 @@ def test_every_triton_config_computes_the_same(config, poisoned):
 def test_triton_reads_strided_inputs_and_a_broadcast_fp32_bias(poisoned):
     # q, k, v as timm makes them (a permuted [B, N, 3, H, D] view); one bias for every image, in fp32.
     g = torch.Generator().manual_seed(5)
-    qkv = torch.randn(2, 40, 3, 2, 16, generator=g).to(torch.float16).permute(2, 0, 3, 1, 4)
+    qkv = torch.randn(2, 40, 3, 2, 16, generator=g).to(DEVICE, torch.float16).permute(2, 0, 3, 1, 4)
     q, k, v = qkv.unbind(0)
-    bias = (1 + torch.rand(1, 1, 1, 40, generator=g) * 4).log()
+    bias = (1 + torch.rand(1, 1, 1, 40, generator=g) * 4).log().to(DEVICE)
     got = attention.sized_attention(q, k, v, bias, path="triton")
     assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.half()), name="strided")
 
 
 def test_a_key_of_size_s_counts_as_s_copies():
     # The property proportional attention is for: one key with bias log(3) == that key three times.
-    q, k, v, _ = inputs(torch.float32, batch=1, heads=2, n=5)
-    bias = torch.zeros(1, 1, 1, 5)
-    bias[..., 2] = torch.tensor(3.0).log()
-    copies = [0, 1, 2, 2, 2, 3, 4]
-    want = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
-    for path in CPU_PATHS:
-        assert_close(attention.sized_attention(q, k, v, bias, path=path), want, name=path)
+    for dtype in (torch.float32, torch.float16):
+        q, k, v, _ = inputs(dtype, batch=1, heads=2, n=5, device=DEVICE)
+        bias = torch.zeros(1, 1, 1, 5, device=DEVICE, dtype=dtype)
+        bias[..., 2] = torch.tensor(3.0).log()
+        copies = [0, 1, 2, 2, 2, 3, 4]
+        want = F.scaled_dot_product_attention(q, k[:, :, copies], v[:, :, copies])
+        for path in (p for p in PATHS_HERE if runs_here(p, dtype)):
+            assert_close(attention.sized_attention(q, k, v, bias, path=path), want, name=f"{path} {dtype}")
 
 
 def test_no_bias_is_plain_sdpa_bitwise():
@@ -97,16 +109,22 @@ def test_auto_picks_mask_on_the_cpu_and_unknown_paths_are_refused():
 
 
 def test_cudnn_on_the_cpu_is_a_one_line_error_naming_what_runs():
-    q, k, v, bias = inputs(torch.float16)
+    q, k, v, bias = inputs(torch.float16)  # CPU tensors on every machine
+    # What runs on the CPU: the float mask and the vsize paths everywhere; the Triton kernel only where
+    # it runs in the interpreter (on a CUDA machine it is compiled for the GPU and takes CUDA tensors).
+    here = ("mask", "triton", "vsize", "vsize_v") if interpreting() else ("mask", "vsize", "vsize_v")
+    runnable = attention.runnable(attention.capabilities(q.device), q, k, v, bias)
+    assert {"triton" if name.startswith("triton_") else name for name in runnable} == set(here)
     with pytest.raises(ValueError) as err:
         attention.sized_attention(q, k, v, bias, path="cudnn")
     message = str(err.value)
     assert "\n" not in message and "'cudnn'" in message
-    assert message.endswith("paths that run here: mask, triton, vsize, vsize_v")
+    assert message.endswith("paths that run here: " + ", ".join(here))
 
 
 def test_paths_without_a_gradient_fall_back_to_the_float_mask():
-    q, k, v, bias = inputs(torch.float32)
+    # A dtype the Triton kernel takes on DEVICE, so that only the gradient stops it.
+    q, k, v, bias = inputs(torch.float16 if ON_GPU else torch.float32, device=DEVICE)
     q.requires_grad_()
     got = attention.sized_attention(q, k, v, bias, path="triton")
     want = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
@@ -121,6 +139,12 @@ def test_paths_without_a_gradient_fall_back_to_the_float_mask():
 
 
 TABLES = dispatch.TABLE_DIR  # the committed tables
+
+
+def committed_row(dtype="float16", **shape):
+    """The committed attention table's H200 row of exactly this dtype and shape (B, N, D)."""
+    return next(r for r in json.loads((TABLES / "attention.json").read_text())["rows"]
+                if r["card"] == "NVIDIA H200" and r["dtype"] == dtype and r["shape"] == shape)
 
 
 @pytest.fixture
@@ -159,12 +183,17 @@ def cuda_like(monkeypatch, tmp_path):
     dispatch.clear_cache()
 
 
-def test_cuda_picks_the_committed_tables_default(cuda_like):
+def test_cuda_picks_the_committed_tables_winner(cuda_like):
     cuda_like()
     q, k, v, bias = inputs(torch.float16, batch=8, heads=12, n=197, d=64)
-    # The H200 measured the float mask and cuDNN equal: the table names the mask.
-    assert attention.choose(q, bias=bias) == "mask"
     assert dispatch.table("attention")["provenance"]["card"] == "NVIDIA H200"
+    # The committed H200 row of this very shape: its winner (a Triton config since the run of 2026-12-04)...
+    row = committed_row(B=8, N=197, D=64)
+    assert attention.choose(q, bias=bias) == row["winner"]
+    # ... and, where a gradient is needed, the row's fastest path that gives one.
+    bias.requires_grad_()
+    differentiable = {name: us for name, us in row["us"].items() if name in ("mask", "vsize", "vsize_v")}
+    assert attention.choose(q, bias=bias) == min(differentiable, key=differentiable.__getitem__)
 
 
 def test_cuda_runs_only_differentiable_paths_where_a_gradient_is_needed(cuda_like):
@@ -185,7 +214,7 @@ def test_cuda_runs_only_differentiable_paths_where_a_gradient_is_needed(cuda_lik
 @pytest.mark.parametrize("winner", ["cudnn", "triton_m128n64w8", "vsize"])
 def test_cuda_takes_the_measured_winner_unless_it_cannot_give_a_gradient(cuda_like, winner):
     calls = cuda_like(winner)
-    q, k, v, bias = inputs(torch.float16, batch=4, heads=2, n=50, d=64)
+    q, k, v, bias = inputs(torch.float16, batch=4, heads=2, n=50, d=64, device=DEVICE)  # the winner runs
     assert attention.choose(q, bias=bias) == winner
     bias.requires_grad_()
     with torch.no_grad():
@@ -214,13 +243,13 @@ def test_cudnn_path_adds_the_key_bias(dtype):
 def test_choose_on_cuda_is_a_constant_inside_a_full_graph(cuda_like):
     # On CUDA, choose() reads the card (cuDNN's version, SDPA's switches) and the dispatch table: Dynamo
     # cannot trace either, and the graph break it made showed only on a card (2026-12-04). Ask it here as
-    # an H200 would, inside fullgraph, once with the table's default and once with another winner.
+    # an H200 would, inside fullgraph, once with the committed table and once with another winner.
     q, k, v, bias = inputs(torch.float16, batch=8, heads=12, n=197, d=64)
     for winner in (None, "vsize"):
         cuda_like(winner)
         torch._dynamo.reset()
         compiled = torch.compile(lambda q: attention.choose(q, bias=bias), fullgraph=True, backend="eager")
-        assert compiled(q) == attention.choose(q, bias=bias) == (winner or "mask")
+        assert compiled(q) == attention.choose(q, bias=bias) == (winner or committed_row(B=8, N=197, D=64)["winner"])
 
 
 def test_the_device_query_is_a_constant_inside_a_full_graph():

@@ -13,7 +13,7 @@ from tofu_triton import reference
 from tofu_triton.patch.timm_models import attention_forward
 from tofu_triton.testing import assert_close, run_in_threads
 
-from conftest import DEVICE, assert_r0_is_unpatched, assert_triton_matches_reference, images
+from conftest import DEVICE, ON_GPU, assert_r0_is_unpatched, assert_triton_matches_reference, images
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=32, depth=4, num_heads=2, num_classes=10)
 VARIANTS = {
@@ -151,11 +151,13 @@ def test_attention_with_mask_equals_manual_softmax():
 
 @pytest.mark.parametrize("path", ["vsize", "triton"])
 def test_every_attention_path_gives_the_model_of_the_mask_path(path):
-    model, x = tiny(), images()
+    # On DEVICE, where the Triton kernel runs: compiled for a GPU it takes fp16/bf16 (fp32 in the interpreter only).
+    dtype = torch.float16 if ON_GPU and path == "triton" else torch.float32
+    model, x = tiny().to(DEVICE, dtype), images().to(DEVICE, dtype)
     with torch.no_grad():
         want = tp.timm(model, r=3, mode="tome", attention="mask")(x)
         got = tp.timm(model, r=3, mode="tome", attention=path)(x)
-    assert_close(got, want, torch.float32, f"attention={path}")
+    assert_close(got, want, dtype, f"attention={path}")
     with pytest.raises(ValueError, match="attention must be one of"):
         tp.timm(model, attention="fast")
     model.tofu_attention = "fast"  # set between calls: refused at the call

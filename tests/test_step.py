@@ -1,5 +1,6 @@
 """The ViT step (kernels/step.py: the one-launch kernel and the other paths of
-``STEP_PATHS``) against the reference step, on CPU through Triton's interpreter.
+``STEP_PATHS``) against the reference step, on conftest's DEVICE: the GPU, or the
+CPU through Triton's interpreter.
 
 The indices must equal the reference's (up to near-ties of the scores); the
 values are checked against the reference merge on the kernel's own match, so
@@ -11,7 +12,7 @@ import pytest
 import torch
 
 import tofu_triton as tt
-from tofu_triton import ops
+from tofu_triton import dispatch, ops
 from tofu_triton import reference as ref
 from tofu_triton.kernels import match as match_kernels
 from tofu_triton.kernels import merge as merge_kernels
@@ -19,7 +20,7 @@ from tofu_triton.kernels import select as select_kernels
 from tofu_triton.kernels import step as step_kernels
 from tofu_triton.testing import assert_close
 
-from conftest import DEVICE, DTYPES, assert_match, count_calls
+from conftest import DEVICE, DTYPES, ON_GPU, assert_match, count_calls
 
 pytestmark = pytest.mark.usefixtures("poisoned")
 
@@ -31,6 +32,11 @@ SHAPES = [(2, 2, 17, 8, 1, 1), (1, 3, 33, 16, 0, 3), (3, 2, 20, 24, 5, 2), (1, 4
 def launched(monkeypatch):
     return count_calls(monkeypatch, [step_kernels, match_kernels, select_kernels, merge_kernels],
                        ("token_fusion_step", "plan", "match_scores", "select", "merge_forward", "merge_backward"))
+
+
+# The launchers each path calls besides token_fusion_step (which launches the one-launch step itself).
+PATH_LAUNCHES = {"one_launch": (), "two_launch": ("plan", "merge_forward"),
+                 "three_launch": ("match_scores", "select", "merge_forward")}
 
 
 def qkv_keys(batch, heads, n, d, dtype, seed):
@@ -66,9 +72,8 @@ PATH_SHAPES = [(2, 2, 17, 8, 1, 1), (1, 3, 33, 16, 0, 2), (3, 2, 20, 24, 5, 2)]
 @pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: "B{}H{}N{}D{}P{}".format(*s[:5]))
 def test_other_paths_match_reference(shape, dtype, path, launched):
     check_against_reference(shape, dtype, path)
-    per_step = {"two_launch": ("plan", "merge_forward"), "three_launch": ("match_scores", "select", "merge_forward")}
     # Three modes, each the path's own launches only.
-    assert launched == {name: 3 for name in ("token_fusion_step",) + per_step[path]}
+    assert launched == {name: 3 for name in ("token_fusion_step",) + PATH_LAUNCHES[path]}
 
 
 def check_against_reference(shape, dtype, path):
@@ -99,7 +104,8 @@ def check_against_reference(shape, dtype, path):
 def test_step_is_one_launch_deterministic_and_without_bias_when_not_asked(launched):
     x, keys = qkv_keys(2, 2, 41, 16, torch.float16, seed=3)
     x, keys = x.to(DEVICE), keys.to(DEVICE)
-    runs = [tt.token_fusion_step(x, keys, 12, mode="mlerp", backend="triton") for _ in range(2)]
+    # The path named: without one, CUDA takes the dispatch table's (test_the_default_path_...).
+    runs = [tt.token_fusion_step(x, keys, 12, mode="mlerp", backend="triton", path="one_launch") for _ in range(2)]
     assert launched == {"token_fusion_step": 2}
     assert runs[0].bias is None
     assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].size, runs[1].size)
@@ -107,13 +113,24 @@ def test_step_is_one_launch_deterministic_and_without_bias_when_not_asked(launch
 
 
 @pytest.mark.parametrize("path", ["two_launch", "three_launch"])
-def test_other_paths_are_deterministic_and_without_bias_when_not_asked(path):
+def test_other_paths_are_deterministic_and_without_bias_when_not_asked(path, launched):
     x, keys = qkv_keys(2, 2, 25, 16, torch.float16, seed=3)
     x, keys = x.to(DEVICE), keys.to(DEVICE)
     runs = [tt.token_fusion_step(x, keys, 9, mode="mean", backend="triton", path=path) for _ in range(2)]
+    assert launched == {name: 2 for name in ("token_fusion_step",) + PATH_LAUNCHES[path]}
     assert runs[0].bias is None
     assert torch.equal(runs[0].x, runs[1].x) and torch.equal(runs[0].size, runs[1].size)
     assert all(torch.equal(a, b) for a, b in zip(runs[0].match[:5], runs[1].match[:5]))
+
+
+def test_the_default_path_is_one_launch_in_the_interpreter_and_the_tables_winner_on_cuda(launched):
+    x, keys = qkv_keys(2, 2, 41, 16, torch.float16, seed=3)
+    allowed = step_kernels.paths_for(41, 32, 16, protected=1)
+    assert allowed == step_kernels.STEP_PATHS  # a shape every path handles: the choice is the table's (or the rule's)
+    want = (dispatch.winner("vit_step", torch.device(DEVICE), torch.float16, "three_launch", allowed=allowed,
+                            B=2, N=41, C=32, D=16) if ON_GPU else "one_launch")
+    tt.token_fusion_step(x.to(DEVICE), keys.to(DEVICE), 12, mode="mlerp", backend="triton")
+    assert launched == {name: 1 for name in ("token_fusion_step",) + PATH_LAUNCHES[want]}
 
 
 @pytest.mark.parametrize("path", step_kernels.STEP_PATHS)
@@ -143,6 +160,7 @@ def test_exact_ties_and_the_smallest_shapes_follow_the_reference(path):
 
 def test_path_is_checked():
     x, keys = qkv_keys(1, 1, 13, 144, torch.float32, seed=8)
+    x, keys = x.to(DEVICE), keys.to(DEVICE)  # backend="triton" takes CUDA tensors wherever the GPU runs the kernels
     with pytest.raises(ValueError, match="path must be one of"):
         tt.token_fusion_step(x, keys, 2, backend="triton", path="fastest")
     with pytest.raises(ValueError, match="does not handle"):  # head dim 144 > the one-launch kernel's 128
