@@ -99,6 +99,47 @@ def match_scores(metric: torch.Tensor, protected: int = 0, positions=None, wrap=
     return node_max, node_idx
 
 
+HEAD_MEAN_ELEMENTS = 1024  # rows x channels per program: 16 rows at D = 64 (13 programs per image at N = 197)
+HEAD_MEAN_WARPS = 8  # 4 elements per thread per head: every head's load in flight without spills (sm_80/90)
+
+
+def head_mean_rows(d: int) -> int:
+    """Token rows per program of the head mean for head dim ``d``."""
+    return max(1, HEAD_MEAN_ELEMENTS // next_power_of_2(d))
+
+
+@triton.jit
+def _head_mean_kernel(keys_ptr, out_ptr, stride_b, stride_h, stride_n, stride_d, N, D, inv_h, num_blocks,
+                      H: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """out[b, n] = reference.head_mean(keys)[b, n] for BLOCK_N rows: the heads summed in fp32 in head order.
+    H is a constant so the loop unrolls and every head's load is in flight at once (the sum stays in order)."""
+    pid = tl.program_id(0)
+    batch = (pid // num_blocks).to(tl.int64)
+    offs_n = (pid % num_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask = (offs_n < N)[:, None] & (offs_d < D)[None, :]
+    ptrs = keys_ptr + batch * stride_b + offs_n[:, None].to(tl.int64) * stride_n + offs_d[None, :] * stride_d
+    acc = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+    for h in tl.static_range(1, H):
+        acc += tl.load(ptrs + h * stride_h, mask=mask, other=0.0).to(tl.float32)
+    out = (acc * inv_h).to(out_ptr.dtype.element_ty)
+    tl.store(out_ptr + batch * N * D + offs_n[:, None] * D + offs_d[None, :], out, mask=mask)
+
+
+def head_mean(keys: torch.Tensor, wrap=plain) -> torch.Tensor:
+    """reference.head_mean in one launch: keys [B, H, N, D] fp32/fp16/bf16 (any strides) ->
+    metric [B, N, D] contiguous in keys' dtype, bitwise equal to the reference."""
+    batch, heads, n, d = keys.shape
+    out = empty(batch, n, d, dtype=keys.dtype, device=keys.device)
+    rows = head_mean_rows(d)
+    num_blocks = cdiv(n, rows)
+    with on_device(keys):
+        wrap(_head_mean_kernel)[(batch * num_blocks,)](
+            keys, out, keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), n, d, 1.0 / heads,
+            num_blocks, H=heads, BLOCK_N=rows, BLOCK_D=next_power_of_2(d), num_warps=HEAD_MEAN_WARPS)
+    return out
+
+
 class SpatialScoresSettings(NamedTuple):
     """Tiles of the "dot" scores candidate (the defaults ship and are compiled ahead of time)."""
 

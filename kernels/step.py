@@ -41,6 +41,13 @@ four outputs, so the op around them does not care which ran:
 * ``"three_launch"``: the match kernel reading the keys (heads averaged as it
   loads them), the ViT select (counting), the merge (one program per output
   row, also writing the bias).
+* ``"four_launch"``: the three launches with the metric first written by its
+  own launch (``match.head_mean``: every head's load in flight at once, many
+  programs per image), so the match reads ``[N, D]`` rows instead of averaging
+  ``H`` loads per tile. On the H200 (2026-12-04, 12358bf) the three launches
+  with the keys in took 55 us at B = 1 and 173 us at B = 256 (ViT-B), where the
+  run before had measured 28 and 108 us with the metric given (its own cost
+  left out): bench/results/h200-2026-12-04-run3.
 * ``"two_launch"``: ``_plan_kernel``, one program per image that matches
   (keys in) and selects by sorting in registers (``common.sort_select``), then
   the same merge. The per-image work runs once, not T times, and the merge is
@@ -73,7 +80,7 @@ PLAN_MAX_NA = 1024  # A tokens the two-launch plan sorts in registers (N <= 2049
 PLAN_WARPS = {True: 4, False: 8}
 
 # The step's candidates (the names of tofu_triton/tables/vit_step.json).
-STEP_PATHS = ("one_launch", "two_launch", "three_launch")
+STEP_PATHS = ("one_launch", "two_launch", "three_launch", "four_launch")
 
 
 class StepSettings(NamedTuple):
@@ -95,10 +102,16 @@ def supports(n: int, c: int, head_dim: int) -> bool:
     return n <= STEP_MAX_N and head_dim <= STEP_MAX_D and c <= STEP_MAX_C
 
 
-def paths_for(n: int, c: int, head_dim: int, protected: int = 0) -> tuple:
-    """The candidates (of ``STEP_PATHS``) that handle these sizes; three_launch handles every size."""
+def paths_for(n: int, c: int, head_dim: int, protected: int = 0, dtype=None, device_type: str = "cpu") -> tuple:
+    """The candidates (of ``STEP_PATHS``) that handle these sizes; three_launch and four_launch handle every size.
+
+    The one-launch step is left out for bf16 on CUDA: on the H200 (2026-12-04, commit 12358bf,
+    bench/results/h200-2026-12-04-run3/tournament_vit.md) its bf16 output failed the tournament's check
+    at every batch (wrong selection, x off by 11 %), while fp16 passed; the interpreter cannot run bf16
+    arithmetic, so the CPU tests never saw it. It was also the slowest path at every shape."""
     two = split_sizes(n, protected)[0] <= PLAN_MAX_NA
-    return tuple(p for p, ok in zip(STEP_PATHS, (supports(n, c, head_dim), two, True)) if ok)
+    one = supports(n, c, head_dim) and not (dtype == torch.bfloat16 and device_type == "cuda")
+    return tuple(p for p, ok in zip(STEP_PATHS, (one, two, True, True)) if ok)
 
 
 _SM_COUNT = {}
@@ -379,16 +392,17 @@ def split_index(index: torch.Tensor, batch: int, n: int, protected: int, r: int)
 
 
 def _multi_launch(x, keys, size, r: int, protected: int, mode: str, bias_dtype, path: str, wrap):
-    """three_launch / two_launch (see the module docstring): the same outputs as the one-launch step."""
+    """two_launch / three_launch / four_launch (see the module docstring): the same outputs as the one-launch step."""
     batch, n, _ = x.shape
     nb = split_sizes(n, protected)[1]
     dev = x.device
     index = empty(batch * sum(index_fields(n, protected, r)), dtype=torch.int64, device=dev)
     fields = split_index(index, batch, n, protected, r)
     bias = empty(batch, bias_row(n - r) if bias_dtype is not None else 0, dtype=bias_dtype or x.dtype, device=dev)
-    if path == "three_launch":
+    if path in ("three_launch", "four_launch"):
         # Looked up in their modules when called (the tests count the launchers).
-        node_max, node_idx = _match.match_scores(keys, protected, wrap=wrap)
+        metric = _match.head_mean(keys, wrap=wrap) if path == "four_launch" else keys
+        node_max, node_idx = _match.match_scores(metric, protected, wrap=wrap)
         _select.select(node_max, node_idx, r, nb, wrap=wrap, out=fields)
     else:
         plan(keys, protected, r, index, wrap)

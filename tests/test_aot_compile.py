@@ -152,6 +152,12 @@ def _configs():
                     dict(num_warps=warps, num_stages=sd_scores.num_stages)))
         out.append((f"spatial_inv_norm {dt}", match._inv_norm_kernel, dict(metric_ptr=PTR[dt], inv_ptr="*fp32"),
                     dict(BLOCK_N=match.NORM_BLOCK, BLOCK_D=64), 4))
+        # The four-launch step's head mean, every head's load unrolled: ViT-B's 12 x 64 in every dtype, ViT-H's
+        # 16 x 128 (the most registers) once.
+        for heads, d in ((12, 64),) + (((16, 128),) if dt == "fp16" else ()):
+            out.append((f"head_mean {dt} H={heads} D={d}", match._head_mean_kernel,
+                        dict(keys_ptr=PTR[dt], out_ptr=PTR[dt]),
+                        dict(H=heads, BLOCK_N=match.head_mean_rows(d), BLOCK_D=d), match.HEAD_MEAN_WARPS))
     for dt in PTR:
         for mode, mode_id in common.MODE_IDS.items():
             for c in WIDTHS:

@@ -17,6 +17,7 @@ PATH_KERNELS = {
     "one_launch": ("_step_kernel",),
     "two_launch": ("_plan_kernel", "_merge_kernel"),
     "three_launch": ("_match_kernel", "_select_kernel", "_merge_kernel"),
+    "four_launch": ("_head_mean_kernel", "_match_kernel", "_select_kernel", "_merge_kernel"),
 }
 
 
@@ -32,7 +33,8 @@ def device_ops(model, images) -> DeviceOps:
 
 
 @pytest.mark.skipif(ON_GPU, reason="counts CPU dispatch with stubbed Triton kernels (the interpreter's launchers)")
-@pytest.mark.parametrize("mode, path", [("tofu", "one_launch"), ("tome", "two_launch"), ("tofu", "three_launch")])
+@pytest.mark.parametrize("mode, path", [("tofu", "one_launch"), ("tome", "two_launch"), ("tofu", "three_launch"),
+                                        ("tofu", "four_launch")])
 def test_triton_path_adds_only_its_own_launches_per_block(vit_b, mode, path, monkeypatch):
     chosen = ops._step_path
     monkeypatch.setattr(ops, "_step_path", lambda _, *args: chosen(path, *args))  # what dispatch would pick

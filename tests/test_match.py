@@ -10,7 +10,7 @@ import tofu_triton as tt
 from tofu_triton import reference as ref
 from tofu_triton.kernels import match as match_kernels
 from tofu_triton.kernels import select as select_kernels
-from tofu_triton.testing import check_match_structure, make_inputs
+from tofu_triton.testing import assert_close, check_match_structure, make_inputs
 
 from conftest import DEVICE, DTYPES, assert_match, count_calls
 
@@ -83,3 +83,20 @@ def test_long_sequences_n4096():
     km = tt.bipartite_match(metric.to(DEVICE), 1536, 0, backend="triton")
     rm = ref.bipartite_match(metric, 1536, 0)
     assert_match(km, rm, metric, 4096)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("batch, heads, n, d", [(2, 3, 17, 16), (1, 12, 21, 64), (2, 1, 5, 80)])
+def test_head_mean_kernel_is_the_reference_to_the_bit(batch, heads, n, d, dtype):
+    # The four-launch step's first launch. Keys as a patched block passes them: a strided view of qkv; the
+    # output is poisoned first, so a row or channel the kernel misses shows up.
+    g = torch.Generator().manual_seed(batch * 1000 + heads * 10 + d)
+    qkv = torch.randn(batch, n, 3, heads, d, generator=g).to(dtype).to(DEVICE)
+    keys = qkv.permute(2, 0, 3, 1, 4)[1]
+    got = match_kernels.head_mean(keys)
+    assert got.shape == (batch, n, d) and got.dtype == dtype and got.is_contiguous()
+    want = ref.head_mean(keys)
+    if dtype == torch.bfloat16 and DEVICE == "cpu":
+        assert_close(got, want)  # the interpreter's fp32 -> bf16 cast does not round to nearest
+    else:
+        assert torch.equal(got, want)

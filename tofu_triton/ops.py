@@ -550,7 +550,7 @@ def token_fusion_step(
     needs no match saves on every block).
 
     ``path``: which Triton implementation runs (``kernels.step.STEP_PATHS``:
-    "one_launch", "two_launch", "three_launch"; docs/design.md §3.1-3.2). None
+    "one_launch", "two_launch", "three_launch", "four_launch"; docs/design.md §3.1-3.2). None
     (the default) takes on CUDA the fastest measured on this card for the nearest
     measured shape (``tofu_triton.dispatch``, table "vit_step"), and in the
     interpreter the one-launch step where it applies. All give the same result;
@@ -589,13 +589,13 @@ def token_fusion_step(
 def _step_path(path: Optional[str], x: Tensor, n: int, c: int, head_dim: int, protected: int) -> str:
     """The step's Triton implementation for these sizes (see token_fusion_step's ``path``)."""
     step = _kernels().step
-    allowed = step.paths_for(n, c, head_dim, protected)
+    allowed = step.paths_for(n, c, head_dim, protected, x.dtype, x.device.type)
     if path is not None:
         if path not in step.STEP_PATHS:
             raise ValueError(f"path must be one of {step.STEP_PATHS} or None, got {path!r}")
         if path not in allowed:
-            raise ValueError(f"path {path!r} does not handle N={n}, C={c}, head dim {head_dim}: use one of "
-                             f"{allowed} or None")
+            raise ValueError(f"path {path!r} does not handle N={n}, C={c}, head dim {head_dim}, "
+                             f"{str(x.dtype).replace('torch.', '')} on {x.device.type}: use one of {allowed} or None")
         return path
     if x.device.type == "cuda":  # a constant to torch.compile (dispatch.winner's docstring)
         return dispatch.winner("vit_step", x.device, x.dtype, "three_launch", allowed=allowed, B=x.shape[0], N=n,
