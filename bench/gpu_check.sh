@@ -14,7 +14,9 @@
 #    3. tournament-vit  bench/tournament_vit.py --write-table: the ViT step's paths raced per batch; writes
 #                 tofu_triton/tables/*.json
 #    4. throughput  bench/throughput.py: ViT-B r=16 at B = 1, 8, 64, 256, CUDA graph + eager, fp16 (the
-#                 targets); then bf16 at B = 1 and 256 from CUDA graphs into OUTPUT_DIR/bf16/
+#                 targets); bench/host_profile.py --write-table (host time per call at B = 1 and the batches
+#                 that ran host-bound: the tables' host_us, which eager callers weigh); then bf16 at B = 1
+#                 and 256 from CUDA graphs into OUTPUT_DIR/bf16/
 #    5. probe     bench/probe.py: proportional attention on every path (the attention tournament, --write-table)
 #    6. tournament-sd  bench/tournament_sd.py --write-table: the SD step's paths raced
 #    7. sd, dit   bench/throughput_sd.py (SDXL, SD 1.5) and bench/throughput_dit.py (Flux, SD3, PixArt),
@@ -48,7 +50,7 @@
 # Every stage runs under `timeout`, and the benchmark stages also get an internal budget, so no stage eats
 # the others' time; the whole run ends by GPU_CHECK_BUDGET_S (default 540 s) after it starts. Files in
 # OUTPUT_DIR: gpu_check.log, tests.log, test_failures.txt, export_check.json, compile/{b1,b256}/throughput.*,
-# tournament outputs, throughput.{json,md,png}, bf16/throughput.*, probe.{json,md},
+# tournament outputs, throughput.{json,md,png}, host_profile.{json,md}, bf16/throughput.*, probe.{json,md},
 # throughput_sd_<card>.{json,md}, throughput_dit_<card>.{json,md}, determinism.json, microbench.{jsonl,md,png},
 # benchmark.json, tables/*.json (tofu_triton/tables after the tournaments), and all of them packed into
 # gpu_check.tar.gz. A compact summary is printed last.
@@ -156,7 +158,7 @@ part() { if [ "$PART" = all ]; then echo "$2"; elif [ "$PART" = "$1" ]; then ech
 C_TESTS=$(on "${GPU_CHECK_SKIP_TESTS:-}" "$(part vit 105 100)")
 C_EXPORT=$(part vit 45 40); C_COMPILE=$(part vit 45 50)
 C_TVIT=$([ -n "$T_VIT" ] && part vit 30 75 || echo 0)
-C_VIT=$(part vit 70 80); C_PROBE=$(part vit 45 75)
+C_VIT=$(part vit 70 95); C_PROBE=$(part vit 45 65)
 C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && part sd 25 90 || echo 0)
 C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" "$(part sd 30 40)"); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" "$(part sd 35 50)")
 C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && part sd 15 15 || echo 0)
@@ -223,14 +225,16 @@ elif [ "$PART" != sd ]; then
   stage tournament-vit absent bench/tournament_vit.py
 fi
 
-# 4. The ViT-B r=16 targets, every batch (the script runs B = 256 first), CUDA graph and eager, fp16; then
+# 4. The ViT-B r=16 targets, every batch (the script runs B = 256 first), CUDA graph and eager, fp16; the host
+# profile (20 s at most), which writes the tables' host times with the host-bound batches of that run; then
 # bf16 at B = 1 and 256 from CUDA graphs with what is left of the stage (GPU_CHECK_VIT_ARGS replaces the fp16
 # arguments).
 take "$C_VIT"
 VIT_ARGS=${GPU_CHECK_VIT_ARGS:---models vit_b --batches 1,8,64,256 --r 16 --exec graph,eager}
-FP16_S=$(budget "$LIMIT" 26)
+FP16_S=$(budget "$LIMIT" 46)
 STAGE_END=$(($(date +%s) + LIMIT))
 stage throughput "$LIMIT" bash -c "$PY bench/throughput.py $VIT_ARGS --budget-s $FP16_S --out '$RESULTS'; rc=\$?; \
+  timeout -s INT 20 $PY bench/host_profile.py --out '$RESULTS' --write-table --throughput '$RESULTS/throughput.json'; \
   left=\$(($STAGE_END - \$(date +%s) - 15)); $PY bench/throughput.py --models vit_b --batches 1,256 --r 16 \
   --exec graph --dtype bf16 --budget-s \$((left > 0 ? left : 0)) --out '$RESULTS/bf16'; exit \$rc"
 

@@ -14,7 +14,14 @@ to return (calls back to back, the GPU never the bottleneck at these sizes; the 
 * whole forwards (ViT-B/16, fp16, random weights): timm unpatched and patched r = 16 (Triton step and the
   attention the tables choose), per forward and per block.
 
-    python bench/host_profile.py --out bench/results/gpu [--small]
+    python bench/host_profile.py --out bench/results/gpu [--small] [--write-table --throughput JSON]
+    python bench/host_profile.py --tables-from bench/results/<run>/host_profile.json --throughput JSON
+
+``--write-table --throughput JSON`` (GPU only) writes the host time of each step path and attention path
+into the dispatch tables (``"host_us"`` of tofu_triton/tables/vit_step.json and attention.json) with the
+largest batch at which the patched ViT ran host-bound in eager (``"host_bound_batch"``: eager over 1.1x the
+CUDA graph in bench/throughput.py's json of the same card), so eager callers at those batches weigh it
+(tofu_triton.dispatch.winner); ``--tables-from`` does the same from the committed results of an earlier run.
 
 ``--small`` (CPU, TRITON_INTERPRET=1): tiny shapes through the interpreter, to keep the script working; its
 times mean nothing.
@@ -112,11 +119,62 @@ def forwards(small: bool, calls: int) -> dict:
             "extra_per_block_us": round((patched - plain) / blocks, 2)}
 
 
+# The pieces whose host times dispatch weighs: "<label> [<candidate>]" -> the table of the candidate.
+TABLED = {"token_fusion_step": "vit_step", "sized_attention": "attention"}
+
+
+HOST_BOUND = 1.1  # eager slower than the CUDA graph by more than this: the host, not the GPU, sets the pace
+
+
+def host_bound_batch(throughput: dict) -> int:
+    """The largest batch at which the patched model ('tofu') ran host-bound in eager: its eager time over
+    HOST_BOUND x its CUDA-graph time (bench/throughput.py's json); 0 if none."""
+    ms = {(row["batch"], row["exec"]): row["ms_per_batch"] for row in throughput["rows"]
+          if row["variant"] == "tofu" and row.get("ms_per_batch")}
+    bound = [b for (b, ex), t in ms.items() if ex == "eager" and (b, "graph") in ms and t > HOST_BOUND * ms[b, "graph"]]
+    return max(bound, default=0)
+
+
+def write_tables(result: dict, throughput: dict, table_dir=None) -> list:
+    """Each candidate's host us (from ``result["pieces_us"]``) and the host-bound batches (from a
+    throughput run on the same card) into its op's table, for ``result``'s card."""
+    from tofu_triton import dispatch
+
+    per_op = {}
+    for name, us in result["pieces_us"].items():
+        label, _, rest = name.partition(" [")
+        if label in TABLED and rest.endswith("]"):
+            per_op.setdefault(TABLED[label], {})[rest[:-1]] = us
+    bound = host_bound_batch(throughput)
+    prov = dict(result["provenance"], batch=result["batch"], host_bound_from=throughput.get("command"))
+    return [dispatch.update_host(op, prov["card"], us, bound, prov, table_dir) for op, us in per_op.items()]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/gpu")
     ap.add_argument("--small", action="store_true", help="tiny shapes in the interpreter (CPU smoke run)")
+    ap.add_argument("--write-table", action="store_true", help="host times into the dispatch tables (GPU only)")
+    ap.add_argument("--tables-from", metavar="JSON", help="write the tables from this host_profile.json, run nothing")
+    ap.add_argument("--throughput", metavar="JSON", help="bench/throughput.py's json of the same card (the "
+                    "host-bound batches), with --write-table or --tables-from")
     args = ap.parse_args(argv)
+    if (args.write_table or args.tables_from) and not args.throughput:
+        print("host_profile: --write-table and --tables-from need --throughput (which batches are host-bound)",
+              file=sys.stderr)
+        return 2
+    throughput = None
+    if args.throughput:
+        with open(args.throughput) as f:
+            throughput = json.load(f)
+    if args.tables_from:
+        with open(args.tables_from) as f:
+            for path in write_tables(json.load(f), throughput):
+                print(f"host_profile: wrote host times into {path}")
+        return 0
+    if args.write_table and DEVICE == "cpu":
+        print("host_profile: --write-table needs a GPU (interpreter times mean nothing)", file=sys.stderr)
+        return 2
     if DEVICE == "cpu" and not (args.small and kernels.common.interpreting()):
         print("host_profile: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
         return 2
@@ -138,6 +196,8 @@ def main(argv=None) -> int:
     with open(os.path.join(args.out, "host_profile.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.write_table:
+        write_tables(result, throughput)
     return 0
 
 

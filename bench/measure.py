@@ -101,9 +101,11 @@ def capture_graph(fn: Callable, warmup: int = 3) -> Callable:
     side stream, as torch.cuda.graphs asks); returns a replay that gives the
     captured call's static output. Raises if ``fn`` cannot be captured (a host
     sync, a CPU tensor, an allocation the graph cannot own)."""
+    from tofu_triton import dispatch
+
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream), dispatch.for_graphs():  # warm up the kernels the capture will record
         for _ in range(max(1, warmup)):
             fn()
     torch.cuda.current_stream().wait_stream(stream)

@@ -23,3 +23,22 @@ def test_small_run_times_every_piece_and_both_forwards(tmp_path):
     forward = result["forward"]
     assert forward["unpatched_us"] > 0 and forward["patched_us"] > 0
     assert "more per block" in (tmp_path / "host_profile.md").read_text()
+
+
+def test_host_bound_batches_come_from_eager_against_graph():
+    import host_profile
+
+    def row(b, ex, ms, variant="tofu"):
+        return dict(batch=b, exec=ex, ms_per_batch=ms, variant=variant)
+
+    # The H200's ViT-B r=16 of run 4: eager 9.96 / 7.92 / 8.36 / 15.17 ms against graph 0.86 / 1.11 / 4.08 / 14.88.
+    rows = [row(1, "eager", 9.96), row(1, "graph", 0.86), row(8, "eager", 7.92), row(8, "graph", 1.11),
+            row(64, "eager", 8.36), row(64, "graph", 4.08), row(256, "eager", 15.17), row(256, "graph", 14.88),
+            row(512, "eager", 99.0, "unpatched"), row(512, "graph", 1.0, "unpatched")]
+    assert host_profile.host_bound_batch({"rows": rows}) == 64
+    assert host_profile.host_bound_batch({"rows": rows[6:]}) == 0
+
+
+def test_tables_need_the_throughput_run(tmp_path):
+    done = run_script("host_profile.py", "--tables-from", str(tmp_path / "host_profile.json"))
+    assert done.returncode == 2 and "need --throughput" in done.stderr

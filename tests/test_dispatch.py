@@ -1,5 +1,6 @@
 """tofu_triton.dispatch: the measured-winner lookup, on tables this test writes (never the committed ones)."""
 import json
+import threading
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,51 @@ def test_exporting_is_true_under_export_only(monkeypatch):
     assert seen == [False]
     torch.export.export(Probe(), (torch.zeros(2),))
     assert seen[1:] and all(seen[1:])
+
+
+def test_eager_callers_weigh_host_time_up_to_the_host_bound_batch(tables, card, tmp_path, monkeypatch):
+    # One launch: slow on the GPU, cheap on the host; four launches: the reverse (the H200's step at B = 1).
+    rows = [_row("Card A", b, "four", {"one": 69.0 * b, "four": 24.0 * b}) for b in (1, 64, 256)]
+    tables("op_x", rows)
+    dispatch.update_host("op_x", "Card A", {"one": 97.0, "four": 268.0}, 8, {"command": "host_profile"})
+    eager = {"value": True}
+    monkeypatch.setattr(dispatch, "eager", lambda: eager["value"])
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=1, N=197) == "one"  # max(69, 97) < max(24, 268)
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=64, N=197) == "four"  # above the bound
+    eager["value"] = False  # a CUDA graph or a compiled model: device time alone
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=1, N=197) == "four"
+    eager["value"] = True
+    card["value"] = "Card B"  # another card's host times never apply: its rows fall back to Card A's, host too
+    assert dispatch.winner("op_x", "cuda:1", torch.float16, "dflt", B=1, N=197) == "one"
+    # The writer keeps the rows and names its source.
+    table = json.loads((tmp_path / "op_x.json").read_text())
+    assert table["rows"] == rows and table["host_bound_batch"] == {"Card A": 8}
+    assert table["host_provenance"]["Card A"]["command"] == "host_profile"
+
+
+def test_eager_is_false_inside_torch_compile():
+    seen = []
+
+    def probe(x):
+        seen.append(dispatch.eager())
+        return x + 1
+
+    assert dispatch.eager()  # here: eager (no GPU, so never capturing)
+    torch._dynamo.reset()
+    torch.compile(probe, backend="eager", fullgraph=True)(torch.zeros(2))
+    assert seen == [False]
+
+
+def test_for_graphs_makes_this_thread_choose_as_a_capture(tables, card):
+    # Warm-up calls before a capture must compile what the capture records, so they choose by device time.
+    tables("op_x", [_row("Card A", 1, "four", {"one": 69.0, "four": 24.0})])
+    dispatch.update_host("op_x", "Card A", {"one": 97.0, "four": 268.0}, 8, {})
+    assert dispatch.eager() and dispatch.winner("op_x", "cuda:0", torch.float16, "d", B=1, N=197) == "one"
+    with dispatch.for_graphs():
+        assert not dispatch.eager() and dispatch.winner("op_x", "cuda:0", torch.float16, "d", B=1, N=197) == "four"
+        seen = []
+        other = threading.Thread(target=lambda: seen.append(dispatch.eager()))
+        other.start()
+        other.join()
+        assert seen == [True]  # another thread (a server's eager request) is not affected
+    assert dispatch.eager()

@@ -30,6 +30,8 @@ from typing import Dict, Sequence
 import torch
 from torch import Tensor, nn
 
+from . import dispatch
+
 
 class CudaGraphRunner:
     """Run ``model`` on batches of ``example``'s shape (any batch size up to the largest
@@ -90,8 +92,9 @@ class CudaGraphRunner:
         static_in = torch.zeros(size, *self.item_shape, dtype=self.dtype, device=self.device)
         stream = torch.cuda.Stream(self.device)
         stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(stream):
-            for _ in range(self.warmup):  # first calls compile the kernels and build caches
+        # The first calls compile the kernels and build caches: choosing as the capture will (for_graphs).
+        with torch.inference_mode(), torch.cuda.device(self.device), torch.cuda.stream(stream), dispatch.for_graphs():
+            for _ in range(self.warmup):
                 self.model(static_in)
         torch.cuda.current_stream(self.device).wait_stream(stream)
         if self._pool is None:
