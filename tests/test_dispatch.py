@@ -131,13 +131,13 @@ def test_eager_callers_weigh_host_time_up_to_the_host_bound_batch(tables, card, 
     rows = [_row("Card A", b, "four", {"one": 69.0 * b, "four": 24.0 * b}) for b in (1, 64, 256)]
     tables("op_x", rows)
     dispatch.update_host("op_x", "Card A", {"one": 97.0, "four": 268.0}, 8, {"command": "host_profile"})
-    eager = {"value": True}
-    monkeypatch.setattr(dispatch, "eager", lambda: eager["value"])
+    mode = {"value": "eager"}
+    monkeypatch.setattr(dispatch, "_mode", lambda: mode["value"])
     assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=1, N=197) == "one"  # max(69, 97) < max(24, 268)
     assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=64, N=197) == "four"  # above the bound
-    eager["value"] = False  # a CUDA graph or a compiled model: device time alone
+    mode["value"] = "graphs"  # for a CUDA graph or a compiled model: device time alone
     assert dispatch.winner("op_x", "cuda:0", torch.float16, "dflt", B=1, N=197) == "four"
-    eager["value"] = True
+    mode["value"] = "eager"
     card["value"] = "Card B"  # another card's host times never apply: its rows fall back to Card A's, host too
     assert dispatch.winner("op_x", "cuda:1", torch.float16, "dflt", B=1, N=197) == "one"
     # The writer keeps the rows and names its source.
@@ -172,3 +172,20 @@ def test_for_graphs_makes_this_thread_choose_as_a_capture(tables, card):
         other.join()
         assert seen == [True]  # another thread (a server's eager request) is not affected
     assert dispatch.eager()
+
+
+def test_a_capture_without_for_graphs_keeps_what_its_eager_warm_up_ran(tables, card, monkeypatch):
+    tables("op_x", [_row("Card A", 1, "four", {"one": 69.0, "four": 24.0})])
+    dispatch.update_host("op_x", "Card A", {"one": 97.0, "four": 268.0}, 8, {})
+    mode = {"value": "eager"}
+    monkeypatch.setattr(dispatch, "_mode", lambda: mode["value"])
+    ask = lambda: dispatch.winner("op_x", "cuda:0", torch.float16, "d", B=1, N=197)  # noqa: E731
+    mode["value"] = "capture"
+    assert ask() == "four"  # no warm-up asked before: device time
+    dispatch.clear_cache()
+    mode["value"] = "eager"
+    assert ask() == "one"  # the warm-up ran (and compiled) the one-launch path ...
+    mode["value"] = "capture"
+    assert ask() == "one"  # ... so the capture records it, not a kernel it would compile mid-capture
+    mode["value"] = "graphs"
+    assert ask() == "four"  # for_graphs / compile: device time

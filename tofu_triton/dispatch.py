@@ -118,11 +118,17 @@ def eager() -> bool:
     captured into a CUDA graph and not warming up for a capture (:func:`for_graphs`). Only then
     does every call pay its host time (Python, Triton's launch path, allocations) again; a graph
     or a compiled model pays device time alone."""
+    return _mode() == "eager"
+
+
+def _mode() -> str:
+    """"eager"; "graphs" (torch.compile, torch.export, or :func:`for_graphs`); or "capture" (a CUDA
+    graph being captured without :func:`for_graphs` around its warm-up)."""
     if torch.compiler.is_compiling() or getattr(_THREAD, "for_graphs", 0):
-        return False
+        return "graphs"
     if _CUDA[0] is None:
         _CUDA[0] = torch.cuda.is_available()  # once: asking a machine without a driver raises
-    return not (_CUDA[0] and torch.cuda.is_current_stream_capturing())
+    return "capture" if _CUDA[0] and torch.cuda.is_current_stream_capturing() else "eager"
 
 
 _CUDA = [None]
@@ -133,9 +139,10 @@ _THREAD = threading.local()
 def for_graphs():
     """Choose as inside a CUDA graph while this block runs (in this thread): wrap the warm-up calls
     before a capture in it, so they run, and compile, the kernels the capture will record. Without
-    it a warm-up is an eager call, may pick other candidates (eager callers weigh host time), and
-    the capture would compile its kernels mid-capture. ``tofu_triton.graphs`` and ``bench/``'s
-    captures do this."""
+    it a warm-up is an eager call and may pick other candidates (eager callers weigh host time); the
+    capture then keeps the warm-up's choice (its kernels are compiled; compiling mid-capture would
+    load modules during it), which is right but may not be the fastest in a graph.
+    ``tofu_triton.graphs`` and ``bench/``'s captures use it."""
     _THREAD.for_graphs = getattr(_THREAD, "for_graphs", 0) + 1
     try:
         yield
@@ -167,12 +174,16 @@ def winner(op: str, device, dtype: torch.dtype, default: str, allowed=None, **sh
     if not torch.compiler.is_compiling():
         # Eager: a forward asks this per block, so answer from one dict lookup on the
         # arguments as given (~1 us) before any normalising (~6 us on a CPU core).
-        now_eager = eager()
-        key = (op, device, dtype, default, tuple(allowed) if isinstance(allowed, list) else allowed, now_eager,
+        mode = _mode()
+        key = (op, device, dtype, default, tuple(allowed) if isinstance(allowed, list) else allowed, mode == "eager",
                *shape.items())
         answer = _ANSWERS.get(key)
+        if answer is None and mode == "capture":
+            # A capture whose warm-up ran eagerly (no for_graphs): record what the warm-up ran and compiled;
+            # a Triton kernel compiled mid-capture would load its module during the capture.
+            answer = _ANSWERS.get(key[:5] + (True,) + key[6:])
         if answer is None:
-            answer = _ANSWERS[key] = _normalised(op, device, dtype, default, allowed, shape, now_eager)
+            answer = _ANSWERS[key] = _normalised(op, device, dtype, default, allowed, shape, mode == "eager")
         return answer
     return _normalised(op, device, dtype, default, allowed, shape, False)
 
