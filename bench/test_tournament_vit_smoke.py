@@ -34,6 +34,8 @@ def test_small_run_checks_and_times_every_candidate(tmp_path):
     assert row["failed"] == [] and all(v is not None for v in row["us"].values())
     assert row["winner"] in step.STEP_PATHS  # a T variant is information, never a dispatch answer
     assert row["shape"] == dict(B=2, N=17, C=32, D=16) and row["r"] == 8
+    assert set(row["parts_us"]) == {"head_mean", "match", "select", "merge"}  # where the four launches' time goes
+    assert all(v > 0 for v in row["parts_us"].values())
     assert "| tiny | float16 | 2 |" in (tmp_path / "tournament_vit.md").read_text()
     assert result["provenance"]["commit"] and result["provenance"]["command"].endswith(f"--out {tmp_path}")
     assert table.read_bytes() == before  # the committed table is never rewritten without --write-table

@@ -128,6 +128,24 @@ def step_bytes(batch: int, n: int, c: int, heads: int, r: int, dtype: torch.dtyp
     return batch * (heads * n * d * es + n * (c * es + 4) + n_out * (c * es + 4 + es))
 
 
+def four_launch_parts(x, keys, size, r: int, dtype, timer) -> dict:
+    """Each launch of the four-launch step timed alone (L2 warm), information only: where its time goes."""
+    k = kernels
+    nb = reference.split_sizes(x.shape[1], PROTECTED)[1]
+    metric = k.match.head_mean(keys)
+    node_max, node_idx = k.match.match_scores(metric, PROTECTED)
+    unm_idx, _, _, dst_start, dst_src = k.select.select(node_max, node_idx, r, nb)
+    bias = torch.empty(x.shape[0], k.step.bias_row(x.shape[1] - r), dtype=dtype, device=x.device)
+    launches = {
+        "head_mean": lambda: k.match.head_mean(keys),
+        "match": lambda: k.match.match_scores(metric, PROTECTED),
+        "select": lambda: k.select.select(node_max, node_idx, r, nb),
+        "merge": lambda: k.merge.merge_forward(x, size, unm_idx, dst_start, dst_src, PROTECTED, MODE, bias=bias),
+    }
+    return {name: None if ms is None else round(1e3 * ms, 2) for name, fn in launches.items()
+            for ms in [timer(fn)]}
+
+
 def run_case(model: str, n: int, c: int, heads: int, batch: int, dtype: torch.dtype, gen, copy_gbps,
              small: bool = False) -> dict:
     x, keys, size = make_inputs(batch, n, c, heads, dtype, gen)
@@ -150,8 +168,10 @@ def run_case(model: str, n: int, c: int, heads: int, batch: int, dtype: torch.dt
             us_cold[name] = None if ms is None else round(1e3 * ms, 2)
     paths = {k: v for k, v in us.items() if k in kernels.step.STEP_PATHS and v is not None}
     nbytes = step_bytes(batch, n, c, heads, r, dtype)
+    parts = four_launch_parts(x, keys, size, r, dtype, timer) if "four_launch" in paths else {}
     return dict(op=OP, model=model, dtype=str(dtype).replace("torch.", ""),
-                shape=dict(B=batch, N=n, C=c, D=c // heads), r=r, us=us, us_cold=us_cold, failed=failed,
+                shape=dict(B=batch, N=n, C=c, D=c // heads), r=r, us=us, us_cold=us_cold, parts_us=parts,
+                failed=failed,
                 winner=min(sorted(paths), key=paths.__getitem__) if paths else None, bytes=nbytes,
                 ceiling_us=round(nbytes / copy_gbps / 1e3, 2) if copy_gbps else None)
 
@@ -175,6 +195,14 @@ def write_report(out: str, prov: dict, rows: list, skipped: list, copy_gbps) -> 
                  else f"{row['us'][name]:.1f}" for name in names]
         lines.append(f"| {row['model']} | {row['dtype']} | {row['shape']['B']} | " + " | ".join(cells)
                      + f" | {row['winner']} | {row['ceiling_us'] if row['ceiling_us'] is not None else '-'} |")
+    parted = [row for row in rows if row.get("parts_us")]
+    if parted:
+        names = list(parted[0]["parts_us"])
+        lines += ["", "The four-launch step's launches, each timed alone (us, L2 warm):", "",
+                  "| model | dtype | B | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
+        lines += [f"| {row['model']} | {row['dtype']} | {row['shape']['B']} | "
+                  + " | ".join("-" if row["parts_us"][n] is None else f"{row['parts_us'][n]:.1f}" for n in names)
+                  + " |" for row in parted]
     if skipped:
         lines += ["", "Skipped (budget spent): " + ", ".join(skipped)]
     with open(os.path.join(out, "tournament_vit.md"), "w") as f:
