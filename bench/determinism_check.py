@@ -31,7 +31,9 @@ import time
 import torch
 
 from tofu_triton import ops
-from tofu_triton.kernels.common import interpreting
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import refuse_without_gpu  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -126,10 +128,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.runs < 2:
         ap.error("--runs must be at least 2 (each run is compared with the first)")
-    if DEVICE == "cpu" and not (args.small and interpreting()):
-        print("determinism_check: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)",
-              file=sys.stderr)
-        return 2
+    refused = refuse_without_gpu("determinism_check", args.small)
+    if refused:
+        return refused
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     cases = [(f"vit_step_{mode}", lambda m=mode: vit_step(args.small, m, gen)) for mode in ("mlerp", "mean", "prune")]
     cases += [("sd_step", lambda: sd_step(args.small, gen)), ("vit_model", lambda: vit_model(args.small)),

@@ -41,6 +41,7 @@ import tofu_triton as tt
 from tofu_triton import attention, kernels, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import refuse_without_gpu  # noqa: E402
 from tournament_sd import provenance  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -172,12 +173,9 @@ def main(argv=None) -> int:
             for path in write_tables(json.load(f), throughput):
                 print(f"host_profile: wrote host times into {path}")
         return 0
-    if args.write_table and DEVICE == "cpu":
-        print("host_profile: --write-table needs a GPU (interpreter times mean nothing)", file=sys.stderr)
-        return 2
-    if DEVICE == "cpu" and not (args.small and kernels.common.interpreting()):
-        print("host_profile: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
-        return 2
+    refused = refuse_without_gpu("host_profile", args.small, args.write_table)
+    if refused:
+        return refused
     calls = 3 if args.small else 200
     prov = provenance("python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
     result = dict(provenance=prov, batch=1, pieces_us=pieces(args.small, calls),

@@ -205,6 +205,25 @@ def run_script(name: str, *args: str, timeout: float = 600, cwd: Optional[str] =
                           env=env, timeout=timeout, cwd=cwd)
 
 
+def refuse_without_gpu(script: str, small: bool, write_table: bool = False) -> Optional[int]:
+    """The check every script that measures on a GPU makes first: None when the run may go on, else 2
+    after a one-line reason on stderr. Without CUDA only ``--small`` runs (the kernels in Triton's
+    interpreter, to keep the script working), and never with ``--write-table`` (its times mean nothing)."""
+    import sys
+
+    from tofu_triton.kernels.common import interpreting
+
+    if torch.cuda.is_available():
+        return None
+    if write_table:
+        print(f"{script}: --write-table needs a GPU (interpreter times mean nothing)", file=sys.stderr)
+        return 2
+    if not (small and interpreting()):
+        print(f"{script}: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
+        return 2
+    return None
+
+
 def git_commit(where: Optional[str] = None) -> str:
     """The short commit of the checkout at ``where`` (default: this one), or "unknown"."""
     import subprocess

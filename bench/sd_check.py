@@ -33,6 +33,9 @@ import torch
 from tofu_triton import ops, reference
 from tofu_triton import kernels
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import refuse_without_gpu  # noqa: E402
+
 C, BATCH, RATIO = 320, 2, 0.5
 # The CPU runs only ``--small`` in Triton's interpreter (TRITON_INTERPRET=1): it
 # checks this script, not the kernels' behaviour on a GPU.
@@ -140,9 +143,9 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=5, help="runs of each select case")
     ap.add_argument("--small", action="store_true", help="one small case (for compute-sanitizer)")
     args = ap.parse_args(argv)
-    if DEVICE == "cpu" and not (args.small and kernels.common.interpreting()):
-        print("sd_check: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
-        return 2
+    refused = refuse_without_gpu("sd_check", args.small)
+    if refused:
+        return refused
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     sides = ([32] if DEVICE == "cuda" else [16]) if args.small else [64, 128, 256]
     rows, t0 = [], time.time()

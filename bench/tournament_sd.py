@@ -41,6 +41,9 @@ import torch
 from tofu_triton import dispatch, ops, reference
 from tofu_triton import kernels
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import refuse_without_gpu  # noqa: E402
+
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = 0.5
 SCORE_ATOL = 1e-4  # fp16/bf16 products are exact in fp32; only the sums' order differs from the reference
@@ -224,12 +227,9 @@ def main(argv=None) -> int:
     ap.add_argument("--write-table", action="store_true", help="update tofu_triton/tables/spatial_*.json (GPU only)")
     ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated, of fp16, bf16")
     args = ap.parse_args(argv)
-    if DEVICE == "cpu" and not (args.small and kernels.common.interpreting()):
-        print("tournament_sd: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
-        return 2
-    if args.write_table and DEVICE == "cpu":
-        print("tournament_sd: --write-table needs a GPU (interpreter times mean nothing)", file=sys.stderr)
-        return 2
+    refused = refuse_without_gpu("tournament_sd", args.small, args.write_table)
+    if refused:
+        return refused
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
     prov = provenance("python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
     gen = torch.Generator(device=DEVICE).manual_seed(0)

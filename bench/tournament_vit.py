@@ -44,6 +44,7 @@ from tofu_triton import kernels
 from tofu_triton.testing import SCORE_TIE, assert_close, check_match_against_scores, check_match_structure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from measure import refuse_without_gpu  # noqa: E402
 from tournament_sd import _timer, provenance  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -225,12 +226,9 @@ def main(argv=None) -> int:
     ap.add_argument("--write-table", action="store_true", help="update tofu_triton/tables/vit_step.json (GPU only)")
     ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated, of fp16, bf16")
     args = ap.parse_args(argv)
-    if args.write_table and DEVICE == "cpu":
-        print("tournament_vit: --write-table needs a GPU (interpreter times mean nothing)", file=sys.stderr)
-        return 2
-    if DEVICE == "cpu" and not (args.small and kernels.common.interpreting()):
-        print("tournament_vit: needs a CUDA GPU (on the CPU only --small, with TRITON_INTERPRET=1)", file=sys.stderr)
-        return 2
+    refused = refuse_without_gpu("tournament_vit", args.small, args.write_table)
+    if refused:
+        return refused
     dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
     prov = provenance("python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
     gen = torch.Generator(device=DEVICE).manual_seed(0)
