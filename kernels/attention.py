@@ -137,8 +137,11 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     the interpreter; any strides, copied where the channels are not contiguous;
     D <= 128); bias [B or 1, 1, 1, Nk] (any float dtype, read as
     fp32; -inf for a key that must get no weight). ``config``: a key of
-    :data:`CONFIGS` (default: the first of :func:`configs_for`). Returns a
-    contiguous [B, H, Nq, D] in q's dtype. No autograd.
+    :data:`CONFIGS` (default: the first of :func:`configs_for`). Returns
+    [B, H, Nq, D] in q's dtype, a view of a contiguous [B, Nq, H, D] buffer as
+    SDPA's CUDA kernels return it: the caller's ``transpose(1, 2).reshape(B,
+    Nq, H * D)`` is then a view, not a copy (a copy launch and 2 B Nq H D
+    elements of traffic per block otherwise). No autograd.
     """
     batch, heads, nq, d = q.shape
     nk = k.shape[2]
@@ -146,7 +149,7 @@ def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: to
     cfg = CONFIGS[config or configs_for(d)[0]]
     bias = bias.expand(batch, 1, 1, nk)
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
-    out = empty(batch, heads, nq, d, dtype=q.dtype, device=q.device)
+    out = empty(batch, nq, heads, d, dtype=q.dtype, device=q.device).transpose(1, 2)
     grid = (cdiv(nq, cfg.block_m), batch * heads)
     with on_device(q):
         wrap(_attention_kernel)[grid](

@@ -263,3 +263,13 @@ def test_the_device_query_is_a_constant_inside_a_full_graph():
     compiled = torch.compile(lambda x: x + attention.capabilities(x.device).capability[0], fullgraph=True,
                              backend="eager")
     assert compiled(torch.zeros(1)).item() == 0 and attention.capabilities(torch.device("cpu")).kind == "cpu"
+
+
+def test_triton_output_needs_no_copy_to_go_back_to_tokens():
+    # As SDPA's CUDA kernels: [B, H, N, D] over a [B, N, H, D] buffer, so the block's transpose(1, 2).reshape
+    # back to [B, N, C] is a view (else one more copy launch per block).
+    q, k, v, bias = inputs(torch.float16 if ON_GPU else torch.float32, batch=2, heads=3, n=21, d=16, device=DEVICE)
+    out = kernel.biased_attention(q, k, v, bias)
+    tokens = out.transpose(1, 2).reshape(2, 21, 3 * 16)
+    assert tokens.data_ptr() == out.data_ptr() and tokens._base is not None
+    assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype)), name="triton")
