@@ -68,7 +68,9 @@ STAGES=()
 export PYTHONUNBUFFERED=1
 
 SPENT=0  # a dry run's pretend time: GPU_CHECK_DRY_RUN=full has every stage use all of its limit
-remaining() { echo $((DEADLINE - $(date +%s) - SPENT)); }
+# A dry run's clock stands still at START: its plan must not depend on how fast a loaded machine runs it.
+now() { if [ -n "${GPU_CHECK_DRY_RUN:-}" ]; then echo "$START"; else date +%s; fi; }
+remaining() { echo $((DEADLINE - $(now) - SPENT)); }
 min() { if [ "$1" -lt "$2" ]; then echo "$1"; else echo "$2"; fi; }
 
 stage() { # stage NAME LIMIT_S COMMAND...

@@ -67,3 +67,17 @@ def test_the_two_part_plan_splits_the_stages_and_gives_the_tournaments_their_tim
     for limits, budget in ((vit, 480), (sd, 290)):
         kept = sum(v for n, v in limits.items() if isinstance(v, int) and n not in SETUP)
         assert kept + SETUP_S <= budget, limits
+
+
+def test_the_plan_does_not_depend_on_how_fast_the_dry_run_runs(tmp_path):
+    # CI's loaded 2-core machine took seconds over the dry run, and the last stages of a plan with no slack
+    # fell under 10 s. A `date` whose clock jumps 4 s at every reading stands in for such a machine.
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "date").write_text('#!/bin/bash\nif [ "$1" = "+%s" ]; then f="$(dirname "$0")/count"; '
+                               'c=$(cat "$f" 2>/dev/null || echo 0); echo $((c + 1)) > "$f"; '
+                               'echo $((1700000000 + 4 * c)); else exec /bin/date "$@"; fi\n')
+    (shim / "date").chmod(0o755)
+    steady, _ = plan(tmp_path / "a")
+    slow, _ = plan(tmp_path / "b", PATH=f"{shim}:{os.environ['PATH']}")
+    assert slow == steady
