@@ -12,7 +12,8 @@ to return (calls back to back, the GPU never the bottleneck at these sizes; the 
   then ``token_fusion_step`` (the public op: checks, dispatch, launches) on every path;
 * ``sized_attention`` on each path that runs here, and plain SDPA without a bias;
 * whole forwards (ViT-B/16, fp16, random weights): timm unpatched and patched r = 16 (Triton step and the
-  attention the tables choose), per forward and per block.
+  attention the tables choose), per forward and per block, and where the patched forward's host time goes
+  (cProfile: the largest Python functions and builtins by their own time).
 
     python bench/host_profile.py --out bench/results/gpu [--small] [--write-table --throughput JSON]
     python bench/host_profile.py --tables-from bench/results/<run>/host_profile.json --throughput JSON
@@ -115,9 +116,30 @@ def forwards(small: bool, calls: int) -> dict:
         plain = host_us(lambda: model(images), calls)
         tp.timm(model, r=16, backend="triton" if small else "auto")
         patched = host_us(lambda: model(images), calls)
+        hot = python_profile(lambda: model(images), calls)
         tp.unpatch(model)
     return {"model": name, "unpatched_us": plain, "patched_us": patched,
-            "extra_per_block_us": round((patched - plain) / blocks, 2)}
+            "extra_per_block_us": round((patched - plain) / blocks, 2), "patched_profile": hot}
+
+
+def python_profile(fn, calls: int, rows: int = 25) -> list:
+    """Where the host time of ``fn`` goes, by Python function and builtin (cProfile over ``calls`` calls, its
+    own overhead included): the ``rows`` largest by their own time, in us per call of ``fn``."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    profile.enable()
+    for _ in range(calls):
+        fn()
+    profile.disable()
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    stats = pstats.Stats(profile).stats
+    out = [{"function": f"{os.path.basename(file)}:{line}({name})", "calls": ncalls / calls,
+            "self_us": round(tottime / calls * 1e6, 1), "total_us": round(cumtime / calls * 1e6, 1)}
+           for (file, line, name), (_, ncalls, tottime, cumtime, _) in stats.items()]
+    return sorted(out, key=lambda row: -row["self_us"])[:rows]
 
 
 # The pieces whose host times dispatch weighs: "<label> [<candidate>]" -> the table of the candidate.
@@ -190,7 +212,11 @@ def main(argv=None) -> int:
              "| call | host us |", "|---|---|"]
     lines += [f"| {name} | {us} |" for name, us in result["pieces_us"].items()]
     lines += ["", f"{fwd['model']} forward: unpatched {fwd['unpatched_us']} us, patched r=16 {fwd['patched_us']} us, "
-              f"{fwd['extra_per_block_us']} us more per block."]
+              f"{fwd['extra_per_block_us']} us more per block.", "",
+              "Where the patched forward's host time goes (cProfile, its own overhead included; us per forward):", "",
+              "| function | calls per forward | own us | with callees us |", "|---|---|---|---|"]
+    lines += [f"| `{row['function']}` | {row['calls']:g} | {row['self_us']} | {row['total_us']} |"
+              for row in fwd["patched_profile"]]
     with open(os.path.join(args.out, "host_profile.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     print("\n".join(lines))

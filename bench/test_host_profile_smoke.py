@@ -22,6 +22,9 @@ def test_small_run_times_every_piece_and_both_forwards(tmp_path):
         assert pieces[name] > 0, name
     forward = result["forward"]
     assert forward["unpatched_us"] > 0 and forward["patched_us"] > 0
+    profile = forward["patched_profile"]  # in the interpreter its own Python dominates: only the form is checked
+    assert len(profile) == 25 and all(row["self_us"] <= row["total_us"] and row["calls"] > 0 for row in profile)
+    assert [row["self_us"] for row in profile] == sorted((row["self_us"] for row in profile), reverse=True)
     assert "more per block" in (tmp_path / "host_profile.md").read_text()
 
 
