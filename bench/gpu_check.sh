@@ -23,7 +23,8 @@
 #                 from CUDA graphs
 #    8. san-*     compute-sanitizer memcheck, racecheck, synccheck on every kernel at one small shape
 #                 (bench/determinism_check.py --small: the ViT step forward and backward, the SD step)
-#    9. determinism  bench/determinism_check.py: each fused path three times, bitwise equal
+#    9. determinism  bench/determinism_check.py: each fused path three times, bitwise equal; in the SD half
+#                 also vit-sl: ViT-S/16 and ViT-L/16 r=16 at B = 64 and 256 from CUDA graphs into vit_sl/
 #   10. extra     bench: pytest bench/ (the microbenchmarks), with whatever the stages above left
 #   11. summarize bench/summarize.py -> microbench.md/png and the target verdicts; tables copied into
 #                 OUTPUT_DIR/tables/; everything packed into OUTPUT_DIR/gpu_check.tar.gz
@@ -43,7 +44,7 @@
 #   GPU_CHECK_SKIP_SAN=1 ...                              # no compute-sanitizer
 #   GPU_CHECK_SKIP_BENCH=1 ...                            # no microbenchmarks
 #   GPU_CHECK_PART=vit GPU_CHECK_BUDGET_S=480 ...        # two calls: the ViT half (tests ... probe),
-#   GPU_CHECK_PART=sd GPU_CHECK_BUDGET_S=290 ...         # then the SD half (bench/README.md)
+#   GPU_CHECK_PART=sd GPU_CHECK_BUDGET_S=320 ...         # then the SD half (bench/README.md)
 #   GPU_CHECK_DRY_RUN=1 bash bench/gpu_check.sh /tmp/x   # print each stage's limit and command, run nothing
 #   GPU_CHECK_DRY_RUN=full ...                           # the same, as if every stage used all of its limit
 #
@@ -164,9 +165,9 @@ C_VIT=$(part vit 70 95); C_PROBE=$(part vit 45 65)
 C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && part sd 25 90 || echo 0)
 C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" "$(part sd 30 40)"); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" "$(part sd 35 50)")
 C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && part sd 15 15 || echo 0)
-C_DET=$(part sd 30 30); C_SUM=10
+C_DET=$(part sd 30 30); C_VITSL=$(part sd 0 30); C_SUM=10
 # The caps of the kept stages still to come (the summary's included); each kept stage takes its own out.
-RESERVE=$((C_TESTS + C_EXPORT + C_COMPILE + C_TVIT + C_VIT + C_PROBE + C_TSD + C_SD + C_DIT + 3 * C_SAN + C_DET \
+RESERVE=$((C_TESTS + C_EXPORT + C_COMPILE + C_TVIT + C_VIT + C_PROBE + C_TSD + C_SD + C_DIT + 3 * C_SAN + C_DET + C_VITSL \
   + C_SUM))
 take() { # take CAP: LIMIT = min(CAP, time left - the caps of the kept stages after this one); OFF for CAP 0
   OFF=$([ "$1" -eq 0 ] && echo 1 || true)
@@ -284,6 +285,14 @@ fi
 # 9. Determinism at full size.
 take "$C_DET"
 stage determinism "$LIMIT" "$PY" bench/determinism_check.py --out "$RESULTS"
+
+# 9b. ViT-S/16 and ViT-L/16 r=16 at B = 64 and 256 from CUDA graphs (issue 28's goal: >= 95 % of their FLOP
+# ratios), in the SD half only: the ViT half has no time left for them.
+if [ "$C_VITSL" -gt 0 ]; then
+  take "$C_VITSL"
+  stage vit-sl "$LIMIT" "$PY" bench/throughput.py --models vit_s,vit_l --batches 64,256 --r 16 --exec graph \
+    --variants unpatched,tofu --budget-s "$(budget "$LIMIT" 12)" --out "$RESULTS/vit_sl"
+fi
 
 # 10. The microbenchmarks, with whatever the kept stages left (pytest stops starting cases 30 s before its
 # limit so it can write benchmark.json; the CPU smoke tests of the scripts are left out).
