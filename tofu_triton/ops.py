@@ -552,8 +552,9 @@ def token_fusion_step(
     ``path``: which Triton implementation runs (``kernels.step.STEP_PATHS``:
     "one_launch", "two_launch", "three_launch", "four_launch"; docs/design.md §3.1-3.2). None
     (the default) takes on CUDA the fastest measured on this card for the nearest
-    measured shape (``tofu_triton.dispatch``, table "vit_step"), and in the
-    interpreter the one-launch step where it applies. All give the same result;
+    measured shape (``tofu_triton.dispatch``, table "vit_step"; an eager caller at
+    a batch the card measured host-bound also weighs each path's host time), and
+    in the interpreter the one-launch step where it applies. All give the same result;
     the reference backend ignores it. Gradients reach x only.
     """
     _check_3d("x", x)
