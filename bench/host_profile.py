@@ -42,7 +42,7 @@ import tofu_triton as tt
 from tofu_triton import attention, kernels, reference
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import refuse_without_gpu  # noqa: E402
+from measure import command_line, refuse_without_gpu  # noqa: E402
 from tournament_sd import provenance  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     if refused:
         return refused
     calls = 3 if args.small else 200
-    prov = provenance("python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
+    prov = provenance(command_line(argv))
     result = dict(provenance=prov, batch=1, pieces_us=pieces(args.small, calls),
                   forward=forwards(args.small, 2 if args.small else 50))
     os.makedirs(args.out, exist_ok=True)

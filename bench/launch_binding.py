@@ -30,7 +30,7 @@ from triton.runtime.jit import compute_cache_key, create_function_from_signature
 from tofu_triton.kernels import attention, match, merge, select, step
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import git_commit  # noqa: E402
+from measure import command_line, git_commit  # noqa: E402
 
 # ViT-B/16 at B = 1, r = 16, fp16: the shapes of the H200's host profile.
 B, N, C, H, D, R = 1, 197, 768, 12, 64, 16
@@ -117,7 +117,7 @@ def main(argv=None) -> int:
     rows = measure(args.small)
     prov = dict(machine=f"CPU ({os.cpu_count()} cores)", date=time.strftime("%Y-%m-%d"), commit=git_commit(),
                 torch=torch.__version__, triton=triton.__version__,
-                command="python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
+                command=command_line(argv))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "launch_binding_cpu.json"), "w") as f:
         json.dump(dict(provenance=prov, shape=dict(B=B, N=N, C=C, H=H, D=D, r=R), rows=rows), f, indent=1)

@@ -205,6 +205,14 @@ def run_script(name: str, *args: str, timeout: float = 600, cwd: Optional[str] =
                           env=env, timeout=timeout, cwd=cwd)
 
 
+def command_line(argv=None) -> str:
+    """The command a bench script was run with, for its provenance: ``python <script> <args>`` (``argv`` as
+    given to its ``main``, else the process's own)."""
+    import sys
+
+    return "python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:]))
+
+
 def refuse_without_gpu(script: str, small: bool, write_table: bool = False) -> Optional[int]:
     """The check every script that measures on a GPU makes first: None when the run may go on, else 2
     after a one-line reason on stderr. Without CUDA only ``--small`` runs (the kernels in Triton's

@@ -42,7 +42,7 @@ from tofu_triton import dispatch, ops, reference
 from tofu_triton import kernels
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import refuse_without_gpu  # noqa: E402
+from measure import command_line, refuse_without_gpu  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 RATIO = 0.5
@@ -219,19 +219,27 @@ def write_tables(prov: dict, rows: list, table_dir=None) -> None:
                               table_dir)
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def tournament_args(argv, doc: str, tables: str) -> argparse.Namespace:
+    """The command line both tournaments take (bench/tournament_vit.py too); ``tables``: what
+    ``--write-table`` updates. ``args.dtypes`` comes back as a list of torch dtypes."""
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     ap.add_argument("--out", default="bench/results/gpu")
-    ap.add_argument("--budget-s", type=float, default=90.0, help="skip the shapes left once this much time is spent")
+    ap.add_argument("--budget-s", type=float, default=90.0, help="skip the cases left once this much time is spent")
     ap.add_argument("--small", action="store_true", help="tiny shapes in the interpreter (CPU smoke run)")
-    ap.add_argument("--write-table", action="store_true", help="update tofu_triton/tables/spatial_*.json (GPU only)")
+    ap.add_argument("--write-table", action="store_true", help=f"update {tables} (GPU only)")
     ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated, of fp16, bf16")
     args = ap.parse_args(argv)
+    args.dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
+    return args
+
+
+def main(argv=None) -> int:
+    args = tournament_args(argv, __doc__, "tofu_triton/tables/spatial_*.json")
     refused = refuse_without_gpu("tournament_sd", args.small, args.write_table)
     if refused:
         return refused
-    dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
-    prov = provenance("python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
+    dtypes = args.dtypes
+    prov = provenance(command_line(argv))
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     if args.small:
         cases = [(side, widths, 2, dtypes[0]) for side, widths in SMALL_SHAPES]

@@ -30,7 +30,6 @@ in tofu_triton/tables/vit_step.json. ``--small`` runs tiny shapes on the CPU in
 Triton's interpreter (TRITON_INTERPRET=1): it checks the script and the
 candidates, its times mean nothing.
 """
-import argparse
 import functools
 import json
 import os
@@ -44,13 +43,12 @@ from tofu_triton import kernels
 from tofu_triton.testing import SCORE_TIE, assert_close, check_match_against_scores, check_match_structure
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from measure import refuse_without_gpu  # noqa: E402
-from tournament_sd import _timer, provenance  # noqa: E402
+from measure import command_line, refuse_without_gpu  # noqa: E402
+from tournament_sd import _timer, provenance, tournament_args  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 OP = "vit_step"
 R, PROTECTED, MODE = 16, 1, "mlerp"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 # (model, N, C, heads): head dim 64 throughout.
 GPU_SHAPES = [("ViT-B/16", 197, 768, 12), ("ViT-S/16", 197, 384, 6), ("ViT-L/16", 197, 1024, 16),
               ("ViT-B/16@384", 577, 768, 12)]
@@ -219,18 +217,12 @@ def write_table(prov: dict, rows: list, table_dir=None) -> None:
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--out", default="bench/results/gpu")
-    ap.add_argument("--budget-s", type=float, default=90.0, help="skip the cases left once this much time is spent")
-    ap.add_argument("--small", action="store_true", help="tiny shapes in the interpreter (CPU smoke run)")
-    ap.add_argument("--write-table", action="store_true", help="update tofu_triton/tables/vit_step.json (GPU only)")
-    ap.add_argument("--dtypes", default="fp16,bf16", help="comma-separated, of fp16, bf16")
-    args = ap.parse_args(argv)
+    args = tournament_args(argv, __doc__, "tofu_triton/tables/vit_step.json")
     refused = refuse_without_gpu("tournament_vit", args.small, args.write_table)
     if refused:
         return refused
-    dtypes = [DTYPES[name] for name in args.dtypes.split(",")]
-    prov = provenance("python " + " ".join([sys.argv[0]] + list(argv if argv is not None else sys.argv[1:])))
+    dtypes = args.dtypes
+    prov = provenance(command_line(argv))
     gen = torch.Generator(device=DEVICE).manual_seed(0)
     if args.small:
         cases = [(*shape, batch, dtypes[0]) for shape in SMALL_SHAPES for batch in SMALL_BATCHES]
