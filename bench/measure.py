@@ -120,10 +120,13 @@ def capture_graph(fn: Callable, warmup: int = 3) -> Callable:
     return replay
 
 
-def time_cuda_graph(fn: Callable, warmup_ms: int = 10, rep_ms: int = 50) -> Optional[float]:
-    """Median ms of replaying ``fn`` from a CUDA graph; None if it cannot be captured."""
+def time_cuda_graph(fn: Callable, warmup_ms: int = 10, rep_ms: int = 50, warm_l2: bool = False) -> Optional[float]:
+    """Median ms of replaying ``fn`` from a CUDA graph (``do_bench``: L2 flushed before each replay), or
+    with ``warm_l2`` the ms per replay of replays back to back (``time_loop``: inputs that fit stay in L2,
+    as in a model whose previous kernels just wrote them); None if it cannot be captured."""
     try:
-        return time_cuda(capture_graph(fn), warmup_ms=warmup_ms, rep_ms=rep_ms)["median_ms"]
+        replay = capture_graph(fn)
+        return time_loop(replay) if warm_l2 else time_cuda(replay, warmup_ms=warmup_ms, rep_ms=rep_ms)["median_ms"]
     except Exception:  # a step that syncs or allocates on the host cannot be captured
         torch.cuda.synchronize()
         return None

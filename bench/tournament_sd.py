@@ -55,14 +55,15 @@ SMALL_SHAPES = [(8, (24,))]  # --small: B = 2, the first dtype only (the interpr
 TABLES = ops.SPATIAL_TABLE_KEYS  # the shape keys ops.spatial_match looks rows up by
 
 
-def _timer(graph: bool):
-    """ms of one call: do_bench (or CUDA-graph replay) on a GPU, a few host-timed calls in the interpreter."""
+def _timer(graph: bool, warm_l2: bool = False):
+    """ms of one call: do_bench (or CUDA-graph replay, ``warm_l2``: replays back to back, see
+    measure.time_cuda_graph) on a GPU, a few host-timed calls in the interpreter."""
     if DEVICE == "cuda":
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from measure import time_cuda, time_cuda_graph
 
         if graph:
-            return lambda fn: time_cuda_graph(fn, warmup_ms=5, rep_ms=20)
+            return lambda fn: time_cuda_graph(fn, warmup_ms=5, rep_ms=20, warm_l2=warm_l2)
         return lambda fn: time_cuda(fn, warmup_ms=5, rep_ms=20)["median_ms"]
 
     def host(fn):

@@ -67,26 +67,6 @@ def candidates(small: bool = False) -> dict:
     return out
 
 
-def _hot_timer():
-    """ms of one call as a model sees it: CUDA-graph replays back to back, so the inputs a step reads are in
-    L2 when they fit (in a model the previous kernels just wrote them). do_bench flushes L2 before every
-    call: at B = 1 that made the H200's step-alone times latency-bound loads from HBM (bench/results/
-    h200-2026-12-04-run3: 55 us for the three launches at B = 1, where the whole patched block cost ~22 us
-    more than timm's). In the interpreter: the host clock."""
-    if DEVICE != "cuda":
-        return _timer(graph=False)
-    from measure import capture_graph, time_loop
-
-    def hot(fn):
-        try:
-            return time_loop(capture_graph(fn))
-        except Exception:  # not capturable: never a winner
-            torch.cuda.synchronize()
-            return None
-
-    return hot
-
-
 def make_inputs(batch: int, n: int, c: int, heads: int, dtype: torch.dtype, gen: torch.Generator):
     """x [B, N, C], keys [B, H, N, D] (a view into a qkv projection), size [B, N, 1] in [1, 2)."""
     d = c // heads
@@ -149,7 +129,10 @@ def run_case(model: str, n: int, c: int, heads: int, batch: int, dtype: torch.dt
              small: bool = False) -> dict:
     x, keys, size = make_inputs(batch, n, c, heads, dtype, gen)
     r = reference.effective_r(n, R, PROTECTED)  # the launchers take r in [1, Nb] (--small's N has Nb < R)
-    timer, cold_timer = _hot_timer(), _timer(graph=True)
+    # The deciding times as a model sees them: replays with L2 warm. do_bench flushes L2 before every call: at
+    # B = 1 that made the H200's step-alone times latency-bound loads from HBM (bench/results/h200-2026-12-04-run3:
+    # 55 us for the three launches at B = 1, where the whole patched block cost ~22 us more than timm's).
+    timer, cold_timer = _timer(graph=True, warm_l2=True), _timer(graph=True)
     us, us_cold, failed = {}, {}, []
     for name, (path, settings) in candidates(small).items():
         if path not in kernels.step.paths_for(n, c, c // heads, PROTECTED, dtype, x.device.type):
