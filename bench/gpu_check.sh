@@ -161,7 +161,7 @@ part() { if [ "$PART" = all ]; then echo "$2"; elif [ "$PART" = "$1" ]; then ech
 C_TESTS=$(on "${GPU_CHECK_SKIP_TESTS:-}" "$(part vit 105 100)")
 C_EXPORT=$(part vit 45 40); C_COMPILE=$(part vit 45 50)
 C_TVIT=$([ -n "$T_VIT" ] && part vit 30 75 || echo 0)
-C_VIT=$(part vit 70 95); C_PROBE=$(part vit 45 65)
+C_VIT=$(part vit 70 115); C_PROBE=$(part vit 45 65)
 C_TSD=$([ -n "$T_SD" ] && [ -z "${GPU_CHECK_SKIP_SD:-}" ] && part sd 25 90 || echo 0)
 C_SD=$(on "${GPU_CHECK_SKIP_SD:-}" "$(part sd 30 40)"); C_DIT=$(on "${GPU_CHECK_SKIP_DIT:-}" "$(part sd 35 50)")
 C_SAN=$([ -n "$HAS_SANITIZER" ] && [ -z "${GPU_CHECK_SKIP_SAN:-}" ] && part sd 15 15 || echo 0)
@@ -228,15 +228,22 @@ elif [ "$PART" != sd ]; then
   stage tournament-vit absent bench/tournament_vit.py
 fi
 
-# 4. The ViT-B r=16 targets, every batch (the script runs B = 256 first), CUDA graph and eager, fp16; the host
-# profile (20 s at most), which writes the tables' host times with the host-bound batches of that run; then
-# bf16 at B = 1 and 256 from CUDA graphs with what is left of the stage (GPU_CHECK_VIT_ARGS replaces the fp16
-# arguments).
+# 4. The ViT-B r=16 targets, every batch (the script runs B = 256 first), CUDA graph and eager, fp16; in the
+# ViT half, the same eager forwards with every kernel chosen by device time alone (exec eager-device, 20 s at
+# most: the A/B of eager dispatch weighing host time, docs/design.md §3.3, into eager_device/); the host profile
+# (20 s at most), which writes the tables' host times with the host-bound batches of that run; then bf16 at
+# B = 1 and 256 from CUDA graphs with what is left of the stage (GPU_CHECK_VIT_ARGS replaces the fp16 arguments).
 take "$C_VIT"
 VIT_ARGS=${GPU_CHECK_VIT_ARGS:---models vit_b --batches 1,8,64,256 --r 16 --exec graph,eager}
-FP16_S=$(budget "$LIMIT" 46)
+EAGER_DEVICE=true
+if [ "$PART" = vit ]; then
+  EAGER_DEVICE="timeout -s INT 20 $PY bench/throughput.py --models vit_b --batches 1,8,64 --r 16 --exec eager-device \
+    --variants unpatched,tofu --budget-s 14 --out '$RESULTS/eager_device'"
+fi
+FP16_S=$(budget "$LIMIT" $([ "$PART" = vit ] && echo 66 || echo 46))
 STAGE_END=$(($(date +%s) + LIMIT))
 stage throughput "$LIMIT" bash -c "$PY bench/throughput.py $VIT_ARGS --budget-s $FP16_S --out '$RESULTS'; rc=\$?; \
+  $EAGER_DEVICE; \
   timeout -s INT 20 $PY bench/host_profile.py --out '$RESULTS' --write-table --throughput '$RESULTS/throughput.json'; \
   left=\$(($STAGE_END - \$(date +%s) - 15)); $PY bench/throughput.py --models vit_b --batches 1,256 --r 16 \
   --exec graph --dtype bf16 --budget-s \$((left > 0 ? left : 0)) --out '$RESULTS/bf16'; exit \$rc"

@@ -45,9 +45,21 @@ def test_throughput_refuses_without_cuda(capsys, monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--variants", "tofu,fast"], "--variants: unknown fast; choose from unpatched, tome, tofu"),
-    (["--exec", "eager,warp"], "--exec: unknown warp; choose from eager, graph, compile"),
+    (["--exec", "eager,warp"], "--exec: unknown warp; choose from eager, graph, compile, eager-device"),
 ])
 def test_unknown_choices_are_one_line_errors(argv, message, capsys):
     with pytest.raises(SystemExit) as e:
         throughput.parse_args(argv)
     assert e.value.code == 2 and capsys.readouterr().err.strip().splitlines()[-1].endswith(message)
+
+
+def test_eager_device_runs_the_forward_choosing_as_a_graph_would():
+    # The A/B of eager dispatch weighing host time: the same eager forward, kernels chosen by device time.
+    from tofu_triton import dispatch
+
+    seen = []
+    runner = throughput.build_runner(lambda images: seen.append(dispatch.eager()), None, "eager-device", "cpu")
+    runner()
+    throughput.build_runner(lambda images: seen.append(dispatch.eager()), None, "eager", "cpu")()
+    assert seen == [False, True]
+    assert throughput.target_vs_unpatched("eager-device", 8) == throughput.target_vs_unpatched("eager", 8) == 0.95
