@@ -1,7 +1,7 @@
 """What more than one kernel file shares: merge-mode ids, the interpreter
 switch, output allocation, the device guard, and the ``@triton.jit`` helpers
 used by several kernels (token positions, sizes, the selection order key, the
-best-partner search of the match).
+best-partner search of the match, the selections, the merge of tiles of rows).
 
 Every kernel implements an op defined in ``tofu_triton/reference.py``
 (docs/design.md); read that first.
@@ -309,6 +309,56 @@ def sort_select(node_max_ptr, node_idx_ptr, unm_idx_ptr, src_idx_ptr, dst_idx_pt
     counts = tl.histogram(dst.to(tl.int32), BLOCK_NB, mask=is_src)
     offs_j = tl.arange(0, BLOCK_NB)
     tl.store(dst_start_ptr + offs_j, (tl.cumsum(counts, axis=0) - counts).to(tl.int64), mask=offs_j <= NB)
+
+
+@triton.jit
+def weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn, stride_xc, C, P,
+                  HAS_SIZE: tl.constexpr):
+    """sum of size * row over each B row ``b_row`` and its sources (``count`` of them from ``dst_src[start]``,
+    A positions ``P + 2i``), channels ``offs_c`` of the image's tokens ``x``: [BLOCK_R, BLOCK_C] fp32."""
+    mask_c = (offs_c < C)[None, :]
+    total = s_b[:, None] * tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                                   mask=active[:, None] & mask_c, other=0.0).to(tl.float32)
+    for k in range(0, most):
+        has = k < count
+        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+        a = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=has[:, None] & mask_c,
+                    other=0.0).to(tl.float32)
+        total += load_size(size, src, has, HAS_SIZE)[:, None] * a
+    return total
+
+
+@triton.jit
+def mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active, stride_xn, stride_xc, C, P,
+                 HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """MLERP's factor per merged row: the largest contributor norm over the
+    merged mean's norm (both over all C channels, fp32): [BLOCK_R]."""
+    lanes_c = tl.arange(0, BLOCK_C)
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + lanes_c
+        v = tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                    mask=active[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    norm_max = tl.sqrt(sq)
+    for k in range(0, most):
+        has = k < count
+        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, C, BLOCK_C):
+            offs_c = c0 + lanes_c
+            v = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                        mask=has[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+            sq += tl.sum(v * v, axis=1)
+        norm_max = tl.maximum(norm_max, tl.sqrt(sq))
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + lanes_c
+        merged = weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn,
+                               stride_xc, C, P, HAS_SIZE) / s_total[:, None]
+        sq += tl.sum(merged * merged, axis=1)
+    # NaN propagates (as in the reference): a NaN contributor makes the whole merged row NaN.
+    return norm_max / tl.maximum(tl.sqrt(sq), EPS, propagate_nan=tl.PropagateNan.ALL)
 
 
 # --------------------------------------------------------------------------- host helpers

@@ -13,13 +13,15 @@ output row), so the backward is a gather without atomics.
 The partition is the alternating one of a ViT (after ``P`` prefix tokens) or
 given as position arrays (``POS``: the Stable Diffusion step).
 """
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
 
 from .common import (
-    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, MODE_SUM, a_position, b_position, empty, load_size, on_device, plain,
-    row_block,
+    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, MODE_SUM, a_position, b_position, cdiv, empty, load_size, mlerp_scale,
+    on_device, plain, row_block, weighted_sum,
 )
 
 
@@ -100,6 +102,77 @@ def _merge_kernel(
             tl.store(size_out_ptr + pid, s_total)
         if BIAS:
             tl.store(bias_ptr + batch * BIAS_STRIDE + o, tl.log(s_total).to(bias_ptr.dtype.element_ty))
+
+
+@triton.jit
+def _merge_tiles_kernel(
+    x_ptr, size_ptr, unm_idx_ptr, dst_start_ptr, dst_src_ptr, out_ptr, size_out_ptr, bias_ptr,
+    stride_xb, stride_xn, stride_xc,
+    N, C, P, NA, NB, R, BIAS_STRIDE, num_tiles,
+    MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BIAS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """``_merge_kernel``'s output (ViT partition, sizes written) for BLOCK_R output rows of one image per program.
+
+    One row per program keeps ~1.5 KB in flight per 8 warps, too little to cover HBM latency behind the
+    index loads each row waits on; here the rows copied as they are (most of them) move as one
+    [BLOCK_R, BLOCK_C >= C] tile. The tile's B rows with sources are then combined in BLOCK_K-channel
+    chunks (``common.weighted_sum`` / ``mlerp_scale``, as the one-launch step), so their fp32 work does
+    not hold whole rows in registers: registers bound how many tiles an SM keeps in flight."""
+    pid = tl.program_id(0)
+    batch = (pid // num_tiles).to(tl.int64)
+    o = (pid % num_tiles) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n_out = N - R
+    n_unm = NA - R
+    mask_o = o < n_out
+    is_unm = (o >= P) & (o < P + n_unm)
+    is_b = mask_o & (o >= P + n_unm)
+    j = o - P - n_unm
+    dst_start = dst_start_ptr + batch * (NB + 1)
+    i = tl.load(unm_idx_ptr + batch * n_unm + (o - P), mask=is_unm, other=0)
+    start = tl.load(dst_start + j, mask=is_b, other=0)
+    count = tl.load(dst_start + j + 1, mask=is_b, other=0) - start
+    row = tl.where(o < P, o, tl.where(is_b, P + 2 * j + 1, P + 2 * i)).to(tl.int64)
+    if MODE == MODE_PRUNE:
+        copy = mask_o  # the sources are dropped unread
+    else:
+        copy = mask_o & (count == 0)
+    x = x_ptr + batch * stride_xb
+    size = size_ptr + batch * N
+    out = out_ptr + (batch * n_out + o)[:, None] * C
+    offs_c = tl.arange(0, BLOCK_C)
+    mask = copy[:, None] & (offs_c < C)[None, :]
+    tl.store(out + offs_c[None, :], tl.load(x + row[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=mask),
+             mask=mask)
+    s = load_size(size, row, copy, HAS_SIZE)
+    if MODE != MODE_PRUNE:
+        most = tl.max(count, axis=0)
+        if most > 0:
+            active = count > 0
+            dst_src = dst_src_ptr + batch * R
+            s_b = load_size(size, row, active, HAS_SIZE)
+            s_total = s_b
+            for k in range(0, most):
+                has = k < count
+                src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+                s_total += tl.where(has, load_size(size, src, has, HAS_SIZE), 0.0)
+            scale = tl.full([BLOCK_R], 1.0, tl.float32)
+            if MODE == MODE_MLERP:
+                scale = mlerp_scale(x, size, dst_src, start, count, most, row, s_b, s_total, active,
+                                    stride_xn, stride_xc, C, P, HAS_SIZE, BLOCK_R, BLOCK_K)
+            lanes_k = tl.arange(0, BLOCK_K)
+            for c0 in range(0, C, BLOCK_K):
+                offs_k = c0 + lanes_k
+                merged = weighted_sum(x, size, dst_src, start, count, most, row, s_b, active, offs_k,
+                                      stride_xn, stride_xc, C, P, HAS_SIZE) / s_total[:, None]
+                if MODE == MODE_MLERP:
+                    merged = merged * scale[:, None]
+                tl.store(out + offs_k[None, :], merged.to(out_ptr.dtype.element_ty),
+                         mask=active[:, None] & (offs_k < C)[None, :])
+            s = tl.where(active, s_total, s)
+    tl.store(size_out_ptr + batch * n_out + o, s, mask=mask_o)
+    if BIAS:
+        tl.store(bias_ptr + batch * BIAS_STRIDE + o, tl.log(s).to(bias_ptr.dtype.element_ty), mask=mask_o)
 
 
 @triton.jit
@@ -195,8 +268,48 @@ def _sets(n, r, unm_idx, dst_start, positions):
     return na, nb, a_pos, b_pos
 
 
+class MergeVariant(NamedTuple):
+    """How a ViT step's merge is launched: ``rows`` output rows per program (more than one: the tiles of
+    ``_merge_tiles_kernel``; one: ``_merge_kernel``) and elements per thread (so warps = rows x padded
+    row / (32 x per_thread), at most 16; 0: the row kernel's ``merge_num_warps``)."""
+
+    rows: int = 1
+    per_thread: int = 0
+
+    @property
+    def tiles(self) -> bool:
+        return self.rows > 1
+
+
+# The ViT step's merge candidates (the names of tofu_triton/tables/vit_merge.json; bench/tournament_vit.py).
+# One row per program of 8 warps ("rows", the first and the default) holds ~1.5 KB in flight per 8 warps
+# at C = 768, and an SM runs at most 64 warps: with the index loads each row waits on, that is too little
+# to cover HBM's latency (H200, run 4: the four-launch step's 146 us at B = 256 where its bytes need 53).
+# The others hold more rows per SM: 2 warps a row, or tiles of 2 or 4 rows. Registers hold 64-bit
+# pointers for every element a thread loads, so ~16 elements per thread keeps them few (ahead-of-time
+# compile: tests/test_aot_compile.py).
+MERGE_VARIANTS = {
+    "rows": MergeVariant(),
+    "rows_lean": MergeVariant(per_thread=16),
+    "tiles2": MergeVariant(rows=2, per_thread=16),
+    "tiles4": MergeVariant(rows=4, per_thread=16),
+}
+# fp32 values per thread in each [rows, chunk] tile of the tiles' merged rows (their sums, norms and
+# contributors): 4 keeps every variant free of spills at every width (tests/test_aot_compile.py).
+MERGE_CHUNK_PER_THREAD = 2
+
+
+def merge_launch(variant: str, block_c: int):
+    """(rows per program, num_warps, channels per chunk of the merged rows) of the merge ``variant`` for
+    rows padded to ``block_c`` channels (all powers of two)."""
+    v = MERGE_VARIANTS[variant]
+    rows = v.rows
+    warps = max(1, min(16, rows * block_c // (32 * v.per_thread))) if v.per_thread else merge_num_warps(block_c)
+    return rows, warps, min(block_c, max(16, 32 * warps * MERGE_CHUNK_PER_THREAD // rows))
+
+
 def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: str, positions=None,
-                  with_size: bool = True, wrap=plain, bias=None):
+                  with_size: bool = True, wrap=plain, bias=None, variant: str = "rows"):
     """Launch the merge.
 
     x: [B, N, C] any strides; size: [B, N, 1] fp32 or None (all ones);
@@ -206,24 +319,42 @@ def merge_forward(x, size, unm_idx, dst_start, dst_src, protected: int, mode: st
     in x's dtype, contiguous; size_out [B, N - r, 1] fp32, or None without
     ``with_size``). ``bias``: None, or a [B, >= N - r] buffer (last dim
     contiguous, any float dtype) that also receives log(size_out), the next
-    attention's bias (the ViT step's; needs ``with_size``).
+    attention's bias (the ViT step's; needs ``with_size``). ``variant``: one of
+    ``MERGE_VARIANTS``; the tiled ones take the ViT partition with sizes written
+    only. All copy rows bitwise; merged rows agree up to rounding.
     """
+    if variant not in MERGE_VARIANTS:
+        raise ValueError(f"variant must be one of {tuple(MERGE_VARIANTS)}, got {variant!r}")
+    tiles = MERGE_VARIANTS[variant].tiles
+    if tiles and (positions is not None or not with_size):
+        raise ValueError("the tiled merge takes the ViT partition with sizes written (positions=None, with_size=True)")
     batch, n, c = x.shape
     r = dst_src.shape[1]
     na, nb, a_pos, b_pos = _sets(n, r, unm_idx, dst_start, positions)
     out = empty(batch, n - r, c, dtype=x.dtype, device=x.device)
     size_out = empty(batch, n - r, 1, dtype=torch.float32, device=x.device) if with_size else None
     size_arg = size.contiguous() if size is not None else out  # unused when HAS_SIZE=False
+    bias_arg, bias_stride = (bias, bias.stride(0)) if bias is not None else (out, 0)
     block_c = row_block(c)
+    rows, warps, chunk = merge_launch(variant, block_c)
     with on_device(x):
-        wrap(_merge_kernel)[(batch * (n - r),)](
-            x, size_arg, a_pos, b_pos, unm_idx, dst_start, dst_src, out, size_out if with_size else out,
-            bias if bias is not None else out,
-            x.stride(0), x.stride(1), x.stride(2),
-            n, c, protected, na, nb, r, bias.stride(0) if bias is not None else 0,
-            MODE=MODE_IDS[mode], HAS_SIZE=size is not None, WRITE_SIZE=with_size, BLOCK_C=block_c,
-            POS=positions is not None, BIAS=bias is not None, num_warps=merge_num_warps(block_c),
-        )
+        if tiles:
+            num_tiles = cdiv(n - r, rows)
+            wrap(_merge_tiles_kernel)[(batch * num_tiles,)](
+                x, size_arg, unm_idx, dst_start, dst_src, out, size_out, bias_arg,
+                x.stride(0), x.stride(1), x.stride(2),
+                n, c, protected, na, nb, r, bias_stride, num_tiles,
+                MODE=MODE_IDS[mode], HAS_SIZE=size is not None, BIAS=bias is not None,
+                BLOCK_R=rows, BLOCK_C=block_c, BLOCK_K=chunk, num_warps=warps,
+            )
+        else:
+            wrap(_merge_kernel)[(batch * (n - r),)](
+                x, size_arg, a_pos, b_pos, unm_idx, dst_start, dst_src, out, size_out if with_size else out,
+                bias_arg, x.stride(0), x.stride(1), x.stride(2),
+                n, c, protected, na, nb, r, bias_stride,
+                MODE=MODE_IDS[mode], HAS_SIZE=size is not None, WRITE_SIZE=with_size, BLOCK_C=block_c,
+                POS=positions is not None, BIAS=bias is not None, num_warps=warps,
+            )
     return out, size_out
 
 

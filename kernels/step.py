@@ -52,6 +52,17 @@ four outputs, so the op around them does not care which ran:
   (keys in) and selects by sorting in registers (``common.sort_select``), then
   the same merge. The per-image work runs once, not T times, and the merge is
   spread over ``B * (N - r)`` programs.
+* ``"mean_plan"``: the head mean's launch, then the plan on that metric (no
+  head loop; A tiles of up to 128 rows, so ViT-B walks its B tiles once), then
+  the merge.
+
+``PATH_PARTS`` lists each path's parts. Every path but one_launch ends in the
+merge variant ``merge`` (``merge.MERGE_VARIANTS``: one row per program, or more
+rows in flight per SM), chosen apart from the path (tofu_triton.dispatch, table
+"vit_merge"). ``mean_plan`` and every merge variant but "rows" were written for
+the H200's run 4 (four_launch 146 us at B = 256, where the bytes need 53 us; 24
+us at B = 1) and are not measured yet: they win only by a tournament's
+committed result.
 """
 from typing import NamedTuple
 
@@ -62,8 +73,8 @@ import triton.language as tl
 from tofu_triton.reference import split_sizes
 
 from .common import (
-    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, next_power_of_2,
-    on_device, plain, rank_select, sort_select,
+    MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, mlerp_scale,
+    next_power_of_2, on_device, plain, rank_select, sort_select, weighted_sum,
 )
 from . import match as _match
 from . import merge as _merge
@@ -80,7 +91,16 @@ PLAN_MAX_NA = 1024  # A tokens the two-launch plan sorts in registers (N <= 2049
 PLAN_WARPS = {True: 4, False: 8}
 
 # The step's candidates (the names of tofu_triton/tables/vit_step.json).
-STEP_PATHS = ("one_launch", "two_launch", "three_launch", "four_launch")
+STEP_PATHS = ("one_launch", "two_launch", "three_launch", "four_launch", "mean_plan")
+# How each path but one_launch is put together before its merge (one launch per part but "keys"): the metric
+# (the keys as they are, heads averaged where read, or the head mean's own launch), then match and selection
+# (match_scores + select, or the plan: one program per image, a sort in registers).
+PATH_PARTS = {
+    "two_launch": ("keys", "plan"),
+    "three_launch": ("keys", "match_select"),
+    "four_launch": ("head_mean", "match_select"),
+    "mean_plan": ("head_mean", "plan"),
+}
 
 
 class StepSettings(NamedTuple):
@@ -111,7 +131,7 @@ def paths_for(n: int, c: int, head_dim: int, protected: int = 0, dtype=None, dev
     arithmetic, so the CPU tests never saw it. It was also the slowest path at every shape."""
     two = split_sizes(n, protected)[0] <= PLAN_MAX_NA
     one = supports(n, c, head_dim) and not (dtype == torch.bfloat16 and device_type == "cuda")
-    return tuple(p for p, ok in zip(STEP_PATHS, (one, two, True, True)) if ok)
+    return tuple(p for p in STEP_PATHS if (one if p == "one_launch" else two if PATH_PARTS[p][1] == "plan" else True))
 
 
 _SM_COUNT = {}
@@ -260,11 +280,11 @@ def _step_kernel(
                     s_total += tl.where(has, load_size(size, src, has, HAS_SIZE), 0.0)
                 scale = tl.full([BLOCK_M], 1.0, tl.float32)
                 if MODE == MODE_MLERP:
-                    scale = _mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active,
+                    scale = mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active,
                                          stride_xn, stride_xc, C, P, HAS_SIZE, BLOCK_M, BLOCK_C)
                 for tc in range(t, n_tiles_c, T):
                     offs_c = tc * BLOCK_C + lanes_c
-                    merged = _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c,
+                    merged = weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c,
                                            stride_xn, stride_xc, C, P, HAS_SIZE) / s_total[:, None]
                     if MODE == MODE_MLERP:
                         merged = merged * scale[:, None]
@@ -280,65 +300,18 @@ def _step_kernel(
 
 
 @triton.jit
-def _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn, stride_xc, C, P,
-                  HAS_SIZE: tl.constexpr):
-    """sum of size * row over each B row and its sources, channels ``offs_c``: [BLOCK_R, BLOCK_C] fp32."""
-    mask_c = (offs_c < C)[None, :]
-    total = s_b[:, None] * tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                                   mask=active[:, None] & mask_c, other=0.0).to(tl.float32)
-    for k in range(0, most):
-        has = k < count
-        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
-        a = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc, mask=has[:, None] & mask_c,
-                    other=0.0).to(tl.float32)
-        total += load_size(size, src, has, HAS_SIZE)[:, None] * a
-    return total
-
-
-@triton.jit
-def _mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active, stride_xn, stride_xc, C, P,
-                 HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """MLERP's factor per merged row: the largest contributor norm over the
-    merged mean's norm (both over all C channels, fp32): [BLOCK_R]."""
-    lanes_c = tl.arange(0, BLOCK_C)
-    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + lanes_c
-        v = tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                    mask=active[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
-        sq += tl.sum(v * v, axis=1)
-    norm_max = tl.sqrt(sq)
-    for k in range(0, most):
-        has = k < count
-        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
-        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + lanes_c
-            v = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                        mask=has[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
-            sq += tl.sum(v * v, axis=1)
-        norm_max = tl.maximum(norm_max, tl.sqrt(sq))
-    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + lanes_c
-        merged = _weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn,
-                               stride_xc, C, P, HAS_SIZE) / s_total[:, None]
-        sq += tl.sum(merged * merged, axis=1)
-    # NaN propagates (as in the reference): a NaN contributor makes the whole merged row NaN.
-    return norm_max / tl.maximum(tl.sqrt(sq), EPS, propagate_nan=tl.PropagateNan.ALL)
-
-
-@triton.jit
 def _plan_kernel(
     keys_ptr, node_max_ptr, node_idx_ptr, index_ptr,
     stride_kb, stride_kh, stride_kn, stride_kd, inv_h,
     H, D, P, NA, NB, R, BATCH,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
-    SINGLE_D: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NB: tl.constexpr,
+    SINGLE_D: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NB: tl.constexpr, HEADS: tl.constexpr,
 ):
-    """The two-launch step's first launch: one program per image matches its A
-    tokens (keys in, heads averaged on the fly) and selects (sorting in registers),
-    writing the five index fields of the step's index buffer."""
+    """The plan: one program per image matches its A tokens and selects (sorting in
+    registers), writing the five index fields of the step's index buffer. With HEADS
+    it reads the keys [H, N, D] and averages the heads as it loads them (the
+    two-launch step); without, the metric [N, D] (``keys_ptr``: the head mean's
+    output; H = 1, stride_kh unused)."""
     image = tl.program_id(0).to(tl.int64)
     keys = keys_ptr + image * stride_kb
     node_max = node_max_ptr + image * NA
@@ -348,7 +321,7 @@ def _plan_kernel(
         mask_a = offs_a < NA
         best, best_idx = best_partners(keys, (P + 2 * offs_a).to(tl.int64), mask_a, keys, NB, D, P, stride_kn,
                                        stride_kd, BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, False,
-                                       stride_kh, H, inv_h, True)
+                                       stride_kh, H, inv_h, HEADS)
         tl.store(node_max + offs_a, best, mask=mask_a)
         tl.store(node_idx + offs_a, best_idx.to(tl.int64), mask=mask_a)
     tl.debug_barrier()  # the select reads what every thread of the program wrote
@@ -362,22 +335,40 @@ def _plan_kernel(
 
 
 def plan(keys: torch.Tensor, protected: int, r: int, index: torch.Tensor, wrap=plain) -> None:
-    """Launch ``_plan_kernel``: keys [B, H, N, D] (any strides) -> the five match
-    fields written into ``index`` (the step's flat int64 buffer, see :func:`index_fields`)."""
-    batch, heads, n, d = keys.shape
+    """Launch ``_plan_kernel``: keys [B, H, N, D], or a metric [B, N, D] (the head
+    mean's output), any strides -> the five match fields written into ``index``
+    (the step's flat int64 buffer, see :func:`index_fields`)."""
+    heads = keys.shape[1] if keys.dim() == 4 else 1
+    batch, n, d = keys.shape[0], keys.shape[-2], keys.shape[-1]
     na, nb = split_sizes(n, protected)
     dot_fp32 = dot_in_fp32(keys.dtype)
-    block_a, block_b, block_d = match_blocks(d, dot_fp32)
+    block_a, block_b, block_d = plan_blocks(d, dot_fp32, na, keys.dim() == 4)
     node_max = torch.empty(batch, na, dtype=torch.float32, device=keys.device)  # scratch
     node_idx = torch.empty(batch, na, dtype=torch.int64, device=keys.device)
     with on_device(keys):
         wrap(_plan_kernel)[(batch,)](
             keys, node_max, node_idx, index,
-            keys.stride(0), keys.stride(1), keys.stride(2), keys.stride(3), 1.0 / heads,
+            keys.stride(0), keys.stride(1) if keys.dim() == 4 else 0, keys.stride(-2), keys.stride(-1), 1.0 / heads,
             heads, d, protected, na, nb, r, batch,
             BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, DOT_FP32=dot_fp32, SINGLE_D=d <= block_d,
-            BLOCK_SEL=plan_block(na), BLOCK_NB=plan_block(nb + 1), num_warps=PLAN_WARPS[dot_fp32],
+            BLOCK_SEL=plan_block(na), BLOCK_NB=plan_block(nb + 1), HEADS=keys.dim() == 4,
+            num_warps=PLAN_WARPS[dot_fp32],
         )
+
+
+# A tiles of the plan on a given metric (fp16/bf16): one program matches every A token of an image, so at
+# small batch its time is the chain of B tiles it walks; up to 128 A rows per tile halve that chain at
+# ViT-B (Na = 98: one A tile instead of two) at 64 fp32 accumulators per thread (8 warps).
+PLAN_METRIC_MAX_A = 128
+
+
+def plan_blocks(d: int, dot_fp32: bool, na: int, heads: bool):
+    """(BLOCK_A, BLOCK_B, BLOCK_D) of the plan: the match's tiles, with the keys in (heads averaged as loaded,
+    H loads per tile) or an fp32 dot; with an fp16/bf16 metric given, up to PLAN_METRIC_MAX_A A rows a tile."""
+    block_a, block_b, block_d = match_blocks(d, dot_fp32)
+    if not heads and not dot_fp32:
+        block_a = max(block_a, min(PLAN_METRIC_MAX_A, next_power_of_2(na)))
+    return block_a, block_b, block_d
 
 
 def plan_block(k: int) -> int:
@@ -391,35 +382,38 @@ def split_index(index: torch.Tensor, batch: int, n: int, protected: int, r: int)
     return [t.view(batch, k) for t, k in zip(index.split([batch * k for k in fields]), fields)]
 
 
-def _multi_launch(x, keys, size, r: int, protected: int, mode: str, bias_dtype, path: str, wrap):
-    """two_launch / three_launch / four_launch (see the module docstring): the same outputs as the one-launch step."""
+def _multi_launch(x, keys, size, r: int, protected: int, mode: str, bias_dtype, path: str, wrap, merge: str):
+    """Every path but one_launch (see the module docstring): the same outputs as the one-launch step."""
     batch, n, _ = x.shape
     nb = split_sizes(n, protected)[1]
     dev = x.device
     index = empty(batch * sum(index_fields(n, protected, r)), dtype=torch.int64, device=dev)
     fields = split_index(index, batch, n, protected, r)
     bias = empty(batch, bias_row(n - r) if bias_dtype is not None else 0, dtype=bias_dtype or x.dtype, device=dev)
-    if path in ("three_launch", "four_launch"):
-        # Looked up in their modules when called (the tests count the launchers).
-        metric = _match.head_mean(keys, wrap=wrap) if path == "four_launch" else keys
+    metric_from, chooser = PATH_PARTS[path]
+    # Looked up in their modules when called (the tests count the launchers).
+    metric = _match.head_mean(keys, wrap=wrap) if metric_from == "head_mean" else keys
+    if chooser == "plan":
+        plan(metric, protected, r, index, wrap)
+    else:
         node_max, node_idx = _match.match_scores(metric, protected, wrap=wrap)
         _select.select(node_max, node_idx, r, nb, wrap=wrap, out=fields)
-    else:
-        plan(keys, protected, r, index, wrap)
     unm_idx, _, _, dst_start, dst_src = fields
     out, size_out = _merge.merge_forward(x, size, unm_idx, dst_start, dst_src, protected, mode, wrap=wrap,
-                                  bias=bias if bias_dtype is not None else None)
+                                         bias=bias if bias_dtype is not None else None, variant=merge)
     return out, size_out, bias, index
 
 
 def token_fusion_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, protected: int, mode: str,
-                      bias_dtype=None, settings: StepSettings = STEP, wrap=plain, path: str = "one_launch"):
+                      bias_dtype=None, settings: StepSettings = STEP, wrap=plain, path: str = "one_launch",
+                      merge: str = "rows"):
     """Launch the step: ``path`` one of ``STEP_PATHS`` (one that :func:`paths_for` allows).
 
     x: [B, N, C] fp32/fp16/bf16, any strides; keys: [B, H, N, D] (D <= 128 on
     the one-launch path), any strides; size: [B, N, 1] fp32 or None (all ones);
     ``r`` in [1, Nb]; ``mode``: mean, mlerp or prune; ``bias_dtype``: the dtype
-    of the next attention's log-size bias, or None for no bias.
+    of the next attention's log-size bias, or None for no bias; ``merge``: the
+    merge variant of every path but one_launch (``merge.MERGE_VARIANTS``).
 
     Returns (x_out [B, N - r, C] in x's dtype; size_out [B, N - r, 1] fp32;
     bias [B, bias_row(N - r)] in ``bias_dtype``, log(size_out) in its first
@@ -429,7 +423,7 @@ def token_fusion_step(x: torch.Tensor, keys: torch.Tensor, size, r: int, protect
     if path not in STEP_PATHS:
         raise ValueError(f"path must be one of {STEP_PATHS}, got {path!r}")
     if path != "one_launch":
-        return _multi_launch(x, keys, size, r, protected, mode, bias_dtype, path, wrap)
+        return _multi_launch(x, keys, size, r, protected, mode, bias_dtype, path, wrap, merge)
     batch, n, c = x.shape
     heads, d = keys.shape[1], keys.shape[3]
     na, nb = split_sizes(n, protected)

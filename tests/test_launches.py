@@ -18,6 +18,7 @@ PATH_KERNELS = {
     "two_launch": ("_plan_kernel", "_merge_kernel"),
     "three_launch": ("_match_kernel", "_select_kernel", "_merge_kernel"),
     "four_launch": ("_head_mean_kernel", "_match_kernel", "_select_kernel", "_merge_kernel"),
+    "mean_plan": ("_head_mean_kernel", "_plan_kernel", "_merge_kernel"),
 }
 
 
@@ -34,7 +35,7 @@ def device_ops(model, images) -> DeviceOps:
 
 @pytest.mark.skipif(ON_GPU, reason="counts CPU dispatch with stubbed Triton kernels (the interpreter's launchers)")
 @pytest.mark.parametrize("mode, path", [("tofu", "one_launch"), ("tome", "two_launch"), ("tofu", "three_launch"),
-                                        ("tofu", "four_launch")])
+                                        ("tofu", "four_launch"), ("tofu", "mean_plan")])
 def test_triton_path_adds_only_its_own_launches_per_block(vit_b, mode, path, monkeypatch):
     chosen = ops._step_path
     monkeypatch.setattr(ops, "_step_path", lambda _, *args: chosen(path, *args))  # what dispatch would pick

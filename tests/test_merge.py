@@ -137,3 +137,57 @@ def test_too_wide_rows_are_refused():
         tt.merge_tokens(x, match, backend="triton")
 
 
+
+
+# The tiled merge (several output rows per program): the step's merge variants "tiles2" / "tiles4" run it.
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("b,n,c,p", MERGE_SHAPES)
+def test_tiled_merge_matches_reference(b, n, c, p, dtype, monkeypatch):
+    # Four rows per program and 16-channel chunks of the merged rows at these small widths: tiles hold B rows
+    # with and without sources side by side, and C = 24 / 33 take several chunks.
+    monkeypatch.setitem(merge_kernels.MERGE_VARIANTS, "tiles4",
+                        merge_kernels.MergeVariant(rows=4, per_thread=16))
+    monkeypatch.setattr(merge_kernels, "MERGE_CHUNK_PER_THREAD", 1)
+    x, metric, size = make_inputs(b, n, c, d=16, dtype=dtype, seed=3 * n + c)
+    nb = (n - p) // 2
+    for mode, r, with_size in (("mlerp", nb, True), ("mean", 1, False), ("prune", max(1, nb // 2), True)):
+        sized = size if with_size else None
+        match = _match_for(metric, r, p)
+        bias = torch.full((b, n - r + 3), float("nan"), dtype=dtype, device=DEVICE)
+        dev = _to(match, DEVICE)
+        out, size_out = merge_kernels.merge_forward(x.to(DEVICE), None if sized is None else sized.to(DEVICE),
+                                                    dev.unm_idx, dev.dst_start, dev.dst_src, p, mode, bias=bias,
+                                                    variant="tiles4")
+        expected, expected_size = ref.merge_tokens(x, match, sized, mode)
+        assert_close(out.cpu(), expected, name=f"{mode} x_out")
+        copied = torch.ones(b, n - r, dtype=torch.bool)
+        if mode != "prune":
+            copied[:, p + match.unm_idx.shape[1]:] = match.dst_start.diff(dim=1) == 0
+        assert torch.equal(out.cpu()[copied], expected[copied]), "copied rows must be bitwise"
+        torch.testing.assert_close(size_out.cpu(), expected_size)
+        assert_close(bias[:, : n - r].cpu(), ref.log_size_bias(expected_size, dtype)[:, 0, 0], name="bias")
+        assert bias[:, n - r:].isnan().all(), "the bias row's padding is not written"
+
+
+def test_tiled_merge_takes_the_vit_partition_with_sizes_only():
+    x, metric, _ = make_inputs(1, 10, 8, d=4, seed=14)
+    dev = _to(ref.bipartite_match(metric, 2, 0), DEVICE)
+    positions = (torch.arange(0, 10, 2, device=DEVICE), torch.arange(1, 10, 2, device=DEVICE))
+    for kwargs in (dict(positions=positions), dict(with_size=False)):
+        with pytest.raises(ValueError, match="the tiled merge takes the ViT partition"):
+            merge_kernels.merge_forward(x.to(DEVICE), None, dev.unm_idx, dev.dst_start, dev.dst_src, 0, "mean",
+                                        variant="tiles2", **kwargs)
+    with pytest.raises(ValueError, match="variant must be one of"):
+        merge_kernels.merge_forward(x.to(DEVICE), None, dev.unm_idx, dev.dst_start, dev.dst_src, 0, "mean",
+                                    variant="fastest")
+
+
+def test_merge_variants_launch_shapes():
+    # ~16 elements per thread, whole rows (tests/test_aot_compile.py compiles each without spills).
+    # (rows, warps, chunk): the chunk of the merged rows at 4 fp32 values per thread.
+    assert merge_kernels.merge_launch("rows", 1024)[:2] == (1, merge_kernels.merge_num_warps(1024)) == (1, 8)
+    assert merge_kernels.merge_launch("rows_lean", 1024)[:2] == (1, 2)
+    assert merge_kernels.merge_launch("tiles2", 1024) == (2, 4, 128)
+    assert merge_kernels.merge_launch("tiles4", 1024) == (4, 8, 128)
+    assert merge_kernels.merge_launch("tiles4", 4096) == (4, 16, 256)
+    assert merge_kernels.merge_launch("tiles4", 256) == (4, 2, 32)

@@ -38,7 +38,9 @@ def launched(monkeypatch):
 # The launchers each path calls besides token_fusion_step (which launches the one-launch step itself).
 PATH_LAUNCHES = {"one_launch": (), "two_launch": ("plan", "merge_forward"),
                  "three_launch": ("match_scores", "select", "merge_forward"),
-                 "four_launch": ("head_mean", "match_scores", "select", "merge_forward")}
+                 "four_launch": ("head_mean", "match_scores", "select", "merge_forward"),
+                 "mean_plan": ("head_mean", "plan", "merge_forward")}
+OTHER_PATHS = [path for path in step_kernels.STEP_PATHS if path != "one_launch"]
 
 
 def qkv_keys(batch, heads, n, d, dtype, seed):
@@ -69,7 +71,7 @@ def test_step_matches_reference(shape, dtype):
 PATH_SHAPES = [(2, 2, 17, 8, 1, 1), (1, 3, 33, 16, 0, 2), (3, 2, 20, 24, 5, 2)]
 
 
-@pytest.mark.parametrize("path", ["two_launch", "three_launch", "four_launch"])
+@pytest.mark.parametrize("path", OTHER_PATHS)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", PATH_SHAPES, ids=lambda s: "B{}H{}N{}D{}P{}".format(*s[:5]))
 def test_other_paths_match_reference(shape, dtype, path, launched):
@@ -114,7 +116,7 @@ def test_step_is_one_launch_deterministic_and_without_bias_when_not_asked(launch
     assert all(torch.equal(a, b) for a, b in zip(runs[0].match[:5], runs[1].match[:5]))
 
 
-@pytest.mark.parametrize("path", ["two_launch", "three_launch", "four_launch"])
+@pytest.mark.parametrize("path", OTHER_PATHS)
 def test_other_paths_are_deterministic_and_without_bias_when_not_asked(path, launched):
     x, keys = qkv_keys(2, 2, 25, 16, torch.float16, seed=3)
     x, keys = x.to(DEVICE), keys.to(DEVICE)
@@ -145,7 +147,7 @@ def test_nan_keys_give_valid_indices(path):
     assert all(torch.equal(a.cpu(), b) for a, b in zip(got.match[:5], want.match[:5]))
 
 
-@pytest.mark.parametrize("path", ["two_launch", "three_launch", "four_launch"])
+@pytest.mark.parametrize("path", OTHER_PATHS)
 def test_exact_ties_and_the_smallest_shapes_follow_the_reference(path):
     # Every score tied (ranks by index), signed zeros, and Na = Nb = 1 (the sort's smallest tile).
     ones = torch.ones(2, 2, 21, 8)
@@ -171,7 +173,7 @@ def test_path_is_checked():
 
 @pytest.mark.parametrize("mode, path", [("mean", "one_launch"), ("mlerp", "one_launch"), ("prune", "one_launch"),
                                         ("mlerp", "two_launch"), ("mean", "three_launch"),
-                                        ("mlerp", "four_launch")])
+                                        ("mlerp", "four_launch"), ("mlerp", "mean_plan")])
 def test_step_gradient_matches_reference(mode, path, launched):
     x, keys = qkv_keys(2, 2, 21, 8, torch.float32, seed=5)
     size = 1 + 3 * torch.rand(2, 21, 1, generator=torch.Generator().manual_seed(6))
@@ -247,5 +249,13 @@ def test_one_launch_is_not_offered_for_bf16_on_cuda():
     # h200-2026-12-04-run3/tournament_vit.md); the interpreter cannot show it (no bf16 arithmetic).
     assert "one_launch" in step_kernels.paths_for(197, 768, 64, 1, torch.float16, "cuda")
     assert "one_launch" in step_kernels.paths_for(197, 768, 64, 1, torch.bfloat16, "cpu")
-    assert step_kernels.paths_for(197, 768, 64, 1, torch.bfloat16, "cuda") == (
-        "two_launch", "three_launch", "four_launch")
+    assert step_kernels.paths_for(197, 768, 64, 1, torch.bfloat16, "cuda") == tuple(OTHER_PATHS)
+
+
+def test_plan_on_the_metric_takes_a_128_row_tile():
+    # Na = 70 > 64: the plan on a given fp16 metric matches it in one A tile of 128 rows (kernels.step.plan_blocks),
+    # where the keys-in plan and an fp32 dot take the match's 64 / 32.
+    assert step_kernels.plan_blocks(16, False, 70, heads=False)[0] == 128
+    assert step_kernels.plan_blocks(16, False, 70, heads=True)[0] == 64
+    assert step_kernels.plan_blocks(16, True, 70, heads=False)[0] == 32
+    check_against_reference((1, 2, 141, 16, 1, 1), torch.float16, "mean_plan")

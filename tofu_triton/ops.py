@@ -138,10 +138,11 @@ def _merge_launch(x: Tensor, size: Optional[Tensor], unm_idx: Tensor, dst_start:
 
 
 def _step_launch(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-                 bias_dtype: Optional[torch.dtype], path: str, wrap=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+                 bias_dtype: Optional[torch.dtype], path: str, merge: str = "rows",
+                 wrap=None) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
     k = _kernels()
     return k.step.token_fusion_step(x, keys, size, r, protected, mode, bias_dtype, wrap=wrap or k.common.plain,
-                                    path=path)
+                                    path=path, merge=merge)
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -211,12 +212,12 @@ _merge_op.register_autograd(_merge_backward, setup_context=_merge_setup_context)
 
 @torch.library.custom_op("tofu_triton::step", mutates_args=())
 def _step_op(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-             bias_dtype: Optional[torch.dtype], path: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-    return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path)
+             bias_dtype: Optional[torch.dtype], path: str, merge: str) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path, merge)
 
 
 @_step_op.register_fake
-def _(x, keys, size, r, protected, mode, bias_dtype, path):
+def _(x, keys, size, r, protected, mode, bias_dtype, path, merge):
     step = _kernels().step
     batch, n, c = x.shape
     n_out = n - r
@@ -226,7 +227,7 @@ def _(x, keys, size, r, protected, mode, bias_dtype, path):
 
 
 def _step_setup_context(ctx, inputs, output):
-    x, keys, size, r, protected, mode, bias_dtype, path = inputs
+    x, keys, size, r, protected, mode, bias_dtype, path, merge = inputs
     ctx.save_for_backward(x, size, output[3])
     ctx.r, ctx.protected, ctx.mode = r, protected, mode
     ctx.mark_non_differentiable(*output[1:])
@@ -239,7 +240,7 @@ def _step_backward(ctx, grad_out, *_):
     if ctx.needs_input_grad[0]:
         unm_idx, _, _, dst_start, dst_src = _split_index(index, x.shape[0], x.shape[1], ctx.protected, ctx.r)
         grad_x = _merge_backward_op(grad_out, x, size, unm_idx, dst_start, dst_src, ctx.protected, ctx.mode)
-    return grad_x, None, None, None, None, None, None, None
+    return grad_x, None, None, None, None, None, None, None, None
 
 
 _step_op.register_autograd(_step_backward, setup_context=_step_setup_context)
@@ -416,9 +417,9 @@ def _export_ops() -> dict:
 
         @triton_op("tofu_triton::step_export", mutates_args=())
         def step_export(x: Tensor, keys: Tensor, size: Optional[Tensor], r: int, protected: int, mode: str,
-                        bias_dtype: Optional[torch.dtype],
-                        path: str = "one_launch") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
-            return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path, wrap=wrap_triton)
+                        bias_dtype: Optional[torch.dtype], path: str = "one_launch",
+                        merge: str = "rows") -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+            return _step_launch(x, keys, size, r, protected, mode, bias_dtype, path, merge, wrap=wrap_triton)
 
         _EXPORT_OPS.update(match=match_export, merge=merge_export, step=step_export)
     return _EXPORT_OPS
@@ -583,7 +584,8 @@ def token_fusion_step(
     if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.token_fusion_step(x, keys, r, size, mode, protected, bias_dtype)
     path = _step_path(path, x, n, c, keys.shape[3], protected)  # after the reference: it imports the kernels
-    outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype, path)
+    merge = _merge_variant(x) if path != "one_launch" else "rows"
+    outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype, path, merge)
     return _as_step(*outputs, n, protected, r, bias_dtype is not None, with_match)
 
 
@@ -602,6 +604,15 @@ def _step_path(path: Optional[str], x: Tensor, n: int, c: int, head_dim: int, pr
         return dispatch.winner("vit_step", x.device, x.dtype, "three_launch", allowed=allowed, B=x.shape[0], N=n,
                                C=c, D=head_dim)
     return "one_launch" if "one_launch" in allowed else "three_launch"  # the interpreter: as before the tables
+
+
+def _merge_variant(x: Tensor) -> str:
+    """The step's merge variant (``kernels.merge.MERGE_VARIANTS``) for x [B, N, C]: on CUDA the fastest
+    measured on this card (table "vit_merge", bench/tournament_vit.py), else one row per program."""
+    if x.device.type != "cuda":
+        return "rows"
+    return dispatch.winner("vit_merge", x.device, x.dtype, "rows", allowed=tuple(_kernels().merge.MERGE_VARIANTS),
+                           B=x.shape[0], N=x.shape[1], C=x.shape[2])
 
 
 def _as_step(x: Tensor, size: Tensor, bias: Tensor, index: Tensor, n: int, protected: int, r: int,
