@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tofu_triton import dispatch
-from tofu_triton.kernels import step
+from tofu_triton.kernels import merge, step
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
@@ -34,8 +34,11 @@ def test_small_run_checks_and_times_every_candidate(tmp_path):
     assert row["failed"] == [] and all(v is not None for v in row["us"].values())
     assert row["winner"] in step.STEP_PATHS  # a T variant is information, never a dispatch answer
     assert row["shape"] == dict(B=2, N=17, C=32, D=16) and row["r"] == 8
-    assert set(row["parts_us"]) == {"head_mean", "match", "select", "merge"}  # where the four launches' time goes
+    # Where the paths' time goes: each launch before the merge, and every merge variant (the paths ran the fastest).
+    assert set(row["parts_us"]) == {"head_mean", "match", "select", "plan (metric)", "plan (keys)"}
     assert all(v > 0 for v in row["parts_us"].values())
+    assert set(row["merge"]["us"]) == set(merge.MERGE_VARIANTS) and row["merge"]["failed"] == []
+    assert all(v > 0 for v in row["merge"]["us"].values()) and row["merge"]["winner"] in merge.MERGE_VARIANTS
     assert "| tiny | float16 | 2 |" in (tmp_path / "tournament_vit.md").read_text()
     assert result["provenance"]["commit"] and result["provenance"]["command"].endswith(f"--out {tmp_path}")
     assert table.read_bytes() == before  # the committed table is never rewritten without --write-table
@@ -56,7 +59,8 @@ def test_write_table_replaces_this_cards_rows_and_dispatch_reads_them(tmp_path, 
     other_shape = dict(old, shape=dict(shape, B=1))
     (tmp_path / "vit_step.json").write_text(json.dumps(dict(op="vit_step", rows=[old, other_card, other_shape])))
     rows = [dict(op="vit_step", model="ViT-B/16", dtype="float16", shape=shape, r=16, failed=[], winner="two_launch",
-                 us={"one_launch": 90.0, "two_launch": 20.0, "three_launch": 29.0, "one_launch[T=1]": 95.0})]
+                 us={"one_launch": 90.0, "two_launch": 20.0, "three_launch": 29.0, "one_launch[T=1]": 95.0},
+                 merge=dict(us={"rows": 12.0, "tiles4": 7.5}, failed=[], winner="tiles4"))]
     prov = dict(card="Card A", date="d", commit="c", torch="t", triton="tr", command="cmd")
     monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Card A")
@@ -69,5 +73,8 @@ def test_write_table_replaces_this_cards_rows_and_dispatch_reads_them(tmp_path, 
         assert dispatch.winner("vit_step", "cuda:0", torch.float16, "x", B=16, N=197, C=768, D=64) == "two_launch"
         assert dispatch.winner("vit_step", "cuda:0", torch.float16, "x", allowed=("one_launch", "three_launch"),
                                B=16, N=197, C=768, D=64) == "three_launch"
+        merges = json.loads((tmp_path / "vit_merge.json").read_text())
+        assert [(r["shape"], r["winner"]) for r in merges["rows"]] == [(dict(B=8, N=197, C=768), "tiles4")]
+        assert dispatch.winner("vit_merge", "cuda:0", torch.float16, "rows", B=8, N=197, C=768) == "tiles4"
     finally:
         dispatch.clear_cache()

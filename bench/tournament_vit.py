@@ -8,7 +8,11 @@ as "one_launch[T=1]", information only: dispatch picks paths, the launcher picks
 T), "two_launch" (one program per image matches and selects by sorting, then the
 merge), "three_launch" (match with the keys in,
 select, merge), "four_launch" (the head mean first, in its own launch, then the
-three). A candidate whose match is not the reference's (up to near-ties of
+three), "mean_plan" (the head mean, then the plan on it, then the merge). Before
+them, the merge variants (kernels.merge.MERGE_VARIANTS), each alone on the
+reference's match: the fastest is the merge every path but one_launch runs here,
+and its row goes to the table "vit_merge" (tofu_triton.ops._merge_variant). A
+candidate whose match is not the reference's (up to near-ties of
 the scores) or whose tokens, sizes or bias differ from the reference merge on its
 own match beyond rounding is recorded as failed and never wins.
 
@@ -26,7 +30,7 @@ are skipped and listed.
     python bench/tournament_vit.py --out bench/results/gpu [--budget-s 90] [--write-table]
 
 ``--write-table`` (GPU only) replaces this card's rows of the same dtype and shape
-in tofu_triton/tables/vit_step.json. ``--small`` runs tiny shapes on the CPU in
+in tofu_triton/tables/vit_step.json and vit_merge.json. ``--small`` runs tiny shapes on the CPU in
 Triton's interpreter (TRITON_INTERPRET=1): it checks the script and the
 candidates, its times mean nothing.
 """
@@ -107,22 +111,52 @@ def step_bytes(batch: int, n: int, c: int, heads: int, r: int, dtype: torch.dtyp
     return batch * (heads * n * d * es + n * (c * es + 4) + n_out * (c * es + 4 + es))
 
 
-def four_launch_parts(x, keys, size, r: int, dtype, timer) -> dict:
-    """Each launch of the four-launch step timed alone (L2 warm), information only: where its time goes."""
+def parts(x, keys, size, r: int, timer) -> dict:
+    """Each launch of the multi-launch paths timed alone (L2 warm), information only: where their time goes
+    (the merge's variants are timed by :func:`merge_round`)."""
     k = kernels
-    nb = reference.split_sizes(x.shape[1], PROTECTED)[1]
+    batch, n, _ = x.shape
+    nb = reference.split_sizes(n, PROTECTED)[1]
     metric = k.match.head_mean(keys)
     node_max, node_idx = k.match.match_scores(metric, PROTECTED)
-    unm_idx, _, _, dst_start, dst_src = k.select.select(node_max, node_idx, r, nb)
-    bias = torch.empty(x.shape[0], k.step.bias_row(x.shape[1] - r), dtype=dtype, device=x.device)
+    index = torch.empty(batch * sum(k.step.index_fields(n, PROTECTED, r)), dtype=torch.int64, device=x.device)
     launches = {
         "head_mean": lambda: k.match.head_mean(keys),
         "match": lambda: k.match.match_scores(metric, PROTECTED),
         "select": lambda: k.select.select(node_max, node_idx, r, nb),
-        "merge": lambda: k.merge.merge_forward(x, size, unm_idx, dst_start, dst_src, PROTECTED, MODE, bias=bias),
+        "plan (metric)": lambda: k.step.plan(metric, PROTECTED, r, index),
+        "plan (keys)": lambda: k.step.plan(keys, PROTECTED, r, index),
     }
     return {name: None if ms is None else round(1e3 * ms, 2) for name, fn in launches.items()
             for ms in [timer(fn)]}
+
+
+def merge_round(x, keys, size, r: int, dtype, timer) -> dict:
+    """Every merge variant (kernels.merge.MERGE_VARIANTS) on the reference's match, checked against the
+    reference merge, then timed alone (L2 warm): {"us": {variant: us or None}, "failed": [...], "winner"}."""
+    k = kernels
+    batch, n, c = x.shape
+    match = reference.bipartite_match(reference.head_mean(keys), r, PROTECTED)
+    want, want_size = reference.merge_tokens(x, match, size, MODE)
+    us, failed = {}, []
+    for variant in k.merge.MERGE_VARIANTS:
+        bias = torch.empty(batch, k.step.bias_row(n - r), dtype=dtype, device=x.device)
+        launch = functools.partial(k.merge.merge_forward, x, size, match.unm_idx, match.dst_start, match.dst_src,
+                                   PROTECTED, MODE, bias=bias, variant=variant)
+        try:
+            out, size_out = launch()
+            assert_close(out, want, name="x")
+            assert_close(size_out, want_size, name="size")
+            assert_close(bias[:, : n - r], reference.log_size_bias(want_size, dtype)[:, 0, 0], name="bias")
+        except AssertionError as err:
+            print(f"tournament_vit: merge {variant}: wrong output: {err}", file=sys.stderr)
+            us[variant] = None
+            failed.append(variant)
+            continue
+        ms = timer(launch)
+        us[variant] = None if ms is None else round(1e3 * ms, 2)
+    timed = {name: t for name, t in us.items() if t is not None}
+    return dict(us=us, failed=failed, winner=min(timed, key=timed.__getitem__) if timed else None)
 
 
 def run_case(model: str, n: int, c: int, heads: int, batch: int, dtype: torch.dtype, gen, copy_gbps,
@@ -133,12 +167,15 @@ def run_case(model: str, n: int, c: int, heads: int, batch: int, dtype: torch.dt
     # B = 1 that made the H200's step-alone times latency-bound loads from HBM (bench/results/h200-2026-12-04-run3:
     # 55 us for the three launches at B = 1, where the whole patched block cost ~22 us more than timm's).
     timer, cold_timer = _timer(graph=True, warm_l2=True), _timer(graph=True)
+    # The merge variant first: every path but one_launch ends in it, so they are timed with the fastest one.
+    merges = merge_round(x, keys, size, r, dtype, timer)
+    merge = merges["winner"] or "rows"
     us, us_cold, failed = {}, {}, []
     for name, (path, settings) in candidates(small).items():
         if path not in kernels.step.paths_for(n, c, c // heads, PROTECTED, dtype, x.device.type):
             continue
         launch = functools.partial(kernels.step.token_fusion_step, x, keys, size, r, PROTECTED, MODE, dtype,
-                                   settings, path=path)
+                                   settings, path=path, merge=merge)
         if not check(launch(), x, keys, size, r):
             us[name] = None
             failed.append(name)
@@ -150,10 +187,10 @@ def run_case(model: str, n: int, c: int, heads: int, batch: int, dtype: torch.dt
             us_cold[name] = None if ms is None else round(1e3 * ms, 2)
     paths = {k: v for k, v in us.items() if k in kernels.step.STEP_PATHS and v is not None}
     nbytes = step_bytes(batch, n, c, heads, r, dtype)
-    parts = four_launch_parts(x, keys, size, r, dtype, timer) if "four_launch" in paths else {}
+    parted = parts(x, keys, size, r, timer) if "mean_plan" in paths else {}
     return dict(op=OP, model=model, dtype=str(dtype).replace("torch.", ""),
-                shape=dict(B=batch, N=n, C=c, D=c // heads), r=r, us=us, us_cold=us_cold, parts_us=parts,
-                failed=failed,
+                shape=dict(B=batch, N=n, C=c, D=c // heads), r=r, us=us, us_cold=us_cold, parts_us=parted,
+                merge=merges, failed=failed + [f"merge {name}" for name in merges["failed"]],
                 winner=min(sorted(paths), key=paths.__getitem__) if paths else None, bytes=nbytes,
                 ceiling_us=round(nbytes / copy_gbps / 1e3, 2) if copy_gbps else None)
 
@@ -177,10 +214,20 @@ def write_report(out: str, prov: dict, rows: list, skipped: list, copy_gbps) -> 
                  else f"{row['us'][name]:.1f}" for name in names]
         lines.append(f"| {row['model']} | {row['dtype']} | {row['shape']['B']} | " + " | ".join(cells)
                      + f" | {row['winner']} | {row['ceiling_us'] if row['ceiling_us'] is not None else '-'} |")
+    merged = [row for row in rows if row.get("merge")]
+    if merged:
+        names = list(merged[0]["merge"]["us"])
+        lines += ["", "The merge variants (kernels.merge.MERGE_VARIANTS; table vit_merge), each alone on the "
+                  "reference's match (us, L2 warm); the paths above ran with the winner:", "",
+                  "| model | dtype | B | " + " | ".join(names) + " | winner |", "|---" * (len(names) + 4) + "|"]
+        lines += [f"| {row['model']} | {row['dtype']} | {row['shape']['B']} | "
+                  + " | ".join("failed" if n in row["merge"]["failed"] else "-" if row["merge"]["us"].get(n) is None
+                               else f"{row['merge']['us'][n]:.1f}" for n in names)
+                  + f" | {row['merge']['winner']} |" for row in merged]
     parted = [row for row in rows if row.get("parts_us")]
     if parted:
         names = list(parted[0]["parts_us"])
-        lines += ["", "The four-launch step's launches, each timed alone (us, L2 warm):", "",
+        lines += ["", "The other paths' launches before the merge, each timed alone (us, L2 warm):", "",
                   "| model | dtype | B | " + " | ".join(names) + " |", "|---" * (len(names) + 3) + "|"]
         lines += [f"| {row['model']} | {row['dtype']} | {row['shape']['B']} | "
                   + " | ".join("-" if row["parts_us"][n] is None else f"{row['parts_us'][n]:.1f}" for n in names)
@@ -192,11 +239,16 @@ def write_report(out: str, prov: dict, rows: list, skipped: list, copy_gbps) -> 
 
 
 def write_table(prov: dict, rows: list, table_dir=None) -> None:
-    """Replace this card's rows (same dtype and shape) in tables/vit_step.json; keep every other row."""
+    """Replace this card's rows (same dtype and shape) in tables/vit_step.json and tables/vit_merge.json
+    (shape B, N, C); keep every other row."""
     dispatch.update_table(OP, prov, [dict(card=prov["card"], dtype=row["dtype"], shape=row["shape"],
                                           winner=row["winner"],
                                           us={k: v for k, v in row["us"].items() if k in kernels.step.STEP_PATHS})
                                      for row in rows if row["winner"]], table_dir)
+    dispatch.update_table("vit_merge", prov, [
+        dict(card=prov["card"], dtype=row["dtype"], shape={key: row["shape"][key] for key in "BNC"},
+             winner=row["merge"]["winner"], us=row["merge"]["us"])
+        for row in rows if row.get("merge", {}).get("winner")], table_dir)
 
 
 def main(argv=None) -> int:

@@ -146,6 +146,18 @@ def test_eager_callers_weigh_host_time_up_to_the_host_bound_batch(tables, card, 
     assert table["host_provenance"]["Card A"]["command"] == "host_profile"
 
 
+def test_a_candidate_without_a_host_time_never_wins_an_eager_call(tables, card, monkeypatch):
+    # "new" is fastest on the GPU but its host time was never measured on this card: eagerly it cannot be
+    # weighed, so the measured candidates decide; in a graph device time alone decides, and it wins.
+    tables("op_x", [_row("Card A", 1, "new", {"one": 69.0, "four": 24.0, "new": 10.0})])
+    dispatch.update_host("op_x", "Card A", {"one": 97.0, "four": 268.0}, 8, {})
+    mode = {"value": "eager"}
+    monkeypatch.setattr(dispatch, "_mode", lambda: mode["value"])
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "d", B=1, N=197) == "one"
+    mode["value"] = "graphs"
+    assert dispatch.winner("op_x", "cuda:0", torch.float16, "d", B=1, N=197) == "new"
+
+
 def test_eager_is_false_inside_torch_compile():
     seen = []
 

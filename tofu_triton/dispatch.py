@@ -86,6 +86,10 @@ def _row_winner(row: dict, allowed: Optional[tuple], host: Optional[dict] = None
         return row.get("winner")
     times = {name: max(us, (host or {}).get(name, 0.0)) for name, us in row.get("us", {}).items()
              if (allowed is None or name in allowed) and us is not None}
+    if host and any(name in host for name in times):
+        # A candidate whose host time this card never measured would count as free on the host: it may not
+        # win an eager call (a new path's first tournament comes before its first host profile).
+        times = {name: t for name, t in times.items() if name in host}
     # Ties go to the first in the tournament's order (the attention's puts the float mask first).
     return min(times if host else sorted(times), key=times.__getitem__) if times else None
 
