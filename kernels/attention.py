@@ -71,13 +71,15 @@ def _attention_kernel(
         mask_n = cols < NK
         kt = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None],
                      mask=mask_d[:, None] & mask_n[None, :], other=0.0)
-        # The key bias, once per key tile; keys past NK read -inf, so they weigh 0.
+        # The key bias, once per key tile, in log2 units on the vector (one add per logit, not a multiply
+        # too); keys past NK read -inf, so they weigh 0.
         key_bias = tl.load(bias_base + cols * stride_bn, mask=mask_n, other=float("-inf")).to(tl.float32)
+        key_bias = key_bias * 1.4426950408889634
         if DOT_FP32:
             s = tl.dot(q, kt.to(tl.float32), input_precision="ieee")
         else:
             s = tl.dot(q, kt)
-        s = s * qk_scale + key_bias[None, :] * 1.4426950408889634  # logits in log2 units
+        s = s * qk_scale + key_bias[None, :]  # logits in log2 units
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A row whose keys so far all weigh 0 (bias -inf) keeps m = -inf: subtract 0 there, not -inf (NaN).
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -113,6 +115,12 @@ CONFIGS = {
     "m64n64w4": Config(64, 64, 4, 2),
     "m128n64w8": Config(128, 64, 8, 2),
     "m64n32w4": Config(64, 32, 4, 2),
+    # Added after the H200's run 3 (bench/results/h200-2026-12-04-run3/probe.md), not measured yet: at N = 197
+    # and 577, B >= 64, the best config took 1.28-1.30x SDPA without a bias (N = 401: 1.03x), where 64-row tiles
+    # leave 23 % (197) and 11 % (577) of each tile dimension padding; 32-query tiles halve the query side's.
+    # And one more pipeline stage for the key/value loads.
+    "m32n64w2": Config(32, 64, 2, 2),
+    "m64n64w4s3": Config(64, 64, 4, 3),
 }
 
 
@@ -123,10 +131,14 @@ def head_dim_block(d: int) -> int:
     return max(16, next_power_of_2(d))  # tl.dot wants at least 16
 
 
+# Configs whose tiles spill at head-dim tiles above 64 (m32n64w2: ~250 bytes at 128 on sm_80/sm_90).
+NARROW_ONLY = ("m32n64w2",)
+
+
 def configs_for(d: int) -> tuple:
     """Config names (keys of :data:`CONFIGS`) that run head dim ``d``, the default first."""
-    head_dim_block(d)
-    return tuple(CONFIGS)
+    wide = head_dim_block(d) > 64
+    return tuple(name for name in CONFIGS if not (wide and name in NARROW_ONLY))
 
 
 def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor,

@@ -72,6 +72,13 @@ def test_every_triton_config_computes_the_same(config, poisoned):
     assert_close(got, F.scaled_dot_product_attention(q, k, v, attn_mask=bias), name=config)
 
 
+def test_configs_that_spill_at_wide_heads_are_not_offered_there():
+    # m32n64w2 spills ~250 bytes at the 128 head-dim tile (tests/test_aot_compile.py compiles what is offered).
+    assert "m32n64w2" in kernel.configs_for(64) and "m32n64w2" not in kernel.configs_for(80)
+    assert kernel.configs_for(128) == tuple(n for n in kernel.CONFIGS if n != "m32n64w2")
+    assert kernel.configs_for(128)[0] == kernel.configs_for(64)[0]  # one default for every head dim
+
+
 def test_triton_reads_strided_inputs_and_a_broadcast_fp32_bias(poisoned):
     # q, k, v as timm makes them (a permuted [B, N, 3, H, D] view); one bias for every image, in fp32.
     g = torch.Generator().manual_seed(5)
