@@ -192,6 +192,24 @@ def test_triton_backend_agrees_with_reference():
     assert_triton_matches_reference(model, images(2).to(DEVICE))
 
 
+def test_the_step_checks_its_arguments_once_per_forward_not_per_block(monkeypatch):
+    # Every block's step would check the same backend, device and dtype: host time an eager forward pays per
+    # block (docs/design.md §3.3). The patch checks once and the blocks call ops.block_step.
+    from tofu_triton import ops
+
+    want = tp.timm(tiny("reg_tokens"), r=3, mode="tofu", backend="reference")(images(2))
+    calls = {"step_backend": 0, "token_fusion_step": 0}
+    for name in calls:
+        fn = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _fn=fn, _name=name, **k: calls.__setitem__(_name, calls[_name] + 1)
+                            or _fn(*a, **k))
+    model = tp.timm(tiny("reg_tokens").to(DEVICE), r=3, mode="tofu", backend="triton")
+    assert_close(model(images(2).to(DEVICE)).cpu(), want, torch.float32, "logits")
+    assert calls == {"step_backend": 1, "token_fusion_step": 0}
+    with pytest.raises(TypeError, match="x must have dtype"):  # the once-per-forward check still speaks up
+        tp.timm(tiny("reg_tokens").to(DEVICE).double(), r=3, backend="triton")(images(2).to(DEVICE).double())
+
+
 def test_torch_compile_fullgraph_matches_eager():
     # fullgraph=True fails on any graph break. "aot_eager" traces through AOT
     # autograd like Inductor does but skips its C++ compile, which takes minutes

@@ -578,12 +578,33 @@ def token_fusion_step(
     _check_float("x", x, use_triton)
     _check_float("keys", keys, use_triton)
     _check_size(size, x)
+    return block_step(x, keys, r, size, mode, protected, bias_dtype, use_triton, with_match, path)
+
+
+def step_backend(x: Tensor, backend: str) -> bool:
+    """What :func:`token_fusion_step` checks of ``x`` and ``backend`` and every block of a forward
+    shares: whether the step runs the Triton kernels (a ValueError for an unknown backend, a
+    RuntimeError for "triton" where it cannot run, a TypeError for a dtype the path does not take).
+    The patches call it once per forward and pass the answer to :func:`block_step`."""
+    use_triton = _use_triton(x, backend)
+    _check_float("x", x, use_triton)
+    return use_triton
+
+
+def block_step(x: Tensor, keys: Tensor, r: int, size: Optional[Tensor], mode: str, protected: int,
+               bias_dtype: Optional[torch.dtype], use_triton: bool, with_match: bool = True,
+               path: Optional[str] = None) -> Step:
+    """:func:`token_fusion_step` without its argument checks, for the patched models' blocks, which
+    check once per forward what every block shares (``use_triton``: :func:`step_backend`'s answer)
+    and pass tensors they built themselves
+    (docs/design.md §3.3: the checks cost host time on every block of an eager forward)."""
+    n = x.shape[1]
     r = effective_r(n, r, protected)
     if keys.requires_grad:
         keys = keys.detach()
     if r == 0 or not use_triton:  # an empty match needs no kernel
         return reference.token_fusion_step(x, keys, r, size, mode, protected, bias_dtype)
-    path = _step_path(path, x, n, c, keys.shape[3], protected)  # after the reference: it imports the kernels
+    path = _step_path(path, x, n, x.shape[2], keys.shape[3], protected)  # after the reference: it imports kernels
     merge = _merge_variant(x) if path != "one_launch" else "rows"
     outputs = _triton_path("step", x)(x, keys, size, r, protected, mode, bias_dtype, path, merge)
     return _as_step(*outputs, n, protected, r, bias_dtype is not None, with_match)

@@ -23,10 +23,11 @@ What a patched block does (timm's pre-norm block, with one step added)::
     x, size, bias = token reduction step (r, mode of this layer)   # docs/design.md §1, §3.1
     x = x + drop_path2(ls2(mlp(norm2(x))))
 
-* The step is :func:`tofu_triton.ops.token_fusion_step`: on the GPU one
-  launch that reads the keys, averages them over heads into the metric,
-  matches, selects, merges, and writes the sizes and the next attention's
-  bias. The metric is the attention keys (after ``k_norm``, before any
+* The step is :func:`tofu_triton.ops.token_fusion_step` (through
+  ``ops.block_step``: its argument checks run once per forward, not per block):
+  on the GPU the launches the card measured fastest (docs/design.md §3.1) that
+  average the keys over heads into the metric, match, select, merge, and write
+  the sizes and the next attention's bias. The metric is the attention keys (after ``k_norm``, before any
   rotary rotation) averaged over heads.
 * The first ``model.num_prefix_tokens`` tokens (class, register,
   distillation) are protected.
@@ -180,6 +181,7 @@ class Run(NamedTuple):
     prop_attn: bool  # proportional attention
     backend: str  # of the step: "auto", "triton", "reference"
     attention: str  # path of the sized attention (tofu_triton.attention.PATHS)
+    triton: bool = False  # the step runs the Triton kernels (backend and device, checked once per forward)
 
 
 def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], path: str) -> Tensor:
@@ -236,7 +238,7 @@ def reduce(x: Tensor, k: Tensor, size: Optional[Tensor], step: LayerPlan, bias_d
     """The block's step (docs/design.md §1, §3.1): x [B, N, C], keys k [B, heads, N, D],
     size [B, N, 1] or None (all ones); ``bias_dtype``: write the next attention's bias;
     ``with_match``: the caller needs the match (source tracing, rotary positions)."""
-    return ops.token_fusion_step(x, k, step.r, size, step.mode, run.protected, bias_dtype, run.backend, with_match)
+    return ops.block_step(x, k, step.r, size, step.mode, run.protected, bias_dtype, run.triton, with_match)
 
 
 def block_forward(
@@ -406,7 +408,10 @@ def _features(model: nn.Module, images: Tensor, trace_source: bool):
     steps = _plan(model, n_tokens)
     if model.tofu_attention not in PATHS:
         raise ValueError(f"tofu_attention must be one of {PATHS}, got {model.tofu_attention!r}")
-    run = Run(protected, model.tofu_prop_attn, model.tofu_backend, model.tofu_attention)
+    # What every block's step would check, once per forward: the backend against the device, the dtype
+    # (only where a step runs: an r = 0 model never checks).
+    triton = any(s.r > 0 for s in steps) and ops.step_backend(x, model.tofu_backend)
+    run = Run(protected, model.tofu_prop_attn, model.tofu_backend, model.tofu_attention, triton)
     # The dtype of the bias each step writes for the next block, None where that block's attention needs none.
     bias_dtypes = [x.dtype if run.prop_attn and nxt.sized else None for nxt in steps[1:]] + [None]
     size = bias = source = pos = None

@@ -185,14 +185,14 @@ class Run(NamedTuple):
     prop_attn: bool  # proportional attention
     backend: str
     protected: int  # leading tokens never merged: 1 ([CLS]) or 0 (SigLIP has no class token)
+    triton: bool = False  # the step runs the Triton kernels (ops.step_backend, once per forward)
 
 
 def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, run: Run):
     if step.r == 0:
         return x, size
     if not run.padded:  # the whole step from the keys: one launch on the GPU
-        res = ops.token_fusion_step(x, k, step.r, size, step.mode, run.protected, backend=run.backend,
-                                    with_match=False)
+        res = ops.block_step(x, k, step.r, size, step.mode, run.protected, None, run.triton, with_match=False)
         return res.x, res.size
     x = x * (size > 0).to(x.dtype)  # a padded token adds nothing to a merge
     match = ops.bipartite_match(_metric(k, size, run.padded), step.r, run.protected, run.backend)
@@ -349,7 +349,9 @@ def _run_layers(model: nn.Module, layer_fn, x: Tensor, size: Tensor, padded: boo
     steps = _plan(model, x.shape[1])
     if padded and any(s.r > 0 for s in steps):
         x, size = _pads_last(x, size)  # left padding too; right padding: identity
-    run = Run(padded, model.tofu_prop_attn, model.tofu_backend, _protected(model))
+    # What every step would check, once per forward (only where a step runs: an r = 0 model never checks).
+    triton = not padded and any(s.r > 0 for s in steps) and ops.step_backend(x, model.tofu_backend)
+    run = Run(padded, model.tofu_prop_attn, model.tofu_backend, _protected(model), triton)
     for layer, step in zip(_layers(model), steps):
         x, size = layer_fn(layer, x, size, step, run)
     return x, size, steps
