@@ -312,6 +312,24 @@ def sort_select(node_max_ptr, node_idx_ptr, unm_idx_ptr, src_idx_ptr, dst_idx_pt
 
 
 @triton.jit
+def merged_rows(x, size, dst_src, start, count, most, b_row, active, stride_xn, stride_xc, C, P,
+                MODE: tl.constexpr, HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """What a tile of B rows with sources needs before its channels are merged: (s_b, the rows' own sizes;
+    s_total, with their sources'; scale, MLERP's factor per row, 1 in mean mode), each [BLOCK_R] fp32."""
+    s_b = load_size(size, b_row, active, HAS_SIZE)
+    s_total = s_b
+    for k in range(0, most):
+        has = k < count
+        src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
+        s_total += tl.where(has, load_size(size, src, has, HAS_SIZE), 0.0)
+    scale = tl.full([BLOCK_R], 1.0, tl.float32)
+    if MODE == MODE_MLERP:
+        scale = mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active, stride_xn, stride_xc,
+                            C, P, HAS_SIZE, BLOCK_R, BLOCK_C)
+    return s_b, s_total, scale
+
+
+@triton.jit
 def weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn, stride_xc, C, P,
                   HAS_SIZE: tl.constexpr):
     """sum of size * row over each B row ``b_row`` and its sources (``count`` of them from ``dst_src[start]``,

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import (
-    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, MODE_SUM, a_position, b_position, cdiv, empty, load_size, mlerp_scale,
+    EPS, MODE_IDS, MODE_MLERP, MODE_PRUNE, MODE_SUM, a_position, b_position, cdiv, empty, load_size, merged_rows,
     on_device, plain, row_block, weighted_sum,
 )
 
@@ -150,16 +150,8 @@ def _merge_tiles_kernel(
         if most > 0:
             active = count > 0
             dst_src = dst_src_ptr + batch * R
-            s_b = load_size(size, row, active, HAS_SIZE)
-            s_total = s_b
-            for k in range(0, most):
-                has = k < count
-                src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
-                s_total += tl.where(has, load_size(size, src, has, HAS_SIZE), 0.0)
-            scale = tl.full([BLOCK_R], 1.0, tl.float32)
-            if MODE == MODE_MLERP:
-                scale = mlerp_scale(x, size, dst_src, start, count, most, row, s_b, s_total, active,
-                                    stride_xn, stride_xc, C, P, HAS_SIZE, BLOCK_R, BLOCK_K)
+            s_b, s_total, scale = merged_rows(x, size, dst_src, start, count, most, row, active, stride_xn,
+                                              stride_xc, C, P, MODE, HAS_SIZE, BLOCK_R, BLOCK_K)
             lanes_k = tl.arange(0, BLOCK_K)
             for c0 in range(0, C, BLOCK_K):
                 offs_k = c0 + lanes_k

@@ -73,7 +73,7 @@ import triton.language as tl
 from tofu_triton.reference import split_sizes
 
 from .common import (
-    MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, mlerp_scale,
+    MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, merged_rows,
     next_power_of_2, on_device, plain, rank_select, sort_select, weighted_sum,
 )
 from . import match as _match
@@ -272,20 +272,12 @@ def _step_kernel(
             if most > 0:
                 active = count > 0
                 b_row = (P + 2 * j + 1).to(tl.int64)
-                s_b = load_size(size, b_row, active, HAS_SIZE)
-                s_total = s_b
-                for k in range(0, most):
-                    has = k < count
-                    src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
-                    s_total += tl.where(has, load_size(size, src, has, HAS_SIZE), 0.0)
-                scale = tl.full([BLOCK_M], 1.0, tl.float32)
-                if MODE == MODE_MLERP:
-                    scale = mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active,
-                                         stride_xn, stride_xc, C, P, HAS_SIZE, BLOCK_M, BLOCK_C)
+                s_b, s_total, scale = merged_rows(x, size, dst_src, start, count, most, b_row, active, stride_xn,
+                                                  stride_xc, C, P, MODE, HAS_SIZE, BLOCK_M, BLOCK_C)
                 for tc in range(t, n_tiles_c, T):
                     offs_c = tc * BLOCK_C + lanes_c
                     merged = weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c,
-                                           stride_xn, stride_xc, C, P, HAS_SIZE) / s_total[:, None]
+                                          stride_xn, stride_xc, C, P, HAS_SIZE) / s_total[:, None]
                     if MODE == MODE_MLERP:
                         merged = merged * scale[:, None]
                     o = P + n_unm + j
