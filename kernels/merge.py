@@ -6,6 +6,11 @@ untouched B rows bitwise, and combines each B row with its sources in a
 fixed order (``mean``, ``mlerp``, ``prune``; ``sum`` for the gradient of the
 spatial unmerge). Every input row is read once; a pruned source not at all.
 
+``_merge_tiles_kernel``: the same output for a ViT step (its partition, sizes
+written), several output rows per program: the rows copied as they are move as
+one tile, the tile's B rows with sources are combined in channel chunks. Which
+of the launch variants (``MERGE_VARIANTS``) a step runs is measured per card.
+
 ``_merge_backward_kernel``: one program per output row too, writing the
 gradient of every input row that fed it (each input row feeds exactly one
 output row), so the backward is a gather without atomics.
@@ -287,7 +292,8 @@ MERGE_VARIANTS = {
     "tiles4": MergeVariant(rows=4, per_thread=16),
 }
 # fp32 values per thread in each [rows, chunk] tile of the tiles' merged rows (their sums, norms and
-# contributors): 4 keeps every variant free of spills at every width (tests/test_aot_compile.py).
+# contributors). 2 spilled least over the widths compiled ahead of time (4 and 1 spilled more at some;
+# tests/test_aot_compile.py): the candidates may spill a few words, which their measured times include.
 MERGE_CHUNK_PER_THREAD = 2
 
 

@@ -184,7 +184,7 @@ def test_tiled_merge_takes_the_vit_partition_with_sizes_only():
 
 def test_merge_variants_launch_shapes():
     # ~16 elements per thread, whole rows (tests/test_aot_compile.py compiles each without spills).
-    # (rows, warps, chunk): the chunk of the merged rows at 4 fp32 values per thread.
+    # (rows, warps, chunk): the chunk of the merged rows at MERGE_CHUNK_PER_THREAD (2) fp32 values per thread.
     assert merge_kernels.merge_launch("rows", 1024)[:2] == (1, merge_kernels.merge_num_warps(1024)) == (1, 8)
     assert merge_kernels.merge_launch("rows_lean", 1024)[:2] == (1, 2)
     assert merge_kernels.merge_launch("tiles2", 1024) == (2, 4, 128)
