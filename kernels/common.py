@@ -108,7 +108,13 @@ def order_key(node_max_ptr, offs, mask, IDX_BITS: tl.constexpr):
     bits; IDX_BITS <= 31 and 2^IDX_BITS > the largest index). NaN never
     reaches here (the match wrote -inf for it); -0.0 is folded into +0.0 so
     they tie, as they do in torch's sort."""
-    v = tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")) + 0.0
+    return order_key_of(tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")), offs, IDX_BITS)
+
+
+@triton.jit
+def order_key_of(node_max, offs, IDX_BITS: tl.constexpr):
+    """:func:`order_key` of scores already in registers (fp32, no NaN)."""
+    v = node_max + 0.0
     bits = v.to(tl.int32, bitcast=True)
     bits = bits ^ ((bits >> 31) & 0x7FFFFFFF)  # float order as signed-int order
     score = bits.to(tl.int64) + 2147483648  # ... as unsigned order, in [0, 2^32)
@@ -290,20 +296,34 @@ def sort_select(node_max_ptr, node_idx_ptr, unm_idx_ptr, src_idx_ptr, dst_idx_pt
     """
     offs = tl.arange(0, BLOCK)
     mask = offs < NA
-    key = tl.where(mask, order_key(node_max_ptr, offs, mask, 31), -1)  # real keys are >= 0
+    sort_select_values(tl.load(node_max_ptr + offs, mask=mask, other=float("-inf")),
+                       tl.load(node_idx_ptr + offs, mask=mask, other=0), unm_idx_ptr, src_idx_ptr, dst_idx_ptr,
+                       dst_start_ptr, dst_src_ptr, NA, NB, R, BLOCK, BLOCK_NB)
+
+
+@triton.jit
+def sort_select_values(node_max, node_idx, unm_idx_ptr, src_idx_ptr, dst_idx_ptr, dst_start_ptr, dst_src_ptr,
+                       NA, NB, R, BLOCK: tl.constexpr, BLOCK_NB: tl.constexpr):
+    """:func:`sort_select` on the scores and partners in registers: node_max [BLOCK] fp32 (no NaN) and
+    node_idx [BLOCK] int64 of A tokens 0..BLOCK-1 (lanes >= NA ignored), as the plan's match leaves them
+    when one tile holds every A token, so they never go through memory."""
+    offs = tl.arange(0, BLOCK)
+    mask = offs < NA
+    key = tl.where(mask, order_key_of(node_max, offs, 31), -1)  # real keys are >= 0
     ranked = tl.sort(key, descending=True)
     threshold = tl.min(tl.where(offs < R, ranked, 9223372036854775807), axis=0)  # the R-th best key
     src = 2147483647 - (ranked & 2147483647)  # the index part, un-reversed
     is_first = offs < R
     tl.store(src_idx_ptr + offs, src, mask=is_first)
-    tl.store(dst_idx_ptr + offs, tl.load(node_idx_ptr + src, mask=is_first, other=0), mask=is_first)
+    dst = tl.where(mask, node_idx.to(tl.int64), 0)
+    # The partner of each of the first R in score order (the other lanes gather lane 0: masked off).
+    tl.store(dst_idx_ptr + offs, tl.gather(dst, tl.where(is_first, src, 0).to(tl.int32), 0), mask=is_first)
 
     is_src = mask & (key >= threshold)
     keep = mask & ~is_src
     pos = tl.cumsum(keep.to(tl.int32), axis=0) - 1
     tl.store(unm_idx_ptr + pos, offs.to(tl.int64), mask=keep)
 
-    dst = tl.load(node_idx_ptr + offs, mask=mask, other=0)
     grouped = tl.sort(tl.where(is_src, (dst << 31) | offs.to(tl.int64), 9223372036854775807))
     tl.store(dst_src_ptr + offs, grouped & 2147483647, mask=is_first)
     counts = tl.histogram(dst.to(tl.int32), BLOCK_NB, mask=is_src)

@@ -74,7 +74,7 @@ from tofu_triton.reference import split_sizes
 
 from .common import (
     MODE_IDS, MODE_MLERP, MODE_PRUNE, best_partners, cdiv, dot_in_fp32, empty, load_size, merged_rows,
-    next_power_of_2, on_device, plain, rank_select, sort_select, weighted_sum,
+    next_power_of_2, on_device, plain, rank_select, sort_select, sort_select_values, weighted_sum,
 )
 from . import match as _match
 from . import merge as _merge
@@ -298,32 +298,44 @@ def _plan_kernel(
     H, D, P, NA, NB, R, BATCH,
     BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_D: tl.constexpr, DOT_FP32: tl.constexpr,
     SINGLE_D: tl.constexpr, BLOCK_SEL: tl.constexpr, BLOCK_NB: tl.constexpr, HEADS: tl.constexpr,
+    SINGLE_A: tl.constexpr,
 ):
     """The plan: one program per image matches its A tokens and selects (sorting in
     registers), writing the five index fields of the step's index buffer. With HEADS
     it reads the keys [H, N, D] and averages the heads as it loads them (the
     two-launch step); without, the metric [N, D] (``keys_ptr``: the head mean's
-    output; H = 1, stride_kh unused)."""
+    output; H = 1, stride_kh unused). With SINGLE_A (Na <= BLOCK_A = BLOCK_SEL) the
+    one A tile's scores go to the sort in registers; else through the scratch
+    ``node_max`` / ``node_idx``, one A tile at a time."""
     image = tl.program_id(0).to(tl.int64)
     keys = keys_ptr + image * stride_kb
-    node_max = node_max_ptr + image * NA
-    node_idx = node_idx_ptr + image * NA
-    for a0 in range(0, NA, BLOCK_A):
-        offs_a = a0 + tl.arange(0, BLOCK_A)
-        mask_a = offs_a < NA
-        best, best_idx = best_partners(keys, (P + 2 * offs_a).to(tl.int64), mask_a, keys, NB, D, P, stride_kn,
-                                       stride_kd, BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, False,
-                                       stride_kh, H, inv_h, HEADS)
-        tl.store(node_max + offs_a, best, mask=mask_a)
-        tl.store(node_idx + offs_a, best_idx.to(tl.int64), mask=mask_a)
-    tl.debug_barrier()  # the select reads what every thread of the program wrote
     n_unm = NA - R
     unm_idx = index_ptr + image * n_unm
     src_idx = index_ptr + BATCH * n_unm + image * R
     dst_idx = src_idx + BATCH * R
     dst_start = index_ptr + BATCH * (n_unm + 2 * R) + image * (NB + 1)
     dst_src = index_ptr + BATCH * (n_unm + 2 * R + NB + 1) + image * R
-    sort_select(node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src, NA, NB, R, BLOCK_SEL, BLOCK_NB)
+    if SINGLE_A:
+        offs_a = tl.arange(0, BLOCK_A)
+        best, best_idx = best_partners(keys, (P + 2 * offs_a).to(tl.int64), offs_a < NA, keys, NB, D, P, stride_kn,
+                                       stride_kd, BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, False,
+                                       stride_kh, H, inv_h, HEADS)
+        sort_select_values(best, best_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src, NA, NB, R, BLOCK_A,
+                           BLOCK_NB)
+    else:
+        node_max = node_max_ptr + image * NA
+        node_idx = node_idx_ptr + image * NA
+        for a0 in range(0, NA, BLOCK_A):
+            offs_a = a0 + tl.arange(0, BLOCK_A)
+            mask_a = offs_a < NA
+            best, best_idx = best_partners(keys, (P + 2 * offs_a).to(tl.int64), mask_a, keys, NB, D, P, stride_kn,
+                                           stride_kd, BLOCK_A, BLOCK_B, BLOCK_D, DOT_FP32, SINGLE_D, False,
+                                           stride_kh, H, inv_h, HEADS)
+            tl.store(node_max + offs_a, best, mask=mask_a)
+            tl.store(node_idx + offs_a, best_idx.to(tl.int64), mask=mask_a)
+        tl.debug_barrier()  # the select reads what every thread of the program wrote
+        sort_select(node_max, node_idx, unm_idx, src_idx, dst_idx, dst_start, dst_src, NA, NB, R, BLOCK_SEL,
+                    BLOCK_NB)
 
 
 def plan(keys: torch.Tensor, protected: int, r: int, index: torch.Tensor, wrap=plain) -> None:
@@ -334,18 +346,28 @@ def plan(keys: torch.Tensor, protected: int, r: int, index: torch.Tensor, wrap=p
     batch, n, d = keys.shape[0], keys.shape[-2], keys.shape[-1]
     na, nb = split_sizes(n, protected)
     dot_fp32 = dot_in_fp32(keys.dtype)
-    block_a, block_b, block_d = plan_blocks(d, dot_fp32, na, keys.dim() == 4)
-    node_max = torch.empty(batch, na, dtype=torch.float32, device=keys.device)  # scratch
-    node_idx = torch.empty(batch, na, dtype=torch.int64, device=keys.device)
+    const = plan_constants(d, dot_fp32, na, nb, keys.dim() == 4)
+    if const["SINGLE_A"]:  # the scores stay in registers: no scratch (the pointers are not read)
+        node_max = node_idx = index
+    else:
+        node_max = torch.empty(batch, na, dtype=torch.float32, device=keys.device)  # scratch
+        node_idx = torch.empty(batch, na, dtype=torch.int64, device=keys.device)
     with on_device(keys):
         wrap(_plan_kernel)[(batch,)](
             keys, node_max, node_idx, index,
             keys.stride(0), keys.stride(1) if keys.dim() == 4 else 0, keys.stride(-2), keys.stride(-1), 1.0 / heads,
-            heads, d, protected, na, nb, r, batch,
-            BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, DOT_FP32=dot_fp32, SINGLE_D=d <= block_d,
-            BLOCK_SEL=plan_block(na), BLOCK_NB=plan_block(nb + 1), HEADS=keys.dim() == 4,
-            num_warps=PLAN_WARPS[dot_fp32],
+            heads, d, protected, na, nb, r, batch, **const, num_warps=PLAN_WARPS[dot_fp32],
         )
+
+
+def plan_constants(d: int, dot_fp32: bool, na: int, nb: int, heads: bool) -> dict:
+    """The constexprs ``_plan_kernel`` is launched with (and compiled ahead of time with) for head dim
+    ``d``, Na and Nb, keys (``heads``) or a metric in."""
+    block_a, block_b, block_d = plan_blocks(d, dot_fp32, na, heads)
+    single = na <= block_a
+    return dict(BLOCK_A=block_a, BLOCK_B=block_b, BLOCK_D=block_d, DOT_FP32=dot_fp32, SINGLE_D=d <= block_d,
+                BLOCK_SEL=block_a if single else plan_block(na), BLOCK_NB=plan_block(nb + 1), HEADS=heads,
+                SINGLE_A=single)
 
 
 # A tiles of the plan on a given metric (fp16/bf16): one program matches every A token of an image, so at

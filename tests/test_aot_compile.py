@@ -34,10 +34,13 @@ SD_WIDTHS = [384, 768, 1280]
 HEAD_DIMS = [32, 64, 128, 256]
 # The step's head dims by the tiles they use: 64 (the metric in one tile), 128 (80 and 96 alike: a loop over D).
 STEP_HEAD_DIMS = [64, 128]
-# Per-image token counts of the two-launch plan's register sort (Na, Nb + 1): ViT-B/16 at 224 px (Na = 98, the
-# smallest tile) for every dtype and head dim, and the largest it takes (kernels.step.PLAN_MAX_NA) once: the
-# sort works on int64 keys whatever the keys' dtype, and its 1024-wide network takes ~30 s to compile.
-PLAN_TOKENS = {98: None, 1024: ("fp16", 64)}
+# The plan's per-image A tokens (Na = Nb), keys in or a metric, and where only one (dtype, head dim) is
+# compiled: ViT-B/16 at 224 px (Na = 98: keys in, A tiles of 64 through scratch; a metric, one 128-row tile in
+# registers) in every dtype and head dim; once each: the keys' one-tile case (Na = 50, later blocks), the
+# metric's several tiles (Na = 288, ViT-B at 384 px), and the largest the plan takes (kernels.step.PLAN_MAX_NA:
+# its 1024-wide sort network takes ~30 s to compile).
+PLAN_TOKENS = [(98, True, None), (98, False, None), (50, True, ("fp16", 64)), (288, False, ("fp16", 64)),
+               (1024, True, ("fp16", 64))]
 
 
 def _signature(fn, pointers, constexprs):
@@ -74,22 +77,16 @@ def _step_configs():
                                 node_max_ptr="*fp32", node_idx_ptr="*i64")
                     tag = f"step {mode} {dt} D={d}" + ("" if has_size else " size=None no-bias")
                     out.append((tag, step._step_kernel, ptrs, const, settings.num_warps))
-    for dt in PTR:  # the two-launch step's plan: match (keys in) + sort select; no mode, size or bias
+    for dt in PTR:  # the plan: match (keys in, or the head mean's metric) + sort select; no mode, size or bias
         for d in STEP_HEAD_DIMS:
-            for na, only in PLAN_TOKENS.items():
+            for na, heads, only in PLAN_TOKENS:
                 if only is not None and only != (dt, d):
                     continue
-                ba, bb, bd = match.match_blocks(d, dot_fp32=dt == "fp32")
-                const = dict(BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, DOT_FP32=dt == "fp32", SINGLE_D=d <= bd,
-                             BLOCK_SEL=step.plan_block(na), BLOCK_NB=step.plan_block(na + 1), HEADS=True)
+                const = step.plan_constants(d, dt == "fp32", na, na, heads)
                 ptrs = dict(keys_ptr=PTR[dt], node_max_ptr="*fp32", node_idx_ptr="*i64", index_ptr="*i64")
-                out.append((f"plan {dt} D={d} Na={na}", step._plan_kernel, ptrs, const,
+                out.append((f"plan {'keys' if heads else 'metric'} {dt} D={d} Na={na}"
+                            + (" one A tile" if const["SINGLE_A"] else ""), step._plan_kernel, ptrs, const,
                             step.PLAN_WARPS[dt == "fp32"]))
-                if na == 98:  # mean_plan_tiles: the plan on the head mean's metric, its 128-row A tile
-                    ba, bb, bd = step.plan_blocks(d, dt == "fp32", na, heads=False)
-                    out.append((f"plan metric {dt} D={d} Na={na}", step._plan_kernel, ptrs,
-                                dict(const, BLOCK_A=ba, BLOCK_B=bb, BLOCK_D=bd, SINGLE_D=d <= bd, HEADS=False),
-                                step.PLAN_WARPS[dt == "fp32"]))
     return out
 
 

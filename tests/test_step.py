@@ -259,3 +259,6 @@ def test_plan_on_the_metric_takes_a_128_row_tile():
     assert step_kernels.plan_blocks(16, False, 70, heads=True)[0] == 64
     assert step_kernels.plan_blocks(16, True, 70, heads=False)[0] == 32
     check_against_reference((1, 2, 141, 16, 1, 1), torch.float16, "mean_plan")
+    # The same Na through the keys-in plan: two A tiles of 64 through its scratch, then the sort.
+    assert not step_kernels.plan_constants(16, False, 70, 70, heads=True)["SINGLE_A"]
+    check_against_reference((1, 2, 141, 16, 1, 1), torch.float16, "two_launch")
