@@ -367,28 +367,30 @@ def weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_
 
 
 @triton.jit
+def row_norms(x, rows, mask, stride_xn, stride_xc, C, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The L2 norm over all C channels (fp32, summed in BLOCK_C chunks) of each of the rows ``rows``
+    [BLOCK_R] of the tokens ``x``; 0 where ``mask`` is off."""
+    lanes_c = tl.arange(0, BLOCK_C)
+    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        offs_c = c0 + lanes_c
+        v = tl.load(x + rows[:, None] * stride_xn + offs_c[None, :] * stride_xc,
+                    mask=mask[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
+        sq += tl.sum(v * v, axis=1)
+    return tl.sqrt(sq)
+
+
+@triton.jit
 def mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active, stride_xn, stride_xc, C, P,
                  HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """MLERP's factor per merged row: the largest contributor norm over the
     merged mean's norm (both over all C channels, fp32): [BLOCK_R]."""
     lanes_c = tl.arange(0, BLOCK_C)
-    sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-    for c0 in range(0, C, BLOCK_C):
-        offs_c = c0 + lanes_c
-        v = tl.load(x + b_row[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                    mask=active[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
-        sq += tl.sum(v * v, axis=1)
-    norm_max = tl.sqrt(sq)
+    norm_max = row_norms(x, b_row, active, stride_xn, stride_xc, C, BLOCK_R, BLOCK_C)
     for k in range(0, most):
         has = k < count
         src = P + 2 * tl.load(dst_src + start + k, mask=has, other=0)
-        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, C, BLOCK_C):
-            offs_c = c0 + lanes_c
-            v = tl.load(x + src[:, None] * stride_xn + offs_c[None, :] * stride_xc,
-                        mask=has[:, None] & (offs_c < C)[None, :], other=0.0).to(tl.float32)
-            sq += tl.sum(v * v, axis=1)
-        norm_max = tl.maximum(norm_max, tl.sqrt(sq))
+        norm_max = tl.maximum(norm_max, row_norms(x, src, has, stride_xn, stride_xc, C, BLOCK_R, BLOCK_C))
     sq = tl.zeros([BLOCK_R], dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + lanes_c
