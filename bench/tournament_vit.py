@@ -131,23 +131,41 @@ def parts(x, keys, size, r: int, timer) -> dict:
             for ms in [timer(fn)]}
 
 
+def merge_checks(variant: str, x, size, match, dtype) -> None:
+    """AssertionError unless the merge ``variant`` on ``match`` equals the reference merge in every mode a
+    model runs (mlerp with sizes and bias, as timed; mean without sizes, a model's first step; prune):
+    copied rows bitwise, merged rows, sizes and bias up to rounding."""
+    k = kernels
+    batch, n, _ = x.shape
+    r = match.r
+    for mode, sized in ((MODE, size), ("mean", None), ("prune", size)):
+        want, want_size = reference.merge_tokens(x, match, sized, mode)
+        bias = torch.empty(batch, k.step.bias_row(n - r), dtype=dtype, device=x.device)
+        out, size_out = k.merge.merge_forward(x, sized, match.unm_idx, match.dst_start, match.dst_src, PROTECTED,
+                                              mode, bias=bias, variant=variant)
+        copied = torch.ones(batch, n - r, dtype=torch.bool, device=x.device)
+        if mode != "prune":
+            copied[:, n - r - match.dst_start.shape[1] + 1:] = match.dst_start.diff(dim=1) == 0
+        assert torch.equal(out[copied], want[copied]), f"{mode}: copied rows are not bitwise the input's"
+        assert_close(out, want, name=f"{mode} x")
+        assert_close(size_out, want_size, name=f"{mode} size")
+        assert_close(bias[:, : n - r], reference.log_size_bias(want_size, dtype)[:, 0, 0], name=f"{mode} bias")
+
+
 def merge_round(x, keys, size, r: int, dtype, timer) -> dict:
     """Every merge variant (kernels.merge.MERGE_VARIANTS) on the reference's match, checked against the
-    reference merge, then timed alone (L2 warm): {"us": {variant: us or None}, "failed": [...], "winner"}."""
+    reference merge (:func:`merge_checks`), then timed alone (L2 warm) in mlerp with sizes and bias:
+    {"us": {variant: us or None}, "failed": [...], "winner"}."""
     k = kernels
     batch, n, c = x.shape
     match = reference.bipartite_match(reference.head_mean(keys), r, PROTECTED)
-    want, want_size = reference.merge_tokens(x, match, size, MODE)
     us, failed = {}, []
     for variant in k.merge.MERGE_VARIANTS:
         bias = torch.empty(batch, k.step.bias_row(n - r), dtype=dtype, device=x.device)
         launch = functools.partial(k.merge.merge_forward, x, size, match.unm_idx, match.dst_start, match.dst_src,
                                    PROTECTED, MODE, bias=bias, variant=variant)
         try:
-            out, size_out = launch()
-            assert_close(out, want, name="x")
-            assert_close(size_out, want_size, name="size")
-            assert_close(bias[:, : n - r], reference.log_size_bias(want_size, dtype)[:, 0, 0], name="bias")
+            merge_checks(variant, x, size, match, dtype)
         except AssertionError as err:
             print(f"tournament_vit: merge {variant}: wrong output: {err}", file=sys.stderr)
             us[variant] = None

@@ -83,7 +83,9 @@ def _step_configs():
                 if only is not None and only != (dt, d):
                     continue
                 const = step.plan_constants(d, dt == "fp32", na, na, heads)
-                ptrs = dict(keys_ptr=PTR[dt], node_max_ptr="*fp32", node_idx_ptr="*i64", index_ptr="*i64")
+                # One A tile: the launcher passes the index buffer for the unused scratch pointers.
+                scratch = "*i64" if const["SINGLE_A"] else "*fp32"
+                ptrs = dict(keys_ptr=PTR[dt], node_max_ptr=scratch, node_idx_ptr="*i64", index_ptr="*i64")
                 out.append((f"plan {'keys' if heads else 'metric'} {dt} D={d} Na={na}"
                             + (" one A tile" if const["SINGLE_A"] else ""), step._plan_kernel, ptrs, const,
                             step.PLAN_WARPS[dt == "fp32"]))
