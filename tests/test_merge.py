@@ -169,6 +169,26 @@ def test_tiled_merge_matches_reference(b, n, c, p, dtype, monkeypatch):
         assert bias[:, n - r:].isnan().all(), "the bias row's padding is not written"
 
 
+# The variants as they ship (no settings changed): ViT-B's width with its real tiles and chunks; on a GPU
+# ViT-B and ViT-L/384 sizes too.
+SHIPPED_SHAPES = [(2, 21, 768, 1)] + ([(8, 197, 768, 1), (4, 577, 1024, 1)] if ON_GPU else [])
+
+
+@pytest.mark.parametrize("variant", [v for v in merge_kernels.MERGE_VARIANTS if v != "rows"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("b,n,c,p", SHIPPED_SHAPES)
+def test_merge_variants_as_shipped_match_reference(b, n, c, p, dtype, variant):
+    x, metric, size = make_inputs(b, n, c, d=16, dtype=dtype, seed=5 * n + c)
+    match = _match_for(metric, (n - p) // 2, p)  # r = Nb: B rows with several sources
+    dev = _to(match, DEVICE)
+    for mode in ref.MODES:
+        out, size_out = merge_kernels.merge_forward(x.to(DEVICE), size.to(DEVICE), dev.unm_idx, dev.dst_start,
+                                                    dev.dst_src, p, mode, variant=variant)
+        expected, expected_size = ref.merge_tokens(x, match, size, mode)
+        assert_close(out.cpu(), expected, name=f"{variant} {mode}")
+        torch.testing.assert_close(size_out.cpu(), expected_size)
+
+
 def test_tiled_merge_takes_the_vit_partition_with_sizes_only():
     x, metric, _ = make_inputs(1, 10, 8, d=4, seed=14)
     dev = _to(ref.bipartite_match(metric, 2, 0), DEVICE)
