@@ -270,7 +270,7 @@ def write_table(prov: dict, rows: list, table_dir=None) -> None:
 
 
 def main(argv=None) -> int:
-    args = tournament_args(argv, __doc__, "tofu_triton/tables/vit_step.json")
+    args = tournament_args(argv, __doc__, "tofu_triton/tables/vit_step.json and vit_merge.json")
     refused = refuse_without_gpu("tournament_vit", args.small, args.write_table)
     if refused:
         return refused

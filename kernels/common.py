@@ -351,7 +351,7 @@ def merged_rows(x, size, dst_src, start, count, most, b_row, active, stride_xn, 
 
 @triton.jit
 def weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn, stride_xc, C, P,
-                  HAS_SIZE: tl.constexpr):
+                 HAS_SIZE: tl.constexpr):
     """sum of size * row over each B row ``b_row`` and its sources (``count`` of them from ``dst_src[start]``,
     A positions ``P + 2i``), channels ``offs_c`` of the image's tokens ``x``: [BLOCK_R, BLOCK_C] fp32."""
     mask_c = (offs_c < C)[None, :]
@@ -382,7 +382,7 @@ def row_norms(x, rows, mask, stride_xn, stride_xc, C, BLOCK_R: tl.constexpr, BLO
 
 @triton.jit
 def mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, active, stride_xn, stride_xc, C, P,
-                 HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                HAS_SIZE: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
     """MLERP's factor per merged row: the largest contributor norm over the
     merged mean's norm (both over all C channels, fp32): [BLOCK_R]."""
     lanes_c = tl.arange(0, BLOCK_C)
@@ -395,7 +395,7 @@ def mlerp_scale(x, size, dst_src, start, count, most, b_row, s_b, s_total, activ
     for c0 in range(0, C, BLOCK_C):
         offs_c = c0 + lanes_c
         merged = weighted_sum(x, size, dst_src, start, count, most, b_row, s_b, active, offs_c, stride_xn,
-                               stride_xc, C, P, HAS_SIZE) / s_total[:, None]
+                              stride_xc, C, P, HAS_SIZE) / s_total[:, None]
         sq += tl.sum(merged * merged, axis=1)
     # NaN propagates (as in the reference): a NaN contributor makes the whole merged row NaN.
     return norm_max / tl.maximum(tl.sqrt(sq), EPS, propagate_nan=tl.PropagateNan.ALL)

@@ -179,9 +179,8 @@ class Run(NamedTuple):
 
     protected: int  # leading tokens never merged (class, register, distillation)
     prop_attn: bool  # proportional attention
-    backend: str  # of the step: "auto", "triton", "reference"
     attention: str  # path of the sized attention (tofu_triton.attention.PATHS)
-    triton: bool = False  # the step runs the Triton kernels (backend and device, checked once per forward)
+    triton: bool  # the step runs the Triton kernels (ops.step_backend: the backend against the device, once)
 
 
 def _attend(attn: nn.Module, q: Tensor, k: Tensor, v: Tensor, bias: Optional[Tensor], path: str) -> Tensor:
@@ -411,7 +410,7 @@ def _features(model: nn.Module, images: Tensor, trace_source: bool):
     # What every block's step would check, once per forward: the backend against the device, the dtype
     # (only where a step runs: an r = 0 model never checks).
     triton = any(s.r > 0 for s in steps) and ops.step_backend(x, model.tofu_backend)
-    run = Run(protected, model.tofu_prop_attn, model.tofu_backend, model.tofu_attention, triton)
+    run = Run(protected, model.tofu_prop_attn, model.tofu_attention, triton)
     # The dtype of the bias each step writes for the next block, None where that block's attention needs none.
     bias_dtypes = [x.dtype if run.prop_attn and nxt.sized else None for nxt in steps[1:]] + [None]
     size = bias = source = pos = None

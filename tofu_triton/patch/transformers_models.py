@@ -185,7 +185,7 @@ class Run(NamedTuple):
     prop_attn: bool  # proportional attention
     backend: str
     protected: int  # leading tokens never merged: 1 ([CLS]) or 0 (SigLIP has no class token)
-    triton: bool = False  # the step runs the Triton kernels (ops.step_backend, once per forward)
+    triton: bool  # the step runs the Triton kernels (ops.step_backend, once per forward)
 
 
 def _reduce(x: Tensor, k: Tensor, size: Tensor, step: LayerPlan, run: Run):
