@@ -3,7 +3,7 @@
 Ops (each defined in ``reference.py``; its kernels in one file per op under
 ``kernels/``): ``bipartite_match``, ``merge_tokens``, ``token_fusion`` (match
 + merge on a given metric), ``token_fusion_step`` (a ViT block's whole step
-from its attention keys: one launch), and for the Stable Diffusion step
+from its attention keys, on the launches the card measured fastest), and for the Stable Diffusion step
 ``spatial_partition``, ``spatial_match``, ``spatial_merge``, ``spatial_unmerge``.
 
 Dispatch: ``backend="auto"`` sends CUDA tensors to the Triton kernels and CPU
@@ -551,12 +551,12 @@ def token_fusion_step(
     needs no match saves on every block).
 
     ``path``: which Triton implementation runs (``kernels.step.STEP_PATHS``:
-    "one_launch", "two_launch", "three_launch", "four_launch"; docs/design.md §3.1-3.2). None
+    "one_launch", "two_launch", "three_launch", "four_launch", "mean_plan"; docs/design.md §3.1-3.2). None
     (the default) takes on CUDA the fastest measured on this card for the nearest
     measured shape (``tofu_triton.dispatch``, table "vit_step"; an eager caller at
     a batch the card measured host-bound also weighs each path's host time), and
-    in the interpreter the one-launch step where it applies. All give the same result;
-    the reference backend ignores it. Gradients reach x only.
+    in the interpreter the one-launch step where it applies. All give the same result
+    (merged rows up to rounding); the reference backend ignores it. Gradients reach x only.
     """
     _check_3d("x", x)
     if not isinstance(keys, Tensor) or keys.dim() != 4:
@@ -574,8 +574,7 @@ def token_fusion_step(
         raise ValueError(f"protected must be <= N = {n}, got {protected}")
     if bias_dtype is not None and not (isinstance(bias_dtype, torch.dtype) and bias_dtype.is_floating_point):
         raise TypeError(f"bias_dtype must be a floating torch.dtype or None, got {bias_dtype!r}")
-    use_triton = _use_triton(x, backend)
-    _check_float("x", x, use_triton)
+    use_triton = step_backend(x, backend)
     _check_float("keys", keys, use_triton)
     _check_size(size, x)
     return block_step(x, keys, r, size, mode, protected, bias_dtype, use_triton, with_match, path)
